@@ -1,0 +1,3 @@
+"""wabot: a WhatsApp AI assistant that always answers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""`python -m bot` is the `wabot` command."""
+
+from bot.cli import app
+
+app()

@@ -1,0 +1,248 @@
+"""The AI run: OpenAI's Responses API with function tools, a bounded tool loop, and a hard time budget.
+
+One run = one `invoke_agent` span with a `chat {model}` span per model call and an `execute_tool {name}` span
+per tool call (GenAI semantic conventions). The budget is enforced here with `asyncio.timeout`, so the span
+knows a timeout from a cancellation and ends with `error.type` either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import openai
+from openai import AsyncOpenAI
+from opentelemetry import trace
+
+from bot.settings import Settings
+from bot.tools import ToolError, ToolRegistry
+from telemetry import metrics
+from telemetry.tracing import record_error
+
+PROVIDER = "openai"
+TOOL_TIMEOUT_S = 10.0
+
+
+class AgentError(Exception):
+    """The run ended without an answer. `error_type` is one of a small fixed set (a metric label)."""
+
+    def __init__(self, error_type: str, message: str = "") -> None:
+        super().__init__(message or error_type)
+        self.error_type = error_type
+
+
+@dataclass(frozen=True)
+class AgentAnswer:
+    text: str
+    response_id: str
+    tool_count: int
+
+
+def make_client(settings: Settings) -> AsyncOpenAI:
+    """An SDK client whose single attempt can never outlive the follow-up budget."""
+    return AsyncOpenAI(
+        api_key=settings.secret("openai_api_key") or "unset",
+        base_url=settings.openai_base_url,
+        timeout=httpx2.Timeout(settings.followup_timeout, connect=5.0),
+        max_retries=2,
+    )
+
+
+def classify(exc: BaseException) -> str:
+    """The `outcome` label of a failed model call (APITimeoutError first: it is a connection error too)."""
+    if isinstance(exc, openai.APITimeoutError | TimeoutError | asyncio.CancelledError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection_error"
+    if isinstance(exc, openai.RateLimitError):
+        return "rate_limited"
+    if isinstance(exc, openai.InternalServerError):
+        return "server_error"
+    return "other"
+
+
+def _is_lost_conversation(exc: openai.APIStatusError) -> bool:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error", body) if isinstance(body, dict) else {}
+    return isinstance(error, dict) and (
+        error.get("code") == "previous_response_not_found" or error.get("param") == "previous_response_id"
+    )
+
+
+class Agent:
+    """Runs one user turn against the model, calling tools until the model answers in text."""
+
+    def __init__(
+        self,
+        client: AsyncOpenAI,
+        settings: Settings,
+        tools: ToolRegistry,
+        tracer: trace.Tracer,
+    ) -> None:
+        self._client = client
+        self._model = settings.model
+        self._instructions = settings.instructions
+        self._max_tool_rounds = settings.max_tool_rounds
+        self._tools = tools
+        self._tracer = tracer
+
+    async def run(self, prompt: str, previous_response_id: str | None, budget_s: float) -> AgentAnswer:
+        """Answer `prompt` within `budget_s` seconds or raise AgentError."""
+        with self._tracer.start_as_current_span(
+            "invoke_agent",
+            kind=trace.SpanKind.INTERNAL,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            span.set_attributes(
+                {
+                    "gen_ai.operation.name": "invoke_agent",
+                    "gen_ai.provider.name": PROVIDER,
+                    "gen_ai.agent.name": "wabot",
+                    "gen_ai.request.model": self._model,
+                }
+            )
+            usage = _Usage()
+            try:
+                async with asyncio.timeout(budget_s):
+                    answer = await self._loop(prompt, previous_response_id, usage, span)
+            except TimeoutError:
+                record_error(span, "timeout", f"no answer within {budget_s:.1f} s")
+                raise AgentError("timeout", f"no answer within {budget_s:.1f} s") from None
+            except AgentError as exc:
+                record_error(span, exc.error_type, str(exc))
+                raise
+            except asyncio.CancelledError:
+                record_error(span, "cancelled")
+                raise
+            except Exception as exc:
+                record_error(span, exc.__class__.__name__, str(exc))
+                raise AgentError("other", str(exc)) from exc
+            finally:
+                span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
+            return answer
+
+    async def _loop(
+        self, prompt: str, previous_response_id: str | None, usage: _Usage, span: trace.Span
+    ) -> AgentAnswer:
+        response = await self._first_call(prompt, previous_response_id, usage)
+        tool_count = 0
+        for _round in range(self._max_tool_rounds + 1):
+            calls = [item for item in response.output if item.type == "function_call"]
+            if not calls:
+                break
+            if _round == self._max_tool_rounds:
+                raise AgentError("tool_error", f"still calling tools after {self._max_tool_rounds} rounds")
+            outputs = [await self._execute_tool(call) for call in calls]
+            tool_count += len(calls)
+            response = await self._call(outputs, response.id, usage)
+        span.set_attribute("gen_ai.response.id", response.id)
+        span.set_attribute("gen_ai.response.model", response.model)
+        span.set_attribute("wabot.agent.tool_count", tool_count)
+        text = (response.output_text or "").strip()
+        if not text:
+            raise AgentError("empty", "the model answered with no text")
+        return AgentAnswer(text=text, response_id=response.id, tool_count=tool_count)
+
+    async def _first_call(self, prompt: str, previous_response_id: str | None, usage: _Usage) -> Any:
+        try:
+            return await self._call(prompt, previous_response_id, usage)
+        except openai.BadRequestError as exc:
+            # A conversation the provider no longer keeps (expired, or another account) must not make the
+            # user's message fail: answer it as the start of a new conversation.
+            if previous_response_id and _is_lost_conversation(exc):
+                return await self._call(prompt, None, usage)
+            raise
+
+    async def _call(self, input_: Any, previous_response_id: str | None, usage: _Usage) -> Any:
+        with self._tracer.start_as_current_span(
+            f"chat {self._model}",
+            kind=trace.SpanKind.CLIENT,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            span.set_attributes(
+                {
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.provider.name": PROVIDER,
+                    "gen_ai.request.model": self._model,
+                }
+            )
+            try:
+                response = await self._client.responses.create(
+                    model=self._model,
+                    instructions=self._instructions,
+                    input=input_,
+                    tools=self._tools.specs(),
+                    previous_response_id=previous_response_id,
+                )
+            except BaseException as exc:
+                outcome = classify(exc)
+                metrics.MODEL_CALLS.labels(outcome=outcome).inc()
+                record_error(span, outcome if outcome != "other" else exc.__class__.__name__)
+                if isinstance(exc, openai.APIError) and not isinstance(exc, openai.BadRequestError):
+                    raise AgentError(outcome, str(exc)) from exc
+                raise
+            metrics.MODEL_CALLS.labels(outcome="ok").inc()
+            span.set_attribute("gen_ai.response.id", response.id)
+            span.set_attribute("gen_ai.response.model", response.model)
+            if response.usage is not None:
+                usage.add(response.usage.input_tokens, response.usage.output_tokens)
+                span.set_attribute("gen_ai.usage.input_tokens", response.usage.input_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", response.usage.output_tokens)
+            return response
+
+    async def _execute_tool(self, call: Any) -> dict[str, str]:
+        tool = self._tools.get(call.name)
+        label = tool.name if tool else "unknown"
+        with self._tracer.start_as_current_span(
+            f"execute_tool {label}",
+            kind=trace.SpanKind.INTERNAL,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            span.set_attributes(
+                {
+                    "gen_ai.operation.name": "execute_tool",
+                    "gen_ai.tool.name": label,
+                    "gen_ai.tool.call.id": call.call_id,
+                }
+            )
+            try:
+                if tool is None:
+                    raise ToolError(f"there is no tool named {call.name!r}")
+                arguments = json.loads(call.arguments or "{}")
+                if not isinstance(arguments, dict):
+                    raise ToolError("arguments must be a JSON object")
+                async with asyncio.timeout(TOOL_TIMEOUT_S):
+                    result: Any = await tool.func(**arguments)
+                outcome = "ok"
+            except (ToolError, TypeError, ValueError, TimeoutError) as exc:
+                # A failing tool is the model's problem to explain, not a failed run.
+                result = {"error": str(exc) or exc.__class__.__name__}
+                outcome = "error"
+                record_error(span, exc.__class__.__name__, str(exc))
+            except Exception as exc:
+                result = {"error": "the tool failed unexpectedly"}
+                outcome = "error"
+                record_error(span, exc.__class__.__name__, str(exc))
+            metrics.TOOL_CALLS.labels(tool=label, outcome=outcome).inc()
+            return {"type": "function_call_output", "call_id": call.call_id, "output": json.dumps(result)}
+
+
+class _Usage:
+    """Token counts summed over the tool loop."""
+
+    def __init__(self) -> None:
+        self.input_tokens = 0
+        self.output_tokens = 0
+
+    def add(self, input_tokens: int, output_tokens: int) -> None:
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        metrics.TOKENS.labels(direction="input").inc(input_tokens)
+        metrics.TOKENS.labels(direction="output").inc(output_tokens)

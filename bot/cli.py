@@ -1,0 +1,121 @@
+"""The `wabot` command: serve the bot, send a signed test message, analyze logs."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlencode
+from xml.etree import ElementTree
+
+import httpx2
+import typer
+from twilio.request_validator import RequestValidator
+
+from bot.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="wabot: a WhatsApp AI bot that always answers.")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface for the webhook.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port for the webhook.")] = 8000,
+    metrics_port: Annotated[int, typer.Option(help="Port for /metrics (Prometheus).")] = 9464,
+    demo: Annotated[bool, typer.Option(help="Run against a local OpenAI simulator and Twilio sink.")] = False,
+) -> None:
+    """Serve the Twilio webhook (POST /whatsapp) until SIGTERM."""
+    from bot.server import serve as run_server
+    from telemetry.logging import get_logger, setup_logging
+
+    settings = Settings()
+    setup_logging(settings.log_level)
+    log = get_logger("wabot")
+    demo_handle = None
+    if demo:
+        from bot.demo.runner import start_demo
+
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        settings, demo_handle = start_demo(settings, bot_url=f"http://{local}:{port}")
+        log.info("demo_started", openai=settings.openai_base_url, twilio=settings.twilio_api_url)
+    else:
+        missing = settings.missing_for_production()
+        if missing:
+            typer.echo(
+                "wabot serve: missing settings: " + ", ".join(missing) + ". Set them in the environment or .env, "
+                "or run `wabot serve --demo` to try the bot locally.",
+                err=True,
+            )
+            raise typer.Exit(2)
+    log.info("serving", port=port, metrics_port=metrics_port, reply_timeout_s=settings.reply_timeout)
+    try:
+        run_server(settings, host=host, port=port, metrics_port=metrics_port)
+    finally:
+        if demo_handle is not None:
+            demo_handle.stop()
+
+
+@app.command()
+def send(
+    text: Annotated[str, typer.Argument(help="The message body.")],
+    from_: Annotated[str, typer.Option("--from", help="The sender's phone number.")] = "+15555550100",
+    url: Annotated[str, typer.Option(help="The bot's base URL.")] = "http://127.0.0.1:8000",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the webhook's answer.")] = 20.0,
+) -> None:
+    """Sign and post a message the way Twilio would, and print the bot's reply."""
+    from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
+
+    settings = Settings()
+    token = settings.secret("twilio_auth_token") or DEMO_AUTH_TOKEN
+    sender = from_ if from_.startswith("whatsapp:") else f"whatsapp:{from_}"
+    sid = "SM" + secrets.token_hex(16)
+    form = {
+        "MessageSid": sid,
+        "SmsMessageSid": sid,
+        "SmsSid": sid,
+        "AccountSid": settings.twilio_account_sid or DEMO_ACCOUNT_SID,
+        "From": sender,
+        "To": settings.twilio_whatsapp_from or DEMO_FROM,
+        "Body": text,
+        "NumMedia": "0",
+        "NumSegments": "1",
+        "MessageType": "text",
+        "SmsStatus": "received",
+        "WaId": sender.removeprefix("whatsapp:+"),
+        "ProfileName": "wabot send",
+        "ApiVersion": "2010-04-01",
+    }
+    target = f"{url.rstrip('/')}/whatsapp"
+    signed_url = f"{settings.public_url}/whatsapp" if settings.public_url else target
+    signature = RequestValidator(token).compute_signature(signed_url, form)
+    try:
+        response = httpx2.post(
+            target,
+            content=urlencode(form),
+            headers={"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature},
+            timeout=timeout,
+        )
+    except httpx2.HTTPError as exc:
+        typer.echo(f"wabot send: could not reach {target}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if response.status_code != 200:
+        typer.echo(f"HTTP {response.status_code}: {response.text.strip()}", err=True)
+        raise typer.Exit(1)
+    elapsed = response.elapsed.total_seconds()
+    messages = [m.text or "" for m in ElementTree.fromstring(response.text).iter("Message")]
+    if not messages:
+        typer.echo(f"(no reply, {elapsed:.2f} s)")
+    for message in messages:
+        typer.echo(f"[{elapsed:.2f} s] {message}")
+
+
+@app.command()
+def analyze(
+    files: Annotated[list[Path] | None, typer.Argument(help="JSON log files; none or '-' reads stdin.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Summarize wabot's JSON logs: timeouts, total time, follow-ups, and a deadline recommendation."""
+    from telemetry.analyze import run
+
+    raise typer.Exit(run(list(files or []), as_json=as_json, out=sys.stdout))

@@ -1,0 +1,123 @@
+"""The deadline race, in one place: start the AI run, wait until the deadline, answer inline or hold.
+
+The webhook and the run meet at a `Handoff`. If the run offers its answer before the deadline, the webhook
+returns it as TwiML. At the deadline the webhook closes the handoff and returns the holding message; the run
+(never cancelled by this) then delivers its answer as a follow-up. Whichever happens first wins; the event
+loop runs one of them at a time, so there is no window in which an answer could be taken by neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
+
+from bot.inbound import InboundMessage
+from bot.settings import Settings
+from bot.splitting import split_message
+from bot.store import PendingReply
+from telemetry import metrics
+from telemetry.privacy import text_fingerprint
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a run produced: the answer's parts, or an apology when the run failed."""
+
+    parts: list[str]
+    kind: str  # "answer" | "apology"
+    tool_count: int = 0
+    error_type: str | None = None
+
+
+class Handoff:
+    """Where a run hands its answer to the webhook that is waiting for it, if it still is."""
+
+    def __init__(self) -> None:
+        self._answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._closed = False
+
+    def offer(self, answer: Answer) -> bool:
+        """Called by the run. True: the webhook takes the answer inline. False: deliver it as a follow-up."""
+        if self._closed:
+            return False
+        self._answer.set_result(answer)
+        return True
+
+    def close(self) -> Answer | None:
+        """Called by the webhook when it stops waiting. Returns an answer that arrived just in time, if any;
+        otherwise the run now owes a follow-up."""
+        if self._answer.done():
+            return self._answer.result()
+        if not self._closed:
+            self._closed = True
+            metrics.FOLLOWUPS_PENDING.inc()
+        return None
+
+    async def wait(self, timeout: float) -> Answer | None:
+        """The answer, if it comes within `timeout` seconds."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._answer), max(timeout, 0.0))
+        except TimeoutError:
+            return None
+
+
+@dataclass(frozen=True)
+class Reply:
+    parts: list[str]
+    outcome: str  # "ok" | "timeout" | "error"
+    tool_count: int = 0
+
+
+class DeadlineResponder:
+    """Answers one accepted message within the reply deadline."""
+
+    def __init__(self, settings: Settings, runner: Any, tracer: trace.Tracer, log: Any) -> None:
+        self._timeout = settings.reply_timeout
+        self._holding = split_message(settings.holding_message)
+        self._log_bodies = settings.log_message_bodies
+        self._runner = runner
+        self._tracer = tracer
+        self._log = log
+
+    async def respond(self, message: InboundMessage, reply: PendingReply, arrived: float) -> Reply:
+        """Race the run against the deadline (counted from `arrived`, a time.monotonic() stamp)."""
+        with self._tracer.start_as_current_span("wabot.reply") as span:
+            span.set_attributes({"wabot.reply.timeout_s": self._timeout, "wabot.user.hash": reply.user_key})
+            handoff = Handoff()
+            self._runner.start(reply, handoff)
+            answer: Answer | None = None
+            try:
+                answer = await handoff.wait(arrived + self._timeout - time.monotonic())
+            finally:
+                # Also on cancellation (Twilio hung up): the run must know nobody takes its answer inline.
+                answer = answer or handoff.close()
+            elapsed = time.monotonic() - arrived
+            result = self._settle(message, answer, elapsed)
+            span.set_attributes(
+                {
+                    "wabot.reply.outcome": result.outcome,
+                    "wabot.reply.elapsed_s": round(elapsed, 4),
+                    "wabot.reply.parts": len(result.parts),
+                }
+            )
+            return result
+
+    def _settle(self, message: InboundMessage, answer: Answer | None, elapsed: float) -> Reply:
+        metrics.observe(metrics.AI_PROCESSING, elapsed)
+        if answer is None:
+            metrics.AI_RUNS.labels(outcome="timeout").inc()
+            self._log.warning(
+                "ai_timeout",
+                message_sid=message.sid,
+                elapsed_seconds=round(elapsed, 3),
+                timeout_seconds=self._timeout,
+                user_msg=message.body[:80] if self._log_bodies else text_fingerprint(message.body),
+            )
+            return Reply(parts=self._holding, outcome="timeout")
+        outcome = "ok" if answer.kind == "answer" else "error"
+        metrics.AI_RUNS.labels(outcome=outcome).inc()
+        return Reply(parts=answer.parts, outcome=outcome, tool_count=answer.tool_count)

@@ -1,0 +1,150 @@
+"""Serve an ASGI app with uvicorn on 127.0.0.1 from a daemon thread with its own event loop.
+
+Used to put the OpenAI simulator, the Twilio sink and the bot itself on real sockets, so tests and benchmarks
+exercise real HTTP clients. It works from sync code (pytest fixtures) and from inside a running asyncio loop,
+because the server never shares the caller's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+
+__all__ = ["LoopbackServer"]
+
+
+class _SignallingServer(uvicorn.Server):
+    """A uvicorn server that reports the end of its startup through a threading.Event."""
+
+    def __init__(self, config: uvicorn.Config, started: threading.Event) -> None:
+        super().__init__(config)
+        self._started_event = started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            # Set even when startup fails so start() wakes up at once and reports the failure.
+            self._started_event.set()
+
+
+def _lifespan_mode(app: Any) -> str:
+    # Starlette (and FastAPI) apps always speak the lifespan protocol; "on" makes a failing startup hook fatal
+    # instead of silently ignored. A bare ASGI callable may not, so let uvicorn probe it.
+    try:
+        from starlette.applications import Starlette
+    except ImportError:  # pragma: no cover - starlette ships with fastapi
+        return "auto"
+    return "on" if isinstance(app, Starlette) else "auto"
+
+
+class LoopbackServer:
+    """Run `app` on 127.0.0.1 in a background thread; `start()` returns its base URL."""
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, name: str = "") -> None:
+        self._app = app
+        self._host = host
+        self._port = port
+        self._name = name or getattr(app, "title", "") or type(app).__name__
+        self._server: _SignallingServer | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._url: str | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:54321``; only valid after start()."""
+        if self._url is None:
+            raise RuntimeError(f"loopback server {self._name!r} is not started")
+        return self._url
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Bind, start serving and return the base URL once uvicorn has finished its startup."""
+        if self._thread is not None:
+            raise RuntimeError(f"loopback server {self._name!r} already started")
+        # Bind the socket ourselves so the real port is known before the thread starts, even for port=0.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self._host, self._port))
+        except OSError:
+            sock.close()
+            raise
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self._app,
+            host=self._host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan=_lifespan_mode(self._app),
+            timeout_graceful_shutdown=1,
+        )
+        self._server = _SignallingServer(config, self._started)
+        self._thread = threading.Thread(target=self._run, args=(sock,), name=f"loopback-{self._name}", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            self.stop(timeout=2.0)
+            raise TimeoutError(f"loopback server {self._name!r} did not start within {timeout}s")
+        if self._error is not None or not self._server.started:
+            self.stop(timeout=2.0)
+            raise RuntimeError(f"loopback server {self._name!r} failed to start") from self._error
+        self._url = f"http://{self._host}:{port}"
+        return self._url
+
+    def _run(self, sock: socket.socket) -> None:
+        assert self._server is not None
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._server.serve(sockets=[sock]))
+        except BaseException as exc:  # SystemExit on lifespan failure must not escape the thread silently
+            self._error = exc
+        finally:
+            self._started.set()
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            sock.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask uvicorn to exit (in-flight requests get 1 s of grace) and join the thread."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        server.should_exit = True
+        thread.join(timeout)
+        if thread.is_alive():
+            # Graceful exit is stuck (e.g. a handler ignoring cancellation): force it, then give up waiting.
+            server.force_exit = True
+            thread.join(min(timeout, 2.0))
+        self._server = None
+        self._thread = None
+        self._url = None
+        self._started = threading.Event()
+        self._error = None
+
+    def __enter__(self) -> LoopbackServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"LoopbackServer(name={self._name!r}, url={self._url!r})"

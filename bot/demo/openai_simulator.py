@@ -1,0 +1,844 @@
+"""An OpenAI-compatible Responses API server for the demo, the tests and the benchmarks.
+
+It answers `POST /v1/responses` with bodies the real `openai` SDK parses, keeps conversations so
+`previous_response_id` works, and can be told (per message, through `[sim:...]` directives in the user
+text, or globally, through a mode) to be slow, fail, hang, drop the connection or call tools. Every call
+is logged so tests can assert on what the bot actually sent.
+
+Answers are deterministic: ``"[turn N] <user text>"``, where N counts the user turns of the conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import random
+import re
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+__all__ = ["MODES", "OpenAISimulator", "parse_directives"]
+
+MODES = ("instant", "normal", "slow", "failing")
+
+# A hang is released by shutdown(); the bound only keeps a forgotten simulator from holding a task forever.
+_HANG_LIMIT_S = 3600.0
+
+_SIM_PREFIX = "[sim:"
+_ELON_RE = re.compile(r"elon\s+musk", re.IGNORECASE)
+_FIRST_MESSAGE_RE = re.compile(r"first message\?", re.IGNORECASE)
+_LONG_SENTENCE = "Sentence {n} of the long answer."
+
+
+class DirectiveError(ValueError):
+    """A `[sim:...]` directive that the simulator does not understand."""
+
+
+@dataclass
+class Directives:
+    """What the `[sim:...]` directives of one user text ask for."""
+
+    delay: float | None = None
+    error: int | None = None
+    flaky: tuple[int, int] | None = None
+    hang: bool = False
+    reset: bool = False
+    tool: tuple[str, dict[str, Any]] | None = None
+    toolloop: bool = False
+    long: int | None = None
+    empty: bool = False
+    clean_text: str = ""
+
+    @property
+    def controls_timing(self) -> bool:
+        """True when a directive decides latency or failure, which overrides the mode."""
+        return self.delay is not None or self.error is not None or self.flaky is not None or self.hang or self.reset
+
+
+def _status_code(value: str, directive: str) -> int:
+    try:
+        code = int(value)
+    except ValueError:
+        raise DirectiveError(f"[sim:{directive}=...] needs an HTTP status code, got {value!r}") from None
+    if not 400 <= code <= 599:
+        raise DirectiveError(f"[sim:{directive}=...] needs a 4xx/5xx status code, got {code}")
+    return code
+
+
+def _scan_directive(text: str, start: int) -> int:
+    """Index just past the `]` closing the directive opened at `start` (JSON arguments may nest brackets)."""
+    depth = 0
+    in_string = False
+    escaped = False
+    i = start + len(_SIM_PREFIX)
+    while i < len(text):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            if depth == 0 and ch == "]":
+                return i + 1
+            depth -= 1
+        i += 1
+    raise DirectiveError(f"unterminated directive starting at {text[start : start + 40]!r}")
+
+
+def _apply_directive(d: Directives, body: str) -> None:
+    name, sep, value = body.partition("=")
+    name = name.strip().lower()
+    value = value.strip()
+    if name == "delay":
+        try:
+            d.delay = float(value)
+        except ValueError:
+            raise DirectiveError(f"[sim:delay=S] needs seconds, got {value!r}") from None
+        if d.delay < 0:
+            raise DirectiveError("[sim:delay=S] needs a non-negative delay")
+    elif name == "error":
+        d.error = _status_code(value, "error")
+    elif name == "flaky":
+        code, _, count = value.partition(":")
+        try:
+            n = int(count)
+        except ValueError:
+            raise DirectiveError(f"[sim:flaky=CODE:N] needs a count, got {value!r}") from None
+        d.flaky = (_status_code(code, "flaky"), n)
+    elif name == "hang" and not sep:
+        d.hang = True
+    elif name == "reset" and not sep:
+        d.reset = True
+    elif name == "tool":
+        tool_name, _, args = value.partition(":")
+        if not tool_name:
+            raise DirectiveError("[sim:tool=NAME] needs a tool name")
+        arguments: Any = {}
+        if args:
+            try:
+                arguments = json.loads(args)
+            except json.JSONDecodeError as exc:
+                raise DirectiveError(f"[sim:tool={tool_name}:...] arguments are not JSON: {exc}") from None
+            if not isinstance(arguments, dict):
+                raise DirectiveError(f"[sim:tool={tool_name}:...] arguments must be a JSON object")
+        d.tool = (tool_name, arguments)
+    elif name == "toolloop" and not sep:
+        d.toolloop = True
+    elif name == "long":
+        try:
+            d.long = int(value)
+        except ValueError:
+            raise DirectiveError(f"[sim:long=N] needs a character count, got {value!r}") from None
+        if d.long < 0:
+            raise DirectiveError("[sim:long=N] needs a non-negative count")
+    elif name == "empty" and not sep:
+        d.empty = True
+    else:
+        raise DirectiveError(f"unknown simulator directive [sim:{body}]")
+
+
+def parse_directives(text: str) -> Directives:
+    """Parse every `[sim:...]` directive in `text`; `clean_text` is the text without them."""
+    d = Directives()
+    kept: list[str] = []
+    pos = 0
+    lowered = text.lower()
+    while True:
+        start = lowered.find(_SIM_PREFIX, pos)
+        if start < 0:
+            kept.append(text[pos:])
+            break
+        end = _scan_directive(text, start)
+        kept.append(text[pos:start])
+        _apply_directive(d, text[start + len(_SIM_PREFIX) : end - 1])
+        pos = end
+    # Removing a directive leaves doubled spaces behind; newlines (several messages in one turn) are kept.
+    lines = (re.sub(r"[ \t]{2,}", " ", line).strip() for line in "".join(kept).split("\n"))
+    d.clean_text = "\n".join(line for line in lines if line)
+    return d
+
+
+def _long_text(n: int) -> str:
+    parts: list[str] = []
+    length = -1
+    i = 0
+    while length < n:
+        i += 1
+        sentence = _LONG_SENTENCE.format(n=i)
+        parts.append(sentence)
+        length += len(sentence) + 1
+    return " ".join(parts)[:n]
+
+
+def _words(*texts: str) -> int:
+    return max(1, sum(len(t.split()) for t in texts))
+
+
+def _hex_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex
+
+
+class _RequestError(Exception):
+    """A request the real API would refuse with 400."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class _ParsedInput:
+    """The parts of a `input` field the simulator cares about."""
+
+    turns: list[str] = field(default_factory=list)  # user turns carried in this input (history resend + new)
+    outputs: list[tuple[str, str]] = field(default_factory=list)  # (call_id, output) after the last user turn
+    answered: set[str] = field(default_factory=set)  # call_ids of every function_call_output in the input
+    call_ids: set[str] = field(default_factory=set)  # function_call items echoed back in the input
+    all_text: list[str] = field(default_factory=list)  # everything countable as input tokens
+
+
+def _content_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts: list[str] = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise _RequestError(f"Invalid value for '{where}.content[{j}]'.", param=f"{where}.content")
+            if part["type"] in ("input_text", "output_text", "text"):
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise _RequestError(
+                        f"Missing required parameter: '{where}.content[{j}].text'.",
+                        param=f"{where}.content[{j}].text",
+                        code="missing_required_parameter",
+                    )
+                texts.append(text)
+        return "\n".join(texts)
+    raise _RequestError(f"Invalid type for '{where}.content': expected a string or an array.", param=where)
+
+
+def _parse_input(raw: Any) -> _ParsedInput:
+    parsed = _ParsedInput()
+    if isinstance(raw, str):
+        parsed.turns.append(raw)
+        parsed.all_text.append(raw)
+        return parsed
+    if not isinstance(raw, list):
+        raise _RequestError("Invalid type for 'input': expected a string or an array.", param="input")
+    pending_user: list[str] = []
+    for i, item in enumerate(raw):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise _RequestError(f"Invalid type for '{where}': expected an object.", param=where)
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise _RequestError(f"Invalid value for '{where}.role': {role!r}.", param=f"{where}.role")
+            text = _content_text(item.get("content"), where)
+            parsed.all_text.append(text)
+            if role == "user":
+                if not pending_user:
+                    # A new user turn starts: tool outputs seen so far belonged to an earlier turn.
+                    parsed.outputs.clear()
+                pending_user.append(text)
+                continue
+        elif kind == "function_call_output":
+            call_id, output = item.get("call_id"), item.get("output")
+            if not isinstance(call_id, str) or not call_id:
+                raise _RequestError(
+                    f"Missing required parameter: '{where}.call_id'.",
+                    param=f"{where}.call_id",
+                    code="missing_required_parameter",
+                )
+            if not isinstance(output, str):
+                output = _content_text(output, where) if isinstance(output, list) else None
+            if output is None:
+                raise _RequestError(
+                    f"Missing required parameter: '{where}.output'.",
+                    param=f"{where}.output",
+                    code="missing_required_parameter",
+                )
+            parsed.outputs.append((call_id, output))
+            parsed.answered.add(call_id)
+            parsed.all_text.append(output)
+        elif kind == "function_call":
+            if isinstance(item.get("call_id"), str):
+                parsed.call_ids.add(item["call_id"])
+        elif not isinstance(kind, str):
+            raise _RequestError(f"Missing required parameter: '{where}.type'.", param=f"{where}.type")
+        # Consecutive user items form one turn (several WhatsApp messages answered together).
+        if pending_user:
+            parsed.turns.append("\n".join(pending_user))
+            pending_user = []
+    if pending_user:
+        parsed.turns.append("\n".join(pending_user))
+    return parsed
+
+
+@dataclass
+class _Stored:
+    body: dict[str, Any]
+    conversation: list[str]  # raw user texts of every turn, oldest first
+    pending_calls: dict[str, str]  # call_id -> tool name of function calls awaiting output
+
+
+class _DroppedConnection(Response):
+    """Starts a response, then returns without the promised body: uvicorn closes the socket mid-response.
+
+    ASGI gives no way to close a connection before the status line; a truncated body is the closest thing,
+    and HTTP clients report it as a connection error (openai: APIConnectionError). uvicorn logs it at ERROR
+    ("ASGI callable returned without completing response."), which is expected for this fault.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
+            }
+        )
+
+
+_ERROR_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "unsupported_country_region_territory"),
+    404: ("invalid_request_error", None),
+    409: ("invalid_request_error", None),
+    422: ("invalid_request_error", None),
+    429: ("requests", "rate_limit_exceeded"),
+}
+_ERROR_MESSAGES = {
+    429: "Rate limit reached for requests (simulated). Please try again in 1s.",
+    500: "The server had an error while processing your request. Sorry about that! (simulated)",
+    502: "Bad gateway. (simulated)",
+    503: "The engine is currently overloaded, please try again later. (simulated)",
+}
+
+
+def _error_response(
+    status: int,
+    message: str | None = None,
+    *,
+    type_: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    default_type, default_code = _ERROR_TYPES.get(status, ("server_error", None))
+    headers = {"x-request-id": _hex_id("req_")}
+    if status == 429:
+        headers["retry-after"] = "1"
+    body = {
+        "error": {
+            "message": message or _ERROR_MESSAGES.get(status, f"Simulated error {status}."),
+            "type": type_ or default_type,
+            "param": param,
+            "code": code if code is not None else default_code,
+        }
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class OpenAISimulator:
+    """A fake OpenAI Responses API: serve `app` (e.g. with LoopbackServer), point the SDK at ``url + "/v1"``.
+
+    `strict_tool_outputs` mirrors the real API: continuing from a response that called tools without sending a
+    `function_call_output` for every call is a 400 ("No tool output found for function call ...").
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str = "instant",
+        seed: int | None = None,
+        elon_musk_delay: float = 23.0,
+        strict_tool_outputs: bool = True,
+    ) -> None:
+        self._check_mode(mode)
+        self._lock = threading.Lock()
+        self._calls_changed = threading.Condition(self._lock)
+        self._mode = mode
+        self._rng = random.Random(seed)
+        self._elon_musk_delay = elon_musk_delay
+        self._strict_tool_outputs = strict_tool_outputs
+        self._responses: dict[str, _Stored] = {}
+        self._calls: list[dict[str, Any]] = []
+        self._flaky_counts: dict[str, int] = {}
+        self._shut_down = False
+        self._hang_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._app = self._build_app()
+
+    # ---------------------------------------------------------------- public Python API
+
+    @property
+    def app(self) -> FastAPI:
+        return self._app
+
+    @property
+    def mode(self) -> str:
+        with self._lock:
+            return self._mode
+
+    def set_mode(self, mode: str) -> None:
+        """Switch the global behaviour: instant, normal, slow or failing."""
+        self._check_mode(mode)
+        with self._lock:
+            self._mode = mode
+
+    def calls(self) -> list[dict[str, Any]]:
+        """A copy of the call log, oldest first."""
+        with self._lock:
+            return copy.deepcopy(self._calls)
+
+    def clear_calls(self) -> None:
+        with self._lock:
+            self._calls.clear()
+
+    def wait_for_calls(self, n: int, timeout: float, *, answered: bool = False) -> list[dict[str, Any]]:
+        """Block until at least `n` calls are logged (`answered`: and none of the first `n` is pending).
+
+        A valid call is logged as soon as it is read, with ``outcome="pending"`` and ``status=None`` while its
+        simulated latency runs, and completed in place when answered; so clear_calls() also forgets calls
+        still in flight, and a call the client gave up on still shows. Raises TimeoutError after `timeout`.
+        """
+
+        def ready() -> bool:
+            if len(self._calls) < n:
+                return False
+            return not answered or all(c["outcome"] != "pending" for c in self._calls[:n])
+
+        with self._calls_changed:
+            if not self._calls_changed.wait_for(ready, timeout):
+                seen = [(c["text"], c["outcome"]) for c in self._calls]
+                raise TimeoutError(f"expected {n} OpenAI calls within {timeout}s, got {len(seen)}: {seen!r}")
+            return copy.deepcopy(self._calls)
+
+    def response(self, response_id: str) -> dict[str, Any] | None:
+        """A stored response body, or None."""
+        with self._lock:
+            stored = self._responses.get(response_id)
+            return copy.deepcopy(stored.body) if stored else None
+
+    def shutdown(self) -> None:
+        """Release every hanging call (they answer 503) and make later hangs return at once."""
+        with self._lock:
+            self._shut_down = True
+            waiters = list(self._hang_waiters)
+        for loop, event in waiters:
+            # RuntimeError: that loop is already closed, so nothing is left to wake.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(event.set)
+
+    # ---------------------------------------------------------------- HTTP app
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="openai-simulator", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.post("/v1/responses")
+        async def create_response(request: Request) -> Response:
+            return await self._create(request)
+
+        @app.get("/v1/responses/{response_id}")
+        async def get_response(response_id: str, request: Request) -> Response:
+            if (denied := self._check_auth(request)) is not None:
+                return denied
+            body = self.response(response_id)
+            if body is None:
+                return _error_response(404, f"Response with id '{response_id}' not found.")
+            return JSONResponse(body)
+
+        @app.get("/_sim/mode")
+        async def get_mode() -> dict[str, str]:
+            return {"mode": self.mode}
+
+        @app.post("/_sim/mode")
+        async def post_mode(request: Request) -> Response:
+            try:
+                payload = await request.json()
+                self.set_mode(payload["mode"])
+            except (ValueError, KeyError, TypeError) as exc:
+                return _error_response(400, f"Invalid mode request: {exc}. Modes: {', '.join(MODES)}.")
+            return JSONResponse({"mode": self.mode})
+
+        @app.get("/_sim/calls")
+        async def get_calls() -> list[dict[str, Any]]:
+            return self.calls()
+
+        @app.delete("/_sim/calls")
+        async def delete_calls() -> Response:
+            self.clear_calls()
+            return Response(status_code=204)
+
+        return app
+
+    @staticmethod
+    def _check_mode(mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown simulator mode {mode!r}; expected one of {MODES}")
+
+    @staticmethod
+    def _check_auth(request: Request) -> Response | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _error_response(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                code="",
+            )
+        return None
+
+    def _log(self, entry: dict[str, Any], *, append: bool, **updates: Any) -> None:
+        """Append `entry` to the call log or (already appended) update it in place, under the lock."""
+        with self._calls_changed:
+            entry.update(updates)
+            if append:
+                self._calls.append(entry)
+            self._calls_changed.notify_all()
+
+    async def _create(self, request: Request) -> Response:
+        entry: dict[str, Any] = {
+            "id": None,
+            "text": "",
+            "input": None,
+            "previous_response_id": None,
+            "instructions": None,
+            "model": None,
+            "tools": [],
+            "status": None,
+            "outcome": "error",
+        }
+
+        logged = False
+
+        def finish(response: Response, outcome: str = "error", **updates: Any) -> Response:
+            self._log(entry, append=not logged, status=response.status_code, outcome=outcome, **updates)
+            return response
+
+        if (denied := self._check_auth(request)) is not None:
+            return finish(denied)
+        try:
+            payload = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return finish(_error_response(400, "We could not parse the JSON body of your request."))
+        if not isinstance(payload, dict):
+            return finish(_error_response(400, "The request body must be a JSON object."))
+        entry.update(
+            input=payload.get("input"),
+            previous_response_id=payload.get("previous_response_id"),
+            instructions=payload.get("instructions"),
+            model=payload.get("model"),
+        )
+        try:
+            plan = self._plan(payload, entry)
+        except _RequestError as exc:
+            return finish(_error_response(400, exc.message, param=exc.param, code=exc.code))
+        except DirectiveError as exc:
+            return finish(_error_response(400, f"Simulator directive error: {exc}", param="input"))
+
+        self._log(entry, append=True, outcome="pending")
+        logged = True
+        if plan.latency > 0:
+            # This sleep IS the simulated model latency, not a wait for some condition.
+            await asyncio.sleep(plan.latency)
+        if plan.outcome == "hang":
+            self._log(entry, append=False, outcome="hang")
+            await self._hang()
+            return _error_response(503, "The simulator is shutting down.")
+        if plan.outcome == "reset":
+            self._log(entry, append=False, outcome="reset")
+            return _DroppedConnection()
+        if plan.error is not None:
+            return finish(_error_response(plan.error))
+        assert plan.body is not None
+        if plan.stored is not None:
+            with self._lock:
+                self._responses[plan.body["id"]] = plan.stored
+        headers = {"x-request-id": _hex_id("req_"), "openai-processing-ms": str(int(plan.latency * 1000))}
+        return finish(JSONResponse(plan.body, headers=headers), "ok", id=plan.body["id"])
+
+    async def _hang(self) -> None:
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        waiter = (loop, event)
+        with self._lock:
+            if self._shut_down:
+                return
+            self._hang_waiters.add(waiter)
+        try:
+            async with asyncio.timeout(_HANG_LIMIT_S):
+                await event.wait()
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._hang_waiters.discard(waiter)
+
+    # ---------------------------------------------------------------- the "model"
+
+    def _plan(self, payload: dict[str, Any], entry: dict[str, Any]) -> _Plan:
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise _RequestError(
+                "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
+            )
+        if "input" not in payload:
+            raise _RequestError(
+                "Missing required parameter: 'input'.", param="input", code="missing_required_parameter"
+            )
+        if payload.get("stream"):
+            raise _RequestError("The simulator does not support stream=true.", param="stream")
+        instructions = payload.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise _RequestError("Invalid type for 'instructions': expected a string.", param="instructions")
+        store = payload.get("store", True)
+        if not isinstance(store, bool):
+            raise _RequestError("Invalid type for 'store': expected a boolean.", param="store")
+        tools = payload.get("tools") or []
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise _RequestError("Invalid type for 'tools': expected an array of objects.", param="tools")
+        tool_names: list[str] = []
+        for i, tool in enumerate(tools):
+            if tool.get("type") == "function":
+                if not isinstance(tool.get("name"), str) or not tool["name"]:
+                    raise _RequestError(
+                        f"Missing required parameter: 'tools[{i}].name'.",
+                        param=f"tools[{i}].name",
+                        code="missing_required_parameter",
+                    )
+                tool_names.append(tool["name"])
+            elif not isinstance(tool.get("type"), str):
+                raise _RequestError(f"Missing required parameter: 'tools[{i}].type'.", param=f"tools[{i}].type")
+        entry["tools"] = tool_names
+
+        previous_id = payload.get("previous_response_id")
+        previous: _Stored | None = None
+        if previous_id is not None:
+            if not isinstance(previous_id, str):
+                raise _RequestError(
+                    "Invalid type for 'previous_response_id': expected a string.",
+                    param="previous_response_id",
+                )
+            with self._lock:
+                previous = self._responses.get(previous_id)
+            if previous is None:
+                raise _RequestError(
+                    f"Previous response with id '{previous_id}' not found.",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
+
+        parsed = _parse_input(payload["input"])
+        known_calls = dict(previous.pending_calls) if previous else {}
+        for call_id in parsed.answered:
+            if call_id not in known_calls and call_id not in parsed.call_ids:
+                raise _RequestError(
+                    f"No tool call found for function call output with call_id {call_id}.", param="input"
+                )
+        if self._strict_tool_outputs and previous is not None:
+            for call_id in previous.pending_calls:
+                if call_id not in parsed.answered:
+                    raise _RequestError(f"No tool output found for function call {call_id}.", param="input")
+
+        conversation = list(previous.conversation) if previous else []
+        if parsed.turns:
+            conversation.extend(parsed.turns)
+        elif not parsed.outputs:
+            raise _RequestError("The input contains no user message and no function_call_output.", param="input")
+        if not conversation:
+            raise _RequestError("There is no user message to answer.", param="input")
+        text = conversation[-1]  # tool outputs alone continue the turn of the previous response
+        entry["text"] = text
+        directives = parse_directives(text)
+        outputs = [output for _, output in parsed.outputs]
+
+        plan = _Plan()
+        self._plan_timing(plan, directives, text)
+        if plan.outcome is not None or plan.error is not None:
+            return plan
+
+        # The answer.
+        output_items: list[dict[str, Any]] = []
+        pending: dict[str, str] = {}
+        answer: str | None = None
+        if directives.empty:
+            answer = ""
+        elif directives.long is not None:
+            answer = _long_text(directives.long)
+        elif directives.toolloop and tool_names:
+            output_items.append(_function_call(tool_names[0], {}))
+        elif directives.tool is not None:
+            name, arguments = directives.tool
+            if outputs:
+                answer = f"Tool {name} said: {outputs[-1]}"
+            else:
+                output_items.append(_function_call(name, arguments))
+        elif _FIRST_MESSAGE_RE.search(text):
+            answer = f"Your first message was: {parse_directives(conversation[0]).clean_text}"
+        else:
+            answer = f"[turn {len(conversation)}] {directives.clean_text}".rstrip()
+        if answer is not None:
+            output_items.append(
+                {
+                    "type": "message",
+                    "id": _hex_id("msg_"),
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": answer, "annotations": [], "logprobs": []}],
+                }
+            )
+            output_tokens = _words(answer)
+        else:
+            output_tokens = _words(*(item["arguments"] for item in output_items))
+            pending = {item["call_id"]: item["name"] for item in output_items}
+
+        input_tokens = _words(*parsed.all_text)
+        body = {
+            "id": _hex_id("resp_"),
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "background": False,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": instructions,
+            "max_output_tokens": None,
+            "model": model,
+            "output": output_items,
+            "parallel_tool_calls": bool(payload.get("parallel_tool_calls", True)),
+            "previous_response_id": previous_id,
+            "reasoning": {"effort": None, "summary": None},
+            "store": store,
+            "temperature": 1.0,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": "auto",
+            "tools": [_echo_tool(t) for t in tools],
+            "top_p": 1.0,
+            "truncation": "disabled",
+            "usage": {
+                "input_tokens": input_tokens,
+                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens": output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": input_tokens + output_tokens,
+            },
+            "user": None,
+            "metadata": {},
+        }
+        plan.body = body
+        if store:
+            plan.stored = _Stored(body=body, conversation=conversation, pending_calls=pending)
+        return plan
+
+    def _plan_for_text(self, text: str) -> _Plan:
+        """Latency and failure for one call carrying `text` (draws from the mode's random generator)."""
+        plan = _Plan()
+        self._plan_timing(plan, parse_directives(text), text)
+        return plan
+
+    def _plan_timing(self, plan: _Plan, directives: Directives, text: str) -> None:
+        """Decide latency and failure: directives first, then the Elon Musk case, then the mode."""
+        if directives.delay is not None:
+            plan.latency = directives.delay
+        if directives.reset:
+            plan.outcome = "reset"
+            return
+        if directives.hang:
+            plan.outcome = "hang"
+            return
+        if directives.error is not None:
+            plan.error = directives.error
+            return
+        if directives.flaky is not None:
+            code, n = directives.flaky
+            with self._lock:
+                seen = self._flaky_counts.get(text, 0) + 1
+                self._flaky_counts[text] = seen
+            if seen <= n:
+                plan.error = code
+            return
+        if directives.controls_timing:
+            return
+        if _ELON_RE.search(text):
+            # The production incident this project exists for: a question that made the model think ~23 s.
+            plan.latency = self._elon_musk_delay
+            return
+        with self._lock:
+            mode = self._mode
+            rng = self._rng
+            if mode == "normal":
+                roll = rng.random()
+                if roll < 0.03:
+                    plan.error, plan.latency = 500, rng.uniform(0.2, 1.5)
+                elif roll < 0.05:
+                    plan.error, plan.latency = 429, rng.uniform(0.05, 0.3)
+                elif roll < 0.15:
+                    plan.latency = rng.uniform(6.0, 20.0)
+                else:
+                    plan.latency = rng.uniform(1.0, 4.0)
+            elif mode == "slow":
+                plan.latency = rng.uniform(12.0, 25.0)
+            elif mode == "failing":
+                plan.error = 500
+
+
+@dataclass
+class _Plan:
+    latency: float = 0.0
+    outcome: str | None = None  # "hang" | "reset"
+    error: int | None = None
+    body: dict[str, Any] | None = None
+    stored: _Stored | None = None
+
+
+def _function_call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": _hex_id("fc_"),
+        "call_id": _hex_id("call_"),
+        "name": name,
+        "arguments": json.dumps(arguments),
+        "status": "completed",
+    }
+
+
+def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type") != "function":
+        return dict(tool)
+    # The real API echoes function tools with every field filled in.
+    return {
+        "type": "function",
+        "name": tool["name"],
+        "description": tool.get("description"),
+        "parameters": tool.get("parameters"),
+        "strict": tool.get("strict", True),
+    }

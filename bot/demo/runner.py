@@ -1,0 +1,53 @@
+"""Demo mode: the OpenAI simulator and the Twilio sink on loopback, and settings that point the bot at them.
+
+The bot's real SDK code paths run unchanged; only the URLs and credentials differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import SecretStr
+
+from bot.demo.loopback import LoopbackServer
+from bot.demo.openai_simulator import OpenAISimulator
+from bot.demo.twilio_sink import TwilioSink
+from bot.settings import Settings
+
+DEMO_ACCOUNT_SID = "AC" + "d" * 32
+DEMO_AUTH_TOKEN = "demo-auth-token-not-secret"
+DEMO_FROM = "whatsapp:+14155238886"  # Twilio's public sandbox number
+
+
+@dataclass
+class Demo:
+    simulator: OpenAISimulator
+    sink: TwilioSink
+    servers: list[LoopbackServer]
+
+    def stop(self) -> None:
+        self.simulator.shutdown()
+        for server in reversed(self.servers):
+            server.stop()
+
+
+def start_demo(settings: Settings, *, bot_url: str, mode: str = "normal") -> tuple[Settings, Demo]:
+    """Start the simulator and the sink; return settings wired to them, and the handle to stop them."""
+    simulator = OpenAISimulator(mode=mode, seed=settings.demo_seed)
+    sink = TwilioSink(account_sid=DEMO_ACCOUNT_SID, auth_token=DEMO_AUTH_TOKEN, status_callbacks=True)
+    sim_server = LoopbackServer(simulator.app, name="openai-simulator")
+    sink_server = LoopbackServer(sink.app, name="twilio-sink")
+    sim_url = sim_server.start()
+    sink_url = sink_server.start()
+    demo_settings = settings.model_copy(
+        update={
+            "openai_api_key": SecretStr("demo"),
+            "openai_base_url": f"{sim_url}/v1",
+            "twilio_account_sid": DEMO_ACCOUNT_SID,
+            "twilio_auth_token": SecretStr(DEMO_AUTH_TOKEN),
+            "twilio_whatsapp_from": DEMO_FROM,
+            "twilio_api_url": sink_url,
+            "public_url": bot_url,
+        }
+    )
+    return demo_settings, Demo(simulator=simulator, sink=sink, servers=[sim_server, sink_server])

@@ -1,0 +1,453 @@
+"""Twilio's REST Messages API on loopback: where the demo, tests and benchmarks send the bot's replies.
+
+It accepts what `twilio.rest.Client(...).messages.create[_async]` sends once ``client.api.base_url``
+points here, answers with a message resource the SDK parses, records every message, can inject faults
+(errors, latency, dropped connections, failed deliveries) and posts signed status callbacks like Twilio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import copy
+import email.utils
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from twilio.request_validator import RequestValidator
+
+__all__ = ["TwilioSink", "mask_address"]
+
+logger = logging.getLogger("wabot.demo.sink")
+
+API_VERSION = "2010-04-01"
+MAX_BODY_CHARS = 1600
+CALLBACK_TIMEOUT_S = 5.0
+
+_ERROR_MESSAGES = {
+    20003: "Authenticate",
+    20429: "Too Many Requests",
+    20500: "An internal server error has occurred",
+    21602: "Message body is required.",
+    21603: "A 'From' phone number is required.",
+    21604: "A 'To' phone number is required.",
+    21617: "The concatenated message body exceeds the 1600 character limit.",
+    63016: (
+        "Failed to send freeform message because you are outside the allowed window. "
+        "If you are using WhatsApp, please use a Message Template."
+    ),
+}
+
+
+def mask_address(address: str) -> str:
+    """``whatsapp:+15551234567`` -> ``whatsapp:+1•••••4567``: phone numbers must never reach the logs."""
+    channel, sep, number = address.rpartition(":")
+    prefix = channel + sep
+    digits = number.lstrip("+")
+    plus = "+" if number.startswith("+") else ""
+    if len(digits) < 8:
+        return f"{prefix}{plus}•••••"
+    # A fixed number of dots so the mask does not leak the length either.
+    return f"{prefix}{plus}{digits[0]}•••••{digits[-4:]}"
+
+
+def _twilio_error(
+    status: int, code: int, message: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {
+        "code": code,
+        "message": message or _ERROR_MESSAGES.get(code, f"Simulated error {code}"),
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _rfc2822(dt: datetime) -> str:
+    return email.utils.format_datetime(dt)
+
+
+def _num_segments(body: str) -> int:
+    # GSM-7 fits 160 characters per single SMS (153 when concatenated); anything else is UCS-2 (70 / 67).
+    single, multi = (160, 153) if body.isascii() else (70, 67)
+    if len(body) <= single:
+        return 1
+    return math.ceil(len(body) / multi)
+
+
+@dataclass
+class _Fault:
+    status: int
+    code: int | None
+    remaining: int
+    delay: float
+    reset: bool
+    retry_after: float | None
+    to: str | None
+
+
+@dataclass
+class _DeliveryFault:
+    status: str
+    code: int
+    remaining: int
+    to: str | None
+
+
+class _DroppedConnection(Response):
+    """Starts a response and returns without its body, so uvicorn closes the socket mid-response.
+
+    ASGI cannot close a connection before the status line; a truncated body is the closest thing and clients
+    see it as a network error (aiohttp: ClientPayloadError / ServerDisconnectedError). uvicorn logs it at
+    ERROR ("ASGI callable returned without completing response."), which is expected for this fault.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 201,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
+            }
+        )
+
+
+class TwilioSink:
+    """A fake Twilio Messages API for one account: serve `app`, set ``client.api.base_url`` to its URL."""
+
+    def __init__(self, *, account_sid: str, auth_token: str, status_callbacks: bool = True) -> None:
+        self.account_sid = account_sid
+        self._auth_token = auth_token
+        self._status_callbacks = status_callbacks
+        self._validator = RequestValidator(auth_token)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._messages: list[dict[str, Any]] = []
+        self._attempts: list[dict[str, Any]] = []
+        self._typing: list[dict[str, Any]] = []
+        self._faults: list[_Fault] = []
+        self._delivery_faults: list[_DeliveryFault] = []
+        self._callback_tasks: set[asyncio.Task[None]] = set()
+        self._app = self._build_app()
+
+    # ---------------------------------------------------------------- public Python API
+
+    @property
+    def app(self) -> FastAPI:
+        return self._app
+
+    def messages(self, to: str | None = None) -> list[dict[str, Any]]:
+        """Accepted messages, oldest first (copies): ``sid, to, from, body, status_callback, at, status``."""
+        with self._lock:
+            return copy.deepcopy([m for m in self._messages if to is None or m["to"] == to])
+
+    def attempts(self) -> list[dict[str, Any]]:
+        """Every Messages request, accepted or not: ``to, from, body, status, outcome, at``.
+
+        `status` is the HTTP status answered (None for a dropped connection); `outcome` is
+        accepted, error or reset.
+        """
+        with self._lock:
+            return copy.deepcopy(self._attempts)
+
+    def typing_indicators(self) -> list[dict[str, Any]]:
+        """Typing indicators received (``POST /v2/Indicators/Typing.json``): ``message_id, channel, at``."""
+        with self._lock:
+            return copy.deepcopy(self._typing)
+
+    def clear(self) -> None:
+        """Forget recorded messages, attempts and typing indicators (queued faults stay queued)."""
+        with self._lock:
+            self._messages.clear()
+            self._attempts.clear()
+            self._typing.clear()
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self._delivery_faults.clear()
+
+    def wait_for_messages(self, n: int, *, to: str | None = None, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Block until at least `n` accepted messages (to `to`, if given) are recorded, and return them."""
+
+        def matching() -> list[dict[str, Any]]:
+            return [m for m in self._messages if to is None or m["to"] == to]
+
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(matching()) >= n, timeout):
+                got = matching()
+                target = f" to {mask_address(to)}" if to else ""
+                others = len(self._messages) - len(got)
+                raise TimeoutError(
+                    f"expected {n} message(s){target} within {timeout}s, got {len(got)}: "
+                    f"{[m['body'] for m in got]!r} ({others} message(s) to other recipients, "
+                    f"{len(self._attempts)} request(s) in all)"
+                )
+            return copy.deepcopy(matching())
+
+    def inject(
+        self,
+        *,
+        status: int = 500,
+        code: int | None = None,
+        count: int = 1,
+        delay: float = 0.0,
+        reset: bool = False,
+        retry_after: float | None = None,
+        to: str | None = None,
+    ) -> None:
+        """Queue a fault for the next `count` Messages requests (to `to`, if given); faults apply FIFO.
+
+        The delay comes first; then the connection is dropped (`reset`), or `status` is answered with a Twilio
+        error body (`code` defaults to 20429 for 429 and 20500 otherwise), or, for status 201, the message
+        is accepted normally.
+        """
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        if code is None and status != 201:
+            code = 20429 if status == 429 else 20500
+        with self._lock:
+            self._faults.append(_Fault(status, code, count, delay, reset, retry_after, to))
+
+    def fail_delivery(
+        self, *, to: str | None = None, status: str = "undelivered", code: int = 63016, count: int = 1
+    ) -> None:
+        """Accept the next `count` messages (to `to`, if given) but report `status` + `ErrorCode` later."""
+        if status not in ("failed", "undelivered"):
+            raise ValueError("status must be 'failed' or 'undelivered'")
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        with self._lock:
+            self._delivery_faults.append(_DeliveryFault(status, code, count, to))
+
+    # ---------------------------------------------------------------- HTTP app
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="twilio-sink", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.post(f"/{API_VERSION}/Accounts/{{account_sid}}/Messages.json")
+        async def create_message(account_sid: str, request: Request) -> Response:
+            return await self._create_message(account_sid, request)
+
+        @app.post("/v2/Indicators/Typing.json")
+        async def typing_indicator(request: Request) -> Response:
+            if not self._authorized(request):
+                return _twilio_error(401, 20003)
+            form = await request.form()
+            with self._changed:
+                self._typing.append(
+                    {
+                        "message_id": str(form.get("messageId", "")),
+                        "channel": str(form.get("channel", "")),
+                        "at": time.monotonic(),
+                    }
+                )
+                self._changed.notify_all()
+            return JSONResponse({"success": True})
+
+        @app.get("/_sink/messages")
+        async def get_messages(to: str | None = None) -> list[dict[str, Any]]:
+            return self.messages(to)
+
+        @app.delete("/_sink/messages")
+        async def delete_messages() -> Response:
+            self.clear()
+            return Response(status_code=204)
+
+        @app.get("/_sink/attempts")
+        async def get_attempts() -> list[dict[str, Any]]:
+            return self.attempts()
+
+        return app
+
+    def _authorized(self, request: Request, path_sid: str | None = None) -> bool:
+        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        if path_sid is not None and path_sid != user:
+            return False
+        return user == self.account_sid and password == self._auth_token
+
+    def _take_fault(self, to: str) -> _Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.to is None or fault.to == to:
+                    fault.remaining -= 1
+                    if fault.remaining == 0:
+                        self._faults.remove(fault)
+                    return fault
+        return None
+
+    def _take_delivery_fault(self, to: str) -> _DeliveryFault | None:
+        with self._lock:
+            for fault in self._delivery_faults:
+                if fault.to is None or fault.to == to:
+                    fault.remaining -= 1
+                    if fault.remaining == 0:
+                        self._delivery_faults.remove(fault)
+                    return fault
+        return None
+
+    def _record_attempt(self, form: dict[str, str], status: int | None, outcome: str) -> None:
+        with self._changed:
+            self._attempts.append(
+                {
+                    "to": form.get("To"),
+                    "from": form.get("From"),
+                    "body": form.get("Body"),
+                    "status": status,
+                    "outcome": outcome,
+                    "at": time.monotonic(),
+                }
+            )
+            self._changed.notify_all()
+
+    async def _create_message(self, account_sid: str, request: Request) -> Response:
+        form = {key: str(value) for key, value in (await request.form()).items()}
+
+        def refuse(response: Response) -> Response:
+            self._record_attempt(form, response.status_code, "error")
+            return response
+
+        if not self._authorized(request, account_sid):
+            return refuse(_twilio_error(401, 20003))
+        fault = self._take_fault(form.get("To", ""))
+        if fault is not None:
+            if fault.delay > 0:
+                # This sleep IS the simulated Twilio latency, not a wait for some condition.
+                await asyncio.sleep(fault.delay)
+            if fault.reset:
+                self._record_attempt(form, None, "reset")
+                return _DroppedConnection()
+            if fault.status != 201:
+                headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
+                assert fault.code is not None
+                return refuse(_twilio_error(fault.status, fault.code, headers=headers))
+
+        to, from_, body = form.get("To"), form.get("From"), form.get("Body")
+        if not to:
+            return refuse(_twilio_error(400, 21604))
+        if not from_:
+            return refuse(_twilio_error(400, 21603))
+        if body is None or body == "":
+            return refuse(_twilio_error(400, 21602))
+        if len(body) > MAX_BODY_CHARS:
+            return refuse(_twilio_error(400, 21617))
+
+        sid = "SM" + uuid.uuid4().hex
+        now = _rfc2822(datetime.now(UTC))
+        uri = f"/{API_VERSION}/Accounts/{self.account_sid}/Messages/{sid}"
+        status_callback = form.get("StatusCallback") or None
+        resource = {
+            "account_sid": self.account_sid,
+            "api_version": API_VERSION,
+            "body": body,
+            "date_created": now,
+            "date_sent": None,
+            "date_updated": now,
+            "direction": "outbound-api",
+            "error_code": None,
+            "error_message": None,
+            "from": from_,
+            "messaging_service_sid": form.get("MessagingServiceSid") or None,
+            "num_media": "0",
+            "num_segments": str(_num_segments(body)),
+            "price": None,
+            "price_unit": "USD",
+            "sid": sid,
+            "status": "queued",
+            "subresource_uris": {"media": f"{uri}/Media.json", "feedback": f"{uri}/Feedback.json"},
+            "to": to,
+            "uri": f"{uri}.json",
+        }
+        record = {
+            "sid": sid,
+            "to": to,
+            "from": from_,
+            "body": body,
+            "status_callback": status_callback,
+            "status": "queued",
+            "at": time.monotonic(),
+        }
+        delivery_fault = self._take_delivery_fault(to)
+        with self._changed:
+            self._messages.append(record)
+            self._attempts.append(
+                {
+                    "to": to,
+                    "from": from_,
+                    "body": body,
+                    "status": 201,
+                    "outcome": "accepted",
+                    "at": record["at"],
+                }
+            )
+            self._changed.notify_all()
+        logger.info("sink: message to %s: %s", mask_address(to), body)
+
+        if self._status_callbacks and status_callback:
+            statuses: list[tuple[str, int | None]] = [("sent", None), ("delivered", None)]
+            if delivery_fault is not None:
+                # A message Twilio could not hand over to WhatsApp never reaches "sent".
+                failure = (delivery_fault.status, delivery_fault.code)
+                statuses = [failure] if delivery_fault.status == "failed" else [("sent", None), failure]
+            task = asyncio.create_task(self._send_callbacks(status_callback, record, statuses))
+            # Keep a reference: the event loop only holds weak references to tasks.
+            self._callback_tasks.add(task)
+            task.add_done_callback(self._callback_tasks.discard)
+        return JSONResponse(resource, status_code=201)
+
+    async def _send_callbacks(self, url: str, record: dict[str, Any], statuses: list[tuple[str, int | None]]) -> None:
+        timeout = aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT_S)
+        # One short-lived session per message: the sink may run on any loop and has no shutdown hook
+        # that is guaranteed to run (e.g. when mounted inside another app).
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for status, error_code in statuses:
+                params = {
+                    "AccountSid": self.account_sid,
+                    "ApiVersion": API_VERSION,
+                    "ChannelPrefix": "whatsapp",
+                    "From": record["from"],
+                    "MessageSid": record["sid"],
+                    "MessageStatus": status,
+                    "SmsSid": record["sid"],
+                    "SmsStatus": status,
+                    "To": record["to"],
+                }
+                if error_code is not None:
+                    params["ErrorCode"] = str(error_code)
+                with self._lock:
+                    record["status"] = status  # the very dict kept in self._messages
+                headers = {
+                    "X-Twilio-Signature": self._validator.compute_signature(url, params),
+                    "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
+                    "User-Agent": "TwilioProxy/1.1",
+                }
+                try:
+                    async with session.post(url, data=params, headers=headers) as response:
+                        await response.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    logger.debug("sink: status callback %s for %s failed: %r", status, record["sid"], exc)

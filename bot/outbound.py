@@ -1,0 +1,116 @@
+"""Sending WhatsApp messages through Twilio's REST Messages API, each call bounded and retried.
+
+twilio-python's async client ignores its timeout setting, so every call is bounded here with asyncio.timeout.
+Transient failures (5xx, 429, timeouts, connection errors) are retried with exponential backoff; a 4xx such as
+63016 (outside WhatsApp's 24-hour window) is final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiohttp
+from opentelemetry import trace
+from twilio.base.exceptions import TwilioException, TwilioRestException
+from twilio.http.async_http_client import AsyncTwilioHttpClient
+from twilio.rest import Client
+
+from bot.settings import Settings
+from telemetry.tracing import record_error
+
+_BACKOFF_BASE_S = 0.5
+_BACKOFF_MAX_S = 8.0
+
+
+class DeliveryError(Exception):
+    """Twilio did not accept a message. `code` is Twilio's error code when it gave one."""
+
+    def __init__(self, error_type: str, message: str, *, code: int | None = None, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.code = code
+        self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class Sent:
+    sid: str
+    attempts: int
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, TwilioRestException):
+        return exc.status >= 500 or exc.status == 429
+    return isinstance(exc, TimeoutError | aiohttp.ClientError | OSError)
+
+
+class TwilioSender:
+    """Twilio's async REST client pointed at `WABOT_TWILIO_API_URL`."""
+
+    def __init__(self, settings: Settings, tracer: trace.Tracer) -> None:
+        self._http = AsyncTwilioHttpClient()
+        self._client = Client(
+            settings.twilio_account_sid or "AC" + "0" * 32,
+            settings.secret("twilio_auth_token") or "unset",
+            http_client=self._http,
+        )
+        self._client.api.base_url = settings.twilio_api_url
+        self._from = settings.twilio_whatsapp_from or ""
+        self._status_callback = f"{settings.public_url}/whatsapp/status" if settings.public_url else None
+        self._call_timeout = settings.twilio_call_timeout
+        self._max_attempts = settings.twilio_max_attempts
+        self._server = settings.twilio_api_url.split("://", 1)[-1].split("/", 1)[0]
+        self._tracer = tracer
+
+    async def send(self, to: str, body: str) -> Sent:
+        """Send one message; retry transient failures; raise DeliveryError when Twilio will not take it."""
+        with self._tracer.start_as_current_span(
+            "twilio.messages.create",
+            kind=trace.SpanKind.CLIENT,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            span.set_attributes(
+                {
+                    "http.request.method": "POST",
+                    "server.address": self._server,
+                    "wabot.message.length": len(body),
+                }
+            )
+            attempt = 0
+            while True:
+                attempt += 1
+                span.set_attribute("wabot.delivery.attempts", attempt)
+                try:
+                    async with asyncio.timeout(self._call_timeout):
+                        message = await self._client.messages.create_async(
+                            to=to, from_=self._from, body=body, status_callback=self._status_callback
+                        )
+                except Exception as exc:
+                    if _transient(exc) and attempt < self._max_attempts:
+                        await asyncio.sleep(min(_BACKOFF_BASE_S * 2 ** (attempt - 1), _BACKOFF_MAX_S))
+                        continue
+                    error = _delivery_error(exc, attempt)
+                    if error.code is not None:
+                        span.set_attribute("twilio.error_code", error.code)
+                    record_error(span, error.error_type, str(error))
+                    raise error from exc
+                span.set_attribute("twilio.message.sid", message.sid or "")
+                return Sent(sid=message.sid or "", attempts=attempt)
+
+    async def close(self) -> None:
+        await self._http.close()
+
+
+def _delivery_error(exc: Exception, attempts: int) -> DeliveryError:
+    if isinstance(exc, TwilioRestException):
+        kind = "twilio_server_error" if exc.status >= 500 else "rate_limited" if exc.status == 429 else "rejected"
+        return DeliveryError(kind, f"Twilio answered {exc.status}: {exc.msg}", code=exc.code, attempts=attempts)
+    if isinstance(exc, TimeoutError):
+        return DeliveryError("timeout", "Twilio did not answer in time", attempts=attempts)
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return DeliveryError("connection_error", f"{exc.__class__.__name__}: {exc}", attempts=attempts)
+    if isinstance(exc, TwilioException):
+        return DeliveryError("other", str(exc), attempts=attempts)
+    return DeliveryError("other", f"{exc.__class__.__name__}: {exc}", attempts=attempts)

@@ -1,0 +1,152 @@
+"""The life of one owed reply, from the user's turn in line to an answer inline or a delivered follow-up.
+
+A run is a task of its own: the webhook returning (or being cancelled) never cancels it. Its budget is the
+follow-up timeout counted from the message's arrival; past it the user gets an apology instead of silence.
+Runs left in the journal by a crash are started again on start-up (`resume`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from bot.agent import Agent, AgentError
+from bot.deadline import Answer, Handoff
+from bot.followup import FollowupDelivery
+from bot.ordering import UserLanes
+from bot.settings import Settings
+from bot.splitting import split_message
+from bot.store import PendingReply, Store
+from telemetry import metrics
+
+# A resumed run gets at least this much time even when its original budget ran out while the bot was down.
+_MIN_RESUMED_BUDGET_S = 30.0
+_propagator = TraceContextTextMapPropagator()
+
+
+def current_traceparent() -> str | None:
+    """The W3C traceparent of the current span, to journal with a reply so a resumed run joins its trace."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    return carrier.get("traceparent")
+
+
+class ReplyRunner:
+    """Starts and tracks runs; each one answers a message and sees its answer delivered."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        agent: Agent,
+        followups: FollowupDelivery,
+        log: Any,
+    ) -> None:
+        self._budget = settings.followup_timeout
+        self._apology = split_message(settings.apology_message)
+        self._store = store
+        self._agent = agent
+        self._followups = followups
+        self._log = log
+        self._lanes = UserLanes()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, reply: PendingReply, handoff: Handoff | None) -> asyncio.Task[None]:
+        """Start the run for `reply` now; the user's place in line is taken before this returns."""
+        ticket = self._lanes.take_ticket(reply.user_key)
+        task = asyncio.create_task(self._run(reply, handoff, ticket), name=f"reply {reply.sid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def resume(self) -> int:
+        """Start every run a previous process left owing; returns how many."""
+        owed = await self._store.pending()
+        for reply in owed:
+            metrics.FOLLOWUPS_PENDING.inc()
+            parent = _propagator.extract({"traceparent": reply.traceparent} if reply.traceparent else {})
+            token = otel_context.attach(parent)
+            try:
+                self.start(reply, handoff=None)
+            finally:
+                otel_context.detach(token)
+        if owed:
+            self._log.info("followups_resumed", count=len(owed))
+        return len(owed)
+
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait (bounded) until no run is in flight; True when idle."""
+        if not self._tasks:
+            return True
+        _, still = await asyncio.wait(set(self._tasks), timeout=timeout)
+        return not still
+
+    async def cancel_all(self) -> None:
+        """Stop every run; their replies stay journaled and are resumed by the next start."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5.0)
+
+    async def _run(self, reply: PendingReply, handoff: Handoff | None, ticket: Any) -> None:
+        try:
+            await ticket.wait_turn()
+            if reply.answer_parts is None:
+                answer = await self._answer(reply, resumed=handoff is None)
+                if handoff is not None and handoff.offer(answer):
+                    self._log_answer(reply, answer, phase="inline")
+                    await self._store.drop(reply.sid)
+                    return
+                self._log_answer(reply, answer, phase="followup")
+                reply.answer_parts, reply.kind = answer.parts, answer.kind
+                await self._store.save_answer(reply.sid, answer.parts, answer.kind)
+            try:
+                await self._followups.deliver(reply)
+            finally:
+                metrics.FOLLOWUPS_PENDING.dec()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug or a store failure: the reply stays journaled, so a restart still delivers it.
+            self._log.exception("reply_run_failed", message_sid=reply.sid, error_type=exc.__class__.__name__)
+        finally:
+            ticket.release()
+
+    async def _answer(self, reply: PendingReply, *, resumed: bool) -> Answer:
+        budget = self._budget - (time.time() - reply.arrived_at)
+        if resumed:
+            budget = max(budget, _MIN_RESUMED_BUDGET_S)
+        previous = await self._store.get_conversation(reply.user_key)
+        try:
+            result = await self._agent.run(reply.prompt, previous, budget)
+        except AgentError as exc:
+            return Answer(parts=self._apology, kind="apology", error_type=exc.error_type)
+        await self._store.set_conversation(reply.user_key, result.response_id)
+        return Answer(parts=split_message(result.text), kind="answer", tool_count=result.tool_count)
+
+    def _log_answer(self, reply: PendingReply, answer: Answer, *, phase: str) -> None:
+        elapsed = round(time.time() - reply.arrived_at, 3)
+        if answer.error_type is None:
+            self._log.info(
+                "ai_processing_time",
+                message_sid=reply.sid,
+                elapsed_seconds=elapsed,
+                tool_count=answer.tool_count,
+                phase=phase,
+            )
+            return
+        metrics.AI_ERRORS.labels(phase=phase, error_type=answer.error_type).inc()
+        self._log.error(
+            "ai_error_in_timeout",
+            message_sid=reply.sid,
+            error_type=answer.error_type,
+            elapsed_seconds=elapsed,
+            phase=phase,
+        )

@@ -1,0 +1,80 @@
+"""The bot's long-lived parts, built once at start-up and shared by every request (FastAPI dependency)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from openai import AsyncOpenAI
+
+from bot import __version__
+from bot.agent import Agent, make_client
+from bot.deadline import DeadlineResponder
+from bot.followup import FollowupDelivery
+from bot.outbound import TwilioSender
+from bot.replies import ReplyRunner
+from bot.settings import Settings
+from bot.signature import SignatureChecker
+from bot.store import Store, open_store
+from bot.tools import registry
+from telemetry import metrics
+from telemetry.logging import get_logger
+from telemetry.privacy import UserHasher
+from telemetry.tracing import Tracing
+
+
+@dataclass
+class Services:
+    settings: Settings
+    tracing: Tracing
+    store: Store
+    openai: AsyncOpenAI
+    sender: TwilioSender
+    runner: ReplyRunner
+    responder: DeadlineResponder
+    signature: SignatureChecker
+    hasher: UserHasher
+    log: Any
+
+    @classmethod
+    async def start(cls, settings: Settings, tracing: Tracing) -> Services:
+        """Open the store, build the clients, and resume replies a previous process left owing."""
+        log = get_logger("wabot")
+        metrics.init(__version__, settings.reply_timeout, multiprocess_dir=settings.prometheus_multiproc_dir)
+        store = await open_store(settings.store, dedupe_ttl_s=settings.dedupe_ttl_s)
+        client = make_client(settings)
+        sender = TwilioSender(settings, tracing.tracer)
+        agent = Agent(client, settings, registry, tracing.tracer)
+        runner = ReplyRunner(settings, store, agent, FollowupDelivery(store, sender, log), log)
+        services = cls(
+            settings=settings,
+            tracing=tracing,
+            store=store,
+            openai=client,
+            sender=sender,
+            runner=runner,
+            responder=DeadlineResponder(settings, runner, tracing.tracer, log),
+            signature=SignatureChecker(
+                settings.secret("twilio_auth_token"),
+                settings.public_url,
+                settings.secret("twilio_signing_key"),
+            ),
+            hasher=UserHasher(settings.secret("hash_key") or settings.secret("twilio_auth_token")),
+            log=log,
+        )
+        await runner.resume()
+        return services
+
+    async def stop(self) -> None:
+        """Stop runs (their replies stay journaled for the next start) and close every connection."""
+        await self.runner.cancel_all()
+        await self.sender.close()
+        await self.openai.close()
+        await self.store.close()
+        self.tracing.shutdown()
+
+
+def get_services(request: Request) -> Services:
+    """FastAPI dependency: the running app's services."""
+    return request.app.state.services

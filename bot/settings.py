@@ -1,0 +1,115 @@
+"""All configuration of wabot, in one pydantic-settings class, from the environment and an optional `.env`.
+
+Nothing else in the code base reads the environment: every knob is a field here.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_INSTRUCTIONS = (
+    "You are a helpful assistant answering on WhatsApp. Keep answers short and plain: no markdown tables, "
+    "no headings. Use the tools when they help."
+)
+DEFAULT_HOLDING_MESSAGE = "Thanks, I'm working on your answer. It needs a little longer; I'll send it here in a moment."
+DEFAULT_APOLOGY_MESSAGE = (
+    "Sorry, I couldn't put an answer together this time. Please send your message again in a minute."
+)
+DEFAULT_BUSY_MESSAGE = "I'm handling a lot of messages right now; your answer will follow here shortly."
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    """Every setting of the bot. Environment names are given by each field's alias."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    # OpenAI (the SDK's own variable names)
+    openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
+    openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
+    model: str = Field("gpt-4.1-mini", validation_alias=_env("WABOT_MODEL"))
+    instructions_source: str = Field(DEFAULT_INSTRUCTIONS, validation_alias=_env("WABOT_INSTRUCTIONS"))
+    max_tool_rounds: int = Field(4, ge=0, le=20, validation_alias=_env("WABOT_MAX_TOOL_ROUNDS"))
+
+    # The deadline race
+    reply_timeout: float = Field(8.0, gt=0, le=14.0, validation_alias=_env("WABOT_REPLY_TIMEOUT"))
+    followup_timeout: float = Field(120.0, gt=0, le=3600, validation_alias=_env("WABOT_FOLLOWUP_TIMEOUT"))
+    holding_message: str = Field(DEFAULT_HOLDING_MESSAGE, validation_alias=_env("WABOT_HOLDING_MESSAGE"))
+    apology_message: str = Field(DEFAULT_APOLOGY_MESSAGE, validation_alias=_env("WABOT_APOLOGY_MESSAGE"))
+
+    # Twilio
+    twilio_account_sid: str | None = Field(None, validation_alias=_env("TWILIO_ACCOUNT_SID"))
+    twilio_auth_token: SecretStr | None = Field(None, validation_alias=_env("TWILIO_AUTH_TOKEN"))
+    twilio_whatsapp_from: str | None = Field(None, validation_alias=_env("TWILIO_WHATSAPP_FROM"))
+    twilio_signing_key: SecretStr | None = Field(None, validation_alias=_env("WABOT_TWILIO_SIGNING_KEY"))
+    twilio_api_url: str = Field("https://api.twilio.com", validation_alias=_env("WABOT_TWILIO_API_URL"))
+    twilio_call_timeout: float = Field(10.0, gt=0, validation_alias=_env("WABOT_TWILIO_CALL_TIMEOUT"))
+    twilio_max_attempts: int = Field(5, ge=1, le=20, validation_alias=_env("WABOT_TWILIO_MAX_ATTEMPTS"))
+    public_url: str | None = Field(None, validation_alias=_env("WABOT_PUBLIC_URL"))
+    max_body_bytes: int = Field(64 * 1024, gt=0, validation_alias=_env("WABOT_MAX_BODY_BYTES"))
+
+    # Storage
+    store: str = Field("sqlite:///wabot.db", validation_alias=_env("WABOT_STORE"))
+    dedupe_ttl_s: float = Field(7 * 24 * 3600, gt=0, validation_alias=_env("WABOT_DEDUPE_TTL"))
+
+    # Telemetry
+    metrics_host: str = Field("127.0.0.1", validation_alias=_env("WABOT_METRICS_HOST"))
+    log_message_bodies: bool = Field(False, validation_alias=_env("WABOT_LOG_MESSAGE_BODIES"))
+    log_level: str = Field("info", validation_alias=_env("WABOT_LOG_LEVEL"))
+    hash_key: SecretStr | None = Field(None, validation_alias=_env("WABOT_HASH_KEY"))
+    prometheus_multiproc_dir: str | None = Field(None, validation_alias=_env("PROMETHEUS_MULTIPROC_DIR"))
+    otel_service_name: str = Field("wabot", validation_alias=_env("OTEL_SERVICE_NAME"))
+    otel_traces_exporter: str = Field("otlp", validation_alias=_env("OTEL_TRACES_EXPORTER"))
+    otel_exporter_otlp_endpoint: str | None = Field(None, validation_alias=_env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        None, validation_alias=_env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+    otel_exporter_otlp_protocol: str = Field(
+        "http/protobuf",
+        validation_alias=_env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    )
+    otel_traces_sampler: str = Field("parentbased_always_on", validation_alias=_env("OTEL_TRACES_SAMPLER"))
+    otel_traces_sampler_arg: float | None = Field(None, validation_alias=_env("OTEL_TRACES_SAMPLER_ARG"))
+
+    # Demo
+    demo_seed: int | None = Field(None, validation_alias=_env("WABOT_DEMO_SEED"))
+
+    @field_validator("twilio_api_url", "public_url", "openai_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @field_validator("otel_traces_exporter")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower()
+
+    @cached_property
+    def instructions(self) -> str:
+        """WABOT_INSTRUCTIONS as text; `@path` reads the file."""
+        if self.instructions_source.startswith("@"):
+            return Path(self.instructions_source[1:]).expanduser().read_text(encoding="utf-8").strip()
+        return self.instructions_source
+
+    def missing_for_production(self) -> list[str]:
+        """Names of the settings `wabot serve` needs without --demo and does not have."""
+        required = {
+            "OPENAI_API_KEY": self.openai_api_key,
+            "TWILIO_ACCOUNT_SID": self.twilio_account_sid,
+            "TWILIO_AUTH_TOKEN": self.twilio_auth_token,
+            "TWILIO_WHATSAPP_FROM": self.twilio_whatsapp_from,
+            "WABOT_PUBLIC_URL": self.public_url,
+        }
+        return [name for name, value in required.items() if not value]
+
+    def secret(self, name: str) -> str:
+        """The plain value of a SecretStr field, or '' when unset."""
+        value = getattr(self, name)
+        return value.get_secret_value() if value is not None else ""

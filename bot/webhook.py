@@ -1,0 +1,157 @@
+"""The Twilio-facing HTTP endpoints: inbound messages (`POST /whatsapp`) and status callbacks.
+
+Every request is checked in the same order: size, form encoding, signature, fields. A request that fails a
+check gets a clear 4xx and a `webhook_rejected` log line, and never reaches the model or the store.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse, Response
+
+from bot.inbound import InboundMessage, MalformedRequest, form_dict, parse_form
+from bot.replies import current_traceparent
+from bot.services import Services, get_services
+from bot.store import PendingReply
+from bot.twiml import twiml
+from telemetry import metrics
+
+router = APIRouter()
+
+_FORM_TYPE = "application/x-www-form-urlencoded"
+_KNOWN_STATUSES = frozenset(
+    [
+        "accepted",
+        "scheduled",
+        "queued",
+        "sending",
+        "sent",
+        "delivered",
+        "read",
+        "failed",
+        "undelivered",
+        "receiving",
+        "received",
+        "canceled",
+        "partially_delivered",
+    ]
+)
+_ERROR_CODE = re.compile(r"^[0-9]{1,6}$")
+
+
+class _Rejected(Exception):
+    def __init__(self, status_code: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.reason = reason
+        self.detail = detail
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise _Rejected(413, "too_large", f"request body over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _Rejected(413, "too_large", f"request body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _signed_form(request: Request, services: Services) -> list[tuple[str, str]]:
+    """The request's form fields, once size, encoding and signature are known to be right."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != _FORM_TYPE:
+        raise _Rejected(415, "malformed", f"expected {_FORM_TYPE}")
+    raw = await _read_body(request, services.settings.max_body_bytes)
+    try:
+        pairs = parse_form(raw)
+    except MalformedRequest as exc:
+        raise _Rejected(400, "malformed", str(exc)) from exc
+    if not services.signature.is_valid(request.url, pairs, request.headers):
+        raise _Rejected(403, "signature", "missing or invalid X-Twilio-Signature")
+    return pairs
+
+
+def _reject(services: Services, request: Request, exc: _Rejected) -> Response:
+    metrics.REJECTIONS.labels(reason=exc.reason).inc()
+    services.log.warning(
+        "webhook_rejected",
+        reason=exc.reason,
+        status_code=exc.status_code,
+        path=request.url.path,
+        detail=exc.detail,
+    )
+    return PlainTextResponse(f"{exc.reason}: {exc.detail}\n", status_code=exc.status_code)
+
+
+@router.post("/whatsapp")
+async def inbound_message(request: Request, services: Services = Depends(get_services)) -> Response:
+    """Answer an inbound WhatsApp message inline within the deadline, or hold and follow up."""
+    arrived = time.monotonic()
+    try:
+        form = form_dict(await _signed_form(request, services))
+        message = InboundMessage.from_form(form)
+    except MalformedRequest as exc:
+        return _reject(services, request, _Rejected(400, "malformed", str(exc)))
+    except _Rejected as exc:
+        return _reject(services, request, exc)
+
+    reply = PendingReply(
+        sid=message.sid,
+        to=message.sender,
+        user_key=services.hasher(message.sender),
+        prompt=message.prompt(),
+        arrived_at=time.time(),
+        traceparent=current_traceparent(),
+    )
+    if not await services.store.accept(reply, request.headers.get("i-twilio-idempotency-token")):
+        metrics.REJECTIONS.labels(reason="duplicate").inc()
+        services.log.info(
+            "webhook_rejected",
+            reason="duplicate",
+            status_code=200,
+            path=request.url.path,
+            message_sid=message.sid,
+        )
+        return twiml([])
+
+    result = await services.responder.respond(message, reply, arrived)
+    total = time.monotonic() - arrived
+    metrics.observe(metrics.RESPONSE, total)
+    services.log.info("total_time", message_sid=message.sid, total_time=round(total, 4), outcome=result.outcome)
+    services.log.debug(
+        "debug_response",
+        message_sid=message.sid,
+        reply_length=sum(len(part) for part in result.parts),
+        tool_count=result.tool_count,
+        total_time=round(total, 4),
+    )
+    return twiml(result.parts)
+
+
+@router.post("/whatsapp/status")
+async def message_status(request: Request, services: Services = Depends(get_services)) -> Response:
+    """Record Twilio's delivery status for a message we sent (queued → sent → delivered, or failed)."""
+    try:
+        form = form_dict(await _signed_form(request, services))
+    except _Rejected as exc:
+        return _reject(services, request, exc)
+    status = form.get("MessageStatus") or form.get("SmsStatus") or ""
+    sid = form.get("MessageSid") or form.get("SmsSid") or ""
+    if not status or not sid:
+        return _reject(services, request, _Rejected(400, "malformed", "MessageSid and MessageStatus are required"))
+    status_label = status if status in _KNOWN_STATUSES else "other"
+    error_code = form.get("ErrorCode", "")
+    code_label = error_code if _ERROR_CODE.match(error_code) else ("" if not error_code else "other")
+    metrics.MESSAGE_STATUS.labels(status=status_label, error_code=code_label).inc()
+    level: Any = services.log.warning if status in ("failed", "undelivered") else services.log.info
+    level("message_status", message_sid=sid, status=status_label, error_code=code_label)
+    return twiml([])

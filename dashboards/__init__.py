@@ -1,0 +1,1 @@
+"""Grafana dashboard for wabot: generator (generate.py), generated wabot.json and provisioning files."""

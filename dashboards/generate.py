@@ -1,0 +1,574 @@
+"""Build the wabot Grafana dashboard from code and write it to dashboards/wabot.json.
+
+The dashboard is defined here with grafana-foundation-sdk; wabot.json is a generated, checked-in artifact.
+
+    python dashboards/generate.py           # (re)write dashboards/wabot.json
+    python dashboards/generate.py --check   # exit 1 if wabot.json differs from what this module builds
+
+Every panel and query uses the `${datasource}` template variable (no hard-coded datasource uid) and every
+selector is filtered by `job=~"$job"`. `panel_queries()` lists every query with the template variables
+replaced by simple defaults, so an end-to-end test can run each one against a real Prometheus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from grafana_foundation_sdk.builders import common as common_b
+from grafana_foundation_sdk.builders import dashboard as dash_b
+from grafana_foundation_sdk.builders import heatmap as heatmap_b
+from grafana_foundation_sdk.builders import prometheus as prom_b
+from grafana_foundation_sdk.builders import stat as stat_b
+from grafana_foundation_sdk.builders import timeseries as ts_b
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as dash_m
+from grafana_foundation_sdk.models import heatmap as heatmap_m
+from grafana_foundation_sdk.models import prometheus as prom_m
+
+# SLO targets (the alert rules and recording rules are written against the same numbers).
+SLO_REPLY_15S_TARGET = 0.999  # replies (inline or holding) sent within Twilio's 15 s webhook limit
+SLO_ANSWER_DELIVERED_TARGET = 0.995  # messages whose real answer reached the user (inline or follow-up)
+
+TIMEOUT_RATIO_WARN = 0.20  # share of messages answered by holding reply + follow-up
+SLOW_REPLY_S = 12  # "slow": leaves little margin before Twilio gives up
+TWILIO_LIMIT_S = 15  # Twilio drops webhook answers slower than this
+BURN_RATE_THRESHOLDS = (1, 3, 6, 14.4)  # ticket 3d, ticket 1d, page 6h, page 1h (SRE workbook)
+SLO_WINDOWS = ("1h", "6h", "1d", "3d")
+
+DASHBOARD_UID = "wabot-overview"
+DASHBOARD_TITLE = "wabot — WhatsApp AI bot"
+OUTPUT = Path(__file__).resolve().with_name("wabot.json")
+
+DATASOURCE = dash_m.DataSourceRef(type_val="prometheus", uid="${datasource}")
+JOB = 'job=~"$job"'
+RATE = "$__rate_interval"
+
+# What panel_queries() substitutes for each template variable.
+QUERY_DEFAULTS = {"__rate_interval": "1m", "job": "wabot"}
+
+# SLIs: (recording-rule stem, short legend, target).
+SLOS = (
+    ("wabot:slo_reply_15s", "reply ≤ 15 s", SLO_REPLY_15S_TARGET),
+    ("wabot:slo_answer_delivered", "answer delivered", SLO_ANSWER_DELIVERED_TARGET),
+)
+
+
+# --- PromQL helpers ------------------------------------------------------------------------------
+
+
+def sel(metric: str, *matchers: str) -> str:
+    """A selector for `metric` filtered by the job variable plus `matchers`."""
+    return metric + "{" + ",".join((JOB, *matchers)) + "}"
+
+
+def rate(metric: str, *matchers: str, window: str = RATE) -> str:
+    return f"rate({sel(metric, *matchers)}[{window}])"
+
+
+def increase(metric: str, *matchers: str, window: str = RATE) -> str:
+    return f"increase({sel(metric, *matchers)}[{window}])"
+
+
+def error_budget_factor(target: float) -> str:
+    return f"(1 - {target})"
+
+
+# --- builder helpers -----------------------------------------------------------------------------
+
+
+def target(ref_id: str, expr: str, legend: str, *, exemplar: bool = False) -> prom_b.Dataquery:
+    query = (
+        prom_b.Dataquery()
+        .ref_id(ref_id)
+        .datasource(DATASOURCE)
+        .expr(expr)
+        .legend_format(legend)
+        .range()
+        .editor_mode(prom_m.QueryEditorMode.CODE)
+    )
+    if exemplar:
+        query = query.exemplar(True)
+    return query
+
+
+def thresholds(base: str, *steps: tuple[float, str]) -> dash_b.ThresholdsConfig:
+    return (
+        dash_b.ThresholdsConfig()
+        .mode(dash_m.ThresholdsMode.ABSOLUTE)
+        .steps(
+            [
+                dash_m.Threshold(value=None, color=base),
+                *(dash_m.Threshold(value=v, color=c) for v, c in steps),
+            ]
+        )
+    )
+
+
+def fixed_color(color: str) -> dash_m.DynamicConfigValue:
+    return dash_m.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": color})
+
+
+DASHED = dash_m.DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]})
+
+
+def timeseries(title: str, description: str, unit: str, *, span: int = 12, height: int = 8) -> ts_b.Panel:
+    return (
+        ts_b.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .span(span)
+        .height(height)
+        .line_width(1)
+        .fill_opacity(10)
+        .show_points(common.VisibilityMode.NEVER)
+        .legend(
+            common_b.VizLegendOptions()
+            .show_legend(True)
+            .display_mode(common.LegendDisplayMode.LIST)
+            .placement(common.LegendPlacement.BOTTOM)
+        )
+        .tooltip(
+            common_b.VizTooltipOptions()
+            .mode(common.TooltipDisplayMode.MULTI)
+            .sort(common.SortOrder.DESCENDING)
+        )
+    )
+
+
+def threshold_lines(panel: ts_b.Panel) -> ts_b.Panel:
+    return panel.thresholds_style(
+        common_b.GraphThresholdsStyleConfig().mode(common.GraphTresholdsStyleMode.DASHED)
+    )
+
+
+def stat(title: str, description: str, unit: str, *, span: int = 4, height: int = 4) -> stat_b.Panel:
+    return (
+        stat_b.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .span(span)
+        .height(height)
+        .graph_mode(common.BigValueGraphMode.AREA)
+        .color_mode(common.BigValueColorMode.VALUE)
+        .reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+    )
+
+
+# --- panels --------------------------------------------------------------------------------------
+
+
+def overview_stats() -> list[stat_b.Panel]:
+    return [
+        stat("Messages (5m)", "Inbound messages that started an AI run in the last 5 minutes.", "short")
+        .with_target(target("A", f"sum({increase('wabot_ai_runs_total', window='5m')})", "messages"))
+        .decimals(0)
+        .thresholds(thresholds("blue")),
+        stat(
+            "Timeout ratio (5m)",
+            "Share of messages answered by a holding reply + follow-up (worst selected job).",
+            "percentunit",
+        )
+        .with_target(target("A", f"max({sel('wabot:ai_timeout:ratio_rate5m')})", "timeout ratio"))
+        .thresholds(thresholds("green", (TIMEOUT_RATIO_WARN, "red"))),
+        stat("p99 total time", "Webhook total time p99 over 5m (worst selected job).", "s")
+        .with_target(target("A", f"max({sel('wabot:response_seconds:p99_5m')})", "p99"))
+        .thresholds(thresholds("green", (SLOW_REPLY_S, "orange"), (TWILIO_LIMIT_S, "red"))),
+        stat(
+            "AI errors (5m)",
+            "AI runs that ended with an apology instead of an answer (inline or follow-up), last 5 minutes.",
+            "short",
+        )
+        .with_target(
+            target("A", f"sum({increase('wabot_ai_errors_total', window='5m')}) or vector(0)", "errors")
+        )
+        .decimals(0)
+        .thresholds(thresholds("green", (1, "red"))),
+        stat("Follow-ups pending", "Holding replies whose real answer has not been delivered yet.", "short")
+        .with_target(target("A", f"sum({sel('wabot_followups_pending')})", "pending"))
+        .thresholds(thresholds("green", (10, "orange"))),
+        stat(
+            "Configured deadline",
+            "WABOT_REPLY_TIMEOUT: past it the user gets a holding reply and the answer follows later.",
+            "s",
+        )
+        .with_target(target("A", f"max({sel('wabot_reply_timeout_seconds')})", "deadline"))
+        .thresholds(thresholds("blue", (SLOW_REPLY_S, "red"))),
+    ]
+
+
+def slo_panels() -> list[Any]:
+    budget = (
+        stat(
+            "SLO error budget",
+            "Error budget left, approximating the 30 d window with the 3 d error ratio: "
+            "1 - error_ratio_3d / (1 - target). Below 0 the budget is spent.",
+            "percentunit",
+            span=8,
+            height=8,
+        )
+        .text_mode(common.BigValueTextMode.VALUE_AND_NAME)
+        .graph_mode(common.BigValueGraphMode.NONE)
+        .color_mode(common.BigValueColorMode.BACKGROUND)
+        .thresholds(thresholds("red", (0, "orange"), (0.25, "green")))
+    )
+    for ref, (stem, name, slo) in zip("AB", SLOS, strict=True):
+        expr = f"1 - (max({sel(stem + ':error_ratio_rate3d')}) / {error_budget_factor(slo)})"
+        budget = budget.with_target(target(ref, expr, f"{name} ({slo * 100:g} %)"))
+
+    burn = threshold_lines(
+        timeseries(
+            "SLO burn rate",
+            "Error ratio / (1 - target) per window. Pages when 1h > 14.4 or 6h > 6 (with their short "
+            "windows), tickets when 1d > 3 or 3d > 1.",
+            "short",
+            span=16,
+        )
+    ).thresholds(
+        thresholds(
+            "green",
+            *zip(BURN_RATE_THRESHOLDS, ("yellow", "orange", "red", "dark-red"), strict=True),
+        )
+    )
+    refs = iter("ABCDEFGHIJ")
+    for stem, name, slo in SLOS:
+        for window in SLO_WINDOWS:
+            expr = f"max({sel(f'{stem}:error_ratio_rate{window}')}) / {error_budget_factor(slo)}"
+            burn = burn.with_target(target(next(refs), expr, f"{name} {window}"))
+    burn = burn.legend(
+        common_b.VizLegendOptions()
+        .show_legend(True)
+        .display_mode(common.LegendDisplayMode.TABLE)
+        .placement(common.LegendPlacement.RIGHT)
+        .calcs(["lastNotNull", "max"])
+    )
+    return [budget, burn]
+
+
+def answer_path_panels() -> list[Any]:
+    def runs(outcome: str) -> str:
+        matcher = f'outcome="{outcome}"'
+        return f"sum({rate('wabot_ai_runs_total', matcher)})"
+
+    messages = (
+        timeseries(
+            "Messages by answer path",
+            "inline: answered before the deadline; holding + follow-up: deadline hit, answer sent later "
+            "through the REST API; error: failed before the deadline (apology).",
+            "short",
+        )
+        .axis_label("messages/s")
+        .stacking(common_b.StackingConfig().mode(common.StackingMode.NORMAL))
+        .fill_opacity(60)
+        .with_target(target("A", runs("ok"), "inline"))
+        .with_target(target("B", runs("timeout"), "holding + follow-up"))
+        .with_target(target("C", runs("error"), "error"))
+        .override_by_name("inline", [fixed_color("green")])
+        .override_by_name("holding + follow-up", [fixed_color("orange")])
+        .override_by_name("error", [fixed_color("red")])
+    )
+    timeout_ratio = (
+        threshold_lines(
+            timeseries(
+                "Timeout ratio",
+                f"Share of messages that hit the deadline. Above {TIMEOUT_RATIO_WARN:.0%} the model or a "
+                "tool is slow: check model calls, tool calls and the heatmap.",
+                "percentunit",
+            )
+        )
+        .min(0)
+        .axis_soft_max(TIMEOUT_RATIO_WARN * 1.25)
+        .thresholds(thresholds("green", (TIMEOUT_RATIO_WARN, "red")))
+        .with_target(target("A", f"max({sel('wabot:ai_timeout:ratio_rate5m')})", "timeout ratio"))
+    )
+    response = (
+        threshold_lines(
+            timeseries(
+                "Total response time p50/p95/p99",
+                "Webhook total time (arrival to TwiML sent), 5m quantiles from buckets. Dashed lines: "
+                f"{SLOW_REPLY_S} s (slow) and {TWILIO_LIMIT_S} s (Twilio drops the reply); "
+                "dashed series: the configured deadline.",
+                "s",
+            )
+        )
+        .min(0)
+        .axis_soft_max(TWILIO_LIMIT_S + 1)
+        .thresholds(thresholds("green", (SLOW_REPLY_S, "orange"), (TWILIO_LIMIT_S, "red")))
+        .with_target(target("A", f"max({sel('wabot:response_seconds:p50_5m')})", "p50"))
+        .with_target(target("B", f"max({sel('wabot:response_seconds:p95_5m')})", "p95"))
+        .with_target(target("C", f"max({sel('wabot:response_seconds:p99_5m')})", "p99"))
+        .with_target(target("D", f"max({sel('wabot_reply_timeout_seconds')})", "deadline (configured)"))
+        .override_by_query("D", [DASHED, fixed_color("blue")])
+    )
+    slow = (
+        threshold_lines(
+            timeseries(
+                "Replies over 12 s / 15 s",
+                "Share of webhook replies slower than 12 s and 15 s (exact, from bucket edges). Dashed line: "
+                f"the error rate the {SLO_REPLY_15S_TARGET:.1%} reply SLO allows.",
+                "percentunit",
+            )
+        )
+        .min(0)
+        .thresholds(thresholds("green", (round(1 - SLO_REPLY_15S_TARGET, 6), "red")))
+        .with_target(target("A", f"max({sel('wabot:response_over_12s:ratio_rate5m')})", "over 12 s"))
+        .with_target(target("B", f"max({sel('wabot:response_over_15s:ratio_rate5m')})", "over 15 s"))
+        .override_by_name("over 12 s", [fixed_color("orange")])
+        .override_by_name("over 15 s", [fixed_color("red")])
+    )
+    heat = (
+        heatmap_b.Panel()
+        .title("AI processing time heatmap")
+        .description(
+            "AI run time until the answer (or until the deadline for runs that timed out). "
+            "Exemplars (dots) link to the run's trace in Tempo."
+        )
+        .datasource(DATASOURCE)
+        .span(24)
+        .height(9)
+        .calculate(False)
+        .rows_frame(heatmap_b.RowsHeatmapOptions().layout(common.HeatmapCellLayout.LE))
+        .y_axis(heatmap_b.YAxisConfig().unit("s"))
+        .cell_values(heatmap_b.CellValues().unit("short"))
+        .color(
+            heatmap_b.HeatmapColorOptions()
+            .mode(heatmap_m.HeatmapColorMode.SCHEME)
+            .scheme("Oranges")
+            .fill("dark-orange")
+            .scale(heatmap_m.HeatmapColorScale.EXPONENTIAL)
+            .exponent(0.5)
+            .steps(64)
+        )
+        .show_legend()
+        .show_tooltip()
+        .show_y_histogram()
+        .exemplars_color("rgba(255,0,255,0.7)")
+        .with_target(
+            target(
+                "A",
+                f"sum by (le) ({increase('wabot_ai_processing_seconds_bucket')})",
+                "{{le}}",
+                exemplar=True,
+            ).format(prom_m.PromQueryFormat.HEATMAP)
+        )
+    )
+    return [messages, timeout_ratio, response, slow, heat]
+
+
+def followup_panels() -> list[Any]:
+    followups = (
+        timeseries(
+            "Follow-ups",
+            "Follow-up deliveries per second by outcome, follow-ups still pending, and the share delivered "
+            "(right axis).",
+            "short",
+        )
+        .with_target(target("A", f"sum by (outcome) ({rate('wabot_followups_total')})", "{{outcome}}/s"))
+        .with_target(target("B", f"sum({sel('wabot_followups_pending')})", "pending"))
+        .with_target(target("C", f"max({sel('wabot:followup_delivery:ratio_rate5m')})", "delivered ratio"))
+        .override_by_query(
+            "C",
+            [
+                dash_m.DynamicConfigValue(id_val="unit", value="percentunit"),
+                dash_m.DynamicConfigValue(id_val="min", value=0),
+                dash_m.DynamicConfigValue(id_val="max", value=1),
+                dash_m.DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
+                DASHED,
+            ],
+        )
+    )
+    latency = (
+        timeseries(
+            "Follow-up latency p95",
+            "Inbound message arrival until its follow-up was accepted by Twilio, p95 over the rate interval. "
+            "Exemplars link to traces.",
+            "s",
+        )
+        .min(0)
+        .with_target(
+            target(
+                "A",
+                f"histogram_quantile(0.95, sum by (le) ({rate('wabot_followup_seconds_bucket')}))",
+                "p95",
+                exemplar=True,
+            )
+        )
+    )
+    status = (
+        timeseries(
+            "Delivery status by error code",
+            "Twilio status callbacks for outbound messages by status and Twilio error code "
+            "(e.g. 63016 = outside the 24 h session window).",
+            "short",
+        )
+        .axis_label("callbacks/s")
+        .with_target(
+            target(
+                "A",
+                f"sum by (status, error_code) ({rate('wabot_message_status_total')})",
+                "{{status}} {{error_code}}",
+            )
+        )
+    )
+    rejections = (
+        timeseries(
+            "Signature rejections",
+            "Webhook requests not processed, by reason (signature = X-Twilio-Signature did not verify).",
+            "short",
+        )
+        .axis_label("requests/s")
+        .with_target(target("A", f"sum by (reason) ({rate('wabot_webhook_rejections_total')})", "{{reason}}"))
+        .override_by_name("signature", [fixed_color("red")])
+    )
+    return [followups, latency, status, rejections]
+
+
+def model_panels() -> list[Any]:
+    model_calls = (
+        timeseries("Model calls by outcome", "Calls to the model API per second by outcome.", "short", span=8)
+        .axis_label("calls/s")
+        .with_target(target("A", f"sum by (outcome) ({rate('wabot_model_calls_total')})", "{{outcome}}"))
+        .override_by_name("ok", [fixed_color("green")])
+    )
+    tool_calls = (
+        timeseries("Tool calls", "Function tool executions per second by tool and outcome.", "short", span=8)
+        .axis_label("calls/s")
+        .with_target(
+            target("A", f"sum by (tool, outcome) ({rate('wabot_tool_calls_total')})", "{{tool}} {{outcome}}")
+        )
+    )
+    tokens = (
+        timeseries("Tokens", "Model tokens per second by direction.", "short", span=8)
+        .axis_label("tokens/s")
+        .with_target(target("A", f"sum by (direction) ({rate('wabot_tokens_total')})", "{{direction}}"))
+    )
+    return [model_calls, tool_calls, tokens]
+
+
+# --- dashboard -----------------------------------------------------------------------------------
+
+
+def build_dashboard() -> dash_m.Dashboard:
+    """The dashboard model, panels laid out row by row with stable ids."""
+    builder = (
+        dash_b.Dashboard(DASHBOARD_TITLE)
+        .uid(DASHBOARD_UID)
+        .description(
+            "Twilio WhatsApp webhook → FastAPI → OpenAI bot with a reply deadline: answer paths, latency "
+            "against Twilio's 15 s limit, follow-ups, delivery, model usage and SLOs. Generated by "
+            "dashboards/generate.py; do not edit in the UI."
+        )
+        .tags(["wabot"])
+        .refresh("30s")
+        .time("now-6h", "now")
+        .timezone("browser")
+        .tooltip(dash_m.DashboardCursorSync.CROSSHAIR)
+        .annotations([])  # {"list": []}: Grafana adds its built-in annotation on load
+        .with_variable(dash_b.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+        .with_variable(
+            dash_b.QueryVariable("job")
+            .label("Job")
+            .datasource(DATASOURCE)
+            .query("label_values(wabot_build_info, job)")
+            .refresh(dash_m.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(dash_m.VariableSort.ALPHABETICAL_ASC)
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+            .current(dash_m.VariableOption(selected=True, text="All", value="$__all"))
+        )
+    )
+    sections = (
+        ("Overview", overview_stats()),
+        ("SLOs", slo_panels()),
+        ("Answer path and latency", answer_path_panels()),
+        ("Follow-ups, delivery and webhook", followup_panels()),
+        ("Model", model_panels()),
+    )
+    for row_title, panels in sections:
+        builder = builder.with_row(dash_b.Row(row_title))
+        for panel in panels:
+            builder = builder.with_panel(panel)
+    model = builder.build()
+    for panel_id, panel in enumerate(model.panels or [], start=1):
+        panel.id_val = panel_id
+    return model
+
+
+def dashboard_json() -> dict[str, Any]:
+    """The dashboard as plain JSON data (what Grafana imports)."""
+    return json.loads(json.dumps(build_dashboard(), cls=JSONEncoder))
+
+
+def render() -> str:
+    """The exact text of wabot.json: stable key order and indentation, trailing newline."""
+    return json.dumps(dashboard_json(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def substitute(expr: str, values: dict[str, str] | None = None) -> str:
+    """Replace Grafana template variables ($name, ${name}) by plain values; unknown variables raise."""
+    values = QUERY_DEFAULTS if values is None else values
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in values:
+            raise KeyError(f"no default for template variable ${name} in {expr!r}")
+        return values[name]
+
+    return _VARIABLE.sub(replace, expr)
+
+
+def iter_targets(dashboard: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(panel title, target) for every query target of every panel, rows' nested panels included."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    for panel in dashboard.get("panels") or []:
+        found.extend((panel["title"], t) for t in panel.get("targets") or [])
+        for nested in panel.get("panels") or []:
+            found.extend((nested["title"], t) for t in nested.get("targets") or [])
+    return found
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query target, with template variables replaced by QUERY_DEFAULTS.
+
+    `$__rate_interval` becomes `1m` and `$job` becomes `wabot`, so each expression runs as-is against a
+    Prometheus that scrapes the bot as job "wabot". Order follows the dashboard; a panel with several
+    targets appears once per target.
+    """
+    return [(title, substitute(t["expr"])) for title, t in iter_targets(dashboard_json())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if the file differs from the generated one"
+    )
+    parser.add_argument("--output", type=Path, default=OUTPUT, help=f"dashboard file (default {OUTPUT})")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = args.output.read_text(encoding="utf-8") if args.output.exists() else None
+        if current != text:
+            print(f"{args.output} is out of date: run python dashboards/generate.py", file=sys.stderr)
+            return 1
+        print(f"{args.output} is up to date")
+        return 0
+    args.output.write_text(text, encoding="utf-8")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Telemetry of wabot: traces, metrics, structured logs and their analysis."""

@@ -1,0 +1,699 @@
+"""Offline analysis of wabot's JSON logs: how fast it answers, how often it times out, which deadline to set.
+
+Reads the structlog JSON lines of the bot (the current bot and the old seed bot, whose lines lack level,
+timestamp, trace ids, ``phase`` and ``outcome``) and condenses them into a `Report`: message and timeout
+counts, total-time and AI-time percentiles, follow-up delivery, webhook rejections, Twilio message statuses
+and a recommended reply deadline. `run` is the body of ``wabot analyze FILE... [--json]``. Standard library
+only.
+
+Input tolerance
+    A line is accepted when a JSON object starts somewhere in it (so docker/k8s prefixes such as
+    ``2025-01-10T10:00:00Z stdout F {...}`` are fine) and that object has a string ``event``. Blank lines
+    are skipped. Every other line is a bad line: counted, the first five located (source and 1-based line
+    number), never fatal. Unknown events are only counted (``events``). Numbers may be JSON numbers or
+    strings; a required number (``elapsed_seconds`` of ``ai_processing_time``/``ai_timeout``, ``total_time``
+    of ``total_time``) that is missing, not finite or negative is counted in ``bad_values`` and left out of
+    the statistics, while the event itself still counts. A line without ``phase`` (the seed) is an inline
+    one: the seed had no follow-ups.
+
+Counting
+    ``messages`` is the number of ``total_time`` events (one per processed inbound message). Logs without any
+    (truncated, or filtered by event) fall back to inline ``ai_processing_time`` + ``ai_timeout`` + inline
+    ``ai_error_in_timeout``: each processed message ends its deadline race in exactly one of those.
+    ``timeout_ratio`` = timeouts / messages. ``total_time_over_12s``/``_15s`` count total times strictly
+    above 12 s / 15 s.
+
+Percentiles
+    Linear interpolation between closest ranks, like numpy's default (``method="linear"``): for sorted
+    values x[0], ..., x[n-1] the p-th percentile sits at rank r = p/100 * (n-1) and is
+    x[floor(r)] + (r - floor(r)) * (x[ceil(r)] - x[floor(r)]). None when there are no values.
+
+Deadline recommendation (`recommend_deadline`)
+    Question: which reply deadline D keeps total time (arrival -> TwiML sent) within 12 s while cutting off
+    the fewest answers?
+
+    * Overhead o. Per message whose AI outcome and ``total_time`` are both in the log, overhead =
+      total_time minus the AI time: the run's ``elapsed_seconds`` for an inline answer, or the
+      ``elapsed_seconds`` at the deadline for a timeout (the holding-reply path has overhead too). Events are
+      paired by ``message_sid`` (``trace_id`` when there is none); id-less seed lines pair an AI event with
+      the next id-less ``total_time`` when no other id-less AI event came between. Error outcomes and
+      negative differences are left out. o = p99 of the samples, or 0.1 s when there are none (then
+      ``overhead_measured`` is false).
+    * With deadline D the slowest webhook answer takes about D + o (an answer just before D, or the holding
+      reply at D), so D is admissible when D + o <= 12 s (the operator's target) and D + o < 15 s (Twilio's
+      limit).
+    * Candidates are D = 1.0, 1.5, 2.0, ... s (0.5 s grid). The cut-off share never grows with D, so the
+      largest admissible candidate cuts off the fewest answers: D = floor((12 - o) / 0.5) * 0.5, if that is
+      at least 1 s.
+    * Cut-off share at D = cut-off runs / runs considered. A run is cut off when its run time exceeds D (one
+      finishing exactly at D is answered inline). Known run times: every valid ``ai_processing_time``,
+      inline and followup (follow-up runs show how long the slow answers really take). Unknown run times: an
+      ``ai_timeout`` with no follow-up outcome in the log (every seed timeout, or a log that ends too early):
+      the run took more than its ``timeout_seconds``, but how much more is unknown. It is counted as cut off
+      at every D (certain for D <= its timeout_seconds, a conservative assumption above), so the share is an
+      upper bound when there are such runs. A timeout whose follow-up run failed (``ai_error_in_timeout``
+      with phase followup) had no answer to cut off and is left out; so are errors in general.
+    * No known run times and no timeouts: no recommendation. o > 11 s: no admissible candidate, no
+      recommendation. Either way ``reason`` says why.
+    The current deadline is the last ``timeout_seconds`` seen; its cut-off share is given for comparison.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+TARGET_TOTAL_S = 12.0
+TWILIO_LIMIT_S = 15.0
+DEADLINE_GRID_S = 0.5
+MIN_DEADLINE_S = 1.0
+DEFAULT_OVERHEAD_S = 0.1
+MAX_BAD_LINE_REFS = 5
+# A garbage line full of braces must not cost a JSON parse per brace.
+_MAX_DECODE_ATTEMPTS = 8
+_DECODER = json.JSONDecoder()
+_STDIN = "-"
+
+
+@dataclass(frozen=True)
+class LineRef:
+    """Where a line came from: the file (``<stdin>``, ``<input>``) and its 1-based line number in it."""
+
+    source: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+@dataclass
+class Recommendation:
+    """The recommended reply deadline and what it would cost; see the module docstring for the rule."""
+
+    deadline_seconds: float | None
+    reason: str
+    cut_off_share: float | None = None
+    cut_off_runs: int = 0
+    runs_considered: int = 0
+    runs_unknown_length: int = 0
+    overhead_p99_seconds: float | None = None
+    overhead_samples: int = 0
+    overhead_measured: bool = False
+    current_deadline_seconds: float | None = None
+    current_cut_off_share: float | None = None
+    current_cut_off_runs: int | None = None
+
+
+@dataclass
+class Report:
+    """Everything `analyze` found in the logs. Times are seconds; ratios are 0..1; None means no data."""
+
+    lines_read: int = 0
+    bad_lines: int = 0
+    first_bad_lines: list[LineRef] = field(default_factory=list)
+    bad_values: int = 0
+    period_start: str | None = None
+    period_end: str | None = None
+    events: dict[str, int] = field(default_factory=dict)
+    messages: int = 0
+    messages_counted_from: str = "none"
+    outcomes: dict[str, int] = field(default_factory=dict)
+    timeouts: int = 0
+    timeout_ratio: float | None = None
+    ai_errors: int = 0
+    ai_errors_by_type: dict[str, int] = field(default_factory=dict)
+    ai_errors_by_phase: dict[str, int] = field(default_factory=dict)
+    total_time_p50: float | None = None
+    total_time_p95: float | None = None
+    total_time_p99: float | None = None
+    total_time_max: float | None = None
+    total_time_over_12s: int = 0
+    total_time_over_15s: int = 0
+    ai_runs: int = 0
+    ai_runs_inline: int = 0
+    ai_runs_followup: int = 0
+    ai_processing_p50: float | None = None
+    ai_processing_p95: float | None = None
+    ai_processing_p99: float | None = None
+    ai_processing_max: float | None = None
+    followups_sent: int = 0
+    followups_failed: int = 0
+    followup_delivery_rate: float | None = None
+    followups_by_kind: dict[str, int] = field(default_factory=dict)
+    rejections: dict[str, int] = field(default_factory=dict)
+    message_statuses: dict[tuple[str, str | None], int] = field(default_factory=dict)
+    recommendation: Recommendation = field(
+        default_factory=lambda: Recommendation(None, "No AI run times or timeouts in the logs.")
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form: floats rounded to 6 decimals, statuses as a list of {status, error_code, count}."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name == "first_bad_lines":
+                value = [{"source": ref.source, "line": ref.line} for ref in value]
+            elif name == "message_statuses":
+                value = [
+                    {"status": status, "error_code": code, "count": count}
+                    for (status, code), count in sorted(value.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
+                ]
+            elif name == "recommendation":
+                value = {key: getattr(value, key) for key in value.__dataclass_fields__}
+            out[name] = _rounded(value)
+        return out
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """The p-th percentile (0..100) by linear interpolation (numpy's default); None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    rank = p / 100 * (len(xs) - 1)
+    lo, hi = math.floor(rank), math.ceil(rank)
+    return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
+
+
+def parse_line(line: str) -> dict[str, Any] | None:
+    """The log event in a line (a JSON object with a string ``event``, anywhere in the line), or None."""
+    start = line.find("{")
+    attempts = 0
+    while start != -1 and attempts < _MAX_DECODE_ATTEMPTS:
+        attempts += 1
+        try:
+            obj, end = _DECODER.raw_decode(line, start)
+        except (ValueError, RecursionError):
+            start = line.find("{", start + 1)
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("event"), str):
+            return obj
+        # A prefix that happens to be JSON (e.g. `{"pod": "x"} {...}`): look after it, not inside it.
+        start = line.find("{", end)
+    return None
+
+
+def recommend_deadline(
+    known_runs: Sequence[float],
+    unknown_timeouts: Sequence[float | None],
+    overhead_samples: Sequence[float],
+    current_deadline: float | None = None,
+    *,
+    target_total: float = TARGET_TOTAL_S,
+    twilio_limit: float = TWILIO_LIMIT_S,
+) -> Recommendation:
+    """Apply the deadline rule of the module docstring.
+
+    ``known_runs``: AI run times that produced an answer (all phases). ``unknown_timeouts``: the
+    ``timeout_seconds`` (None if unknown) of each timed-out run whose length is unknown. ``overhead_samples``:
+    total_time minus AI time per message.
+    """
+    p99 = percentile(overhead_samples, 99)
+    measured = p99 is not None
+    overhead = p99 if p99 is not None else DEFAULT_OVERHEAD_S
+    considered = len(known_runs) + len(unknown_timeouts)
+    base = Recommendation(
+        deadline_seconds=None,
+        reason="",
+        runs_considered=considered,
+        runs_unknown_length=len(unknown_timeouts),
+        overhead_p99_seconds=overhead,
+        overhead_samples=len(overhead_samples),
+        overhead_measured=measured,
+        current_deadline_seconds=current_deadline,
+    )
+
+    def cut_off(deadline: float) -> int:
+        # Unknown-length runs took longer than their timeout; counting them at every D gives an upper bound.
+        return sum(1 for run in known_runs if run > deadline) + len(unknown_timeouts)
+
+    if current_deadline is not None and considered:
+        base.current_cut_off_runs = cut_off(current_deadline)
+        base.current_cut_off_share = base.current_cut_off_runs / considered
+    if not considered:
+        base.reason = "No AI run times or timeouts in the logs, so there is nothing to base a deadline on."
+        return base
+
+    # Integer steps on the grid, with a little slack so 12 - 0.5 = 11.5 is not lost to float rounding.
+    eps = 1e-9
+    chosen: float | None = None
+    step = 0
+    while True:
+        deadline = MIN_DEADLINE_S + step * DEADLINE_GRID_S
+        if deadline + overhead > target_total + eps or deadline + overhead >= twilio_limit:
+            break
+        chosen = deadline
+        step += 1
+    overhead_text = f"{overhead:.2f} s p99 overhead" + ("" if measured else " (assumed, none measured)")
+    if chosen is None:
+        base.reason = (
+            f"The {overhead_text} leaves no deadline of at least {MIN_DEADLINE_S:g} s that keeps total time "
+            f"within {target_total:g} s."
+        )
+        return base
+
+    runs = cut_off(chosen)
+    base.deadline_seconds = chosen
+    base.cut_off_runs = runs
+    base.cut_off_share = runs / considered
+    unknown = len(unknown_timeouts)
+    unknown_text = (
+        f", counting {unknown} timed-out run{'s' if unknown != 1 else ''} of unknown length as cut off"
+        if unknown
+        else ""
+    )
+    current_text = ""
+    if current_deadline is not None and base.current_cut_off_share is not None:
+        current_text = (
+            f", against {base.current_cut_off_runs} ({base.current_cut_off_share:.1%}) at the current "
+            f"{current_deadline:g} s deadline"
+        )
+        if current_deadline + overhead > target_total:
+            current_text += f", which lets total time reach {current_deadline + overhead:.1f} s"
+    base.reason = (
+        f"{chosen:g} s is the longest deadline on the {DEADLINE_GRID_S:g} s grid that with the "
+        f"{overhead_text} keeps total time within {target_total:g} s; it would cut off {runs} of "
+        f"{considered} AI runs ({base.cut_off_share:.1%}){unknown_text}{current_text}."
+    )
+    return base
+
+
+@dataclass
+class _Message:
+    """What the log says about one inbound message, keyed by message_sid (or trace_id)."""
+
+    inline_ai: float | None = None
+    timed_out: bool = False
+    timeout_elapsed: float | None = None
+    timeout_seconds: float | None = None
+    followup_answer: bool = False
+    followup_error: bool = False
+    total: float | None = None
+    outcome: str | None = None
+
+
+class Analyzer:
+    """Accumulates log lines from one or more sources; `report` condenses them. `analyze` wraps it."""
+
+    def __init__(self) -> None:
+        self._lines = 0
+        self._bad = 0
+        self._bad_refs: list[LineRef] = []
+        self._bad_values = 0
+        self._first_ts: datetime | None = None
+        self._last_ts: datetime | None = None
+        self._events: Counter[str] = Counter()
+        self._outcomes: Counter[str] = Counter()
+        self._totals: list[float] = []
+        self._timeouts = 0
+        self._errors_by_type: Counter[str] = Counter()
+        self._errors_by_phase: Counter[str] = Counter()
+        self._runs: list[float] = []
+        self._runs_by_phase: Counter[str] = Counter()
+        self._followups_by_kind: Counter[str] = Counter()
+        self._followups_failed = 0
+        self._rejections: Counter[str] = Counter()
+        self._statuses: Counter[tuple[str, str | None]] = Counter()
+        self._current_deadline: float | None = None
+        self._messages: dict[str, _Message] = {}
+        # Id-less (seed) lines: the AI time of the last AI event, waiting for its total_time.
+        self._pending_ai: float | None = None
+        self._idless_overheads: list[float] = []
+        self._idless_unknown: list[float | None] = []
+
+    def feed(self, lines: Iterable[str], source: str = "<input>") -> None:
+        """Read lines (with or without trailing newlines); numbering restarts at 1 for each source."""
+        for number, raw in enumerate(lines, 1):
+            self._lines += 1
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                continue
+            obj = parse_line(line)
+            if obj is None:
+                self._bad += 1
+                if len(self._bad_refs) < MAX_BAD_LINE_REFS:
+                    self._bad_refs.append(LineRef(source, number))
+                continue
+            self._event(obj)
+
+    def _event(self, obj: dict[str, Any]) -> None:
+        name: str = obj["event"]
+        self._events[name] += 1
+        self._timestamp(obj.get("timestamp"))
+        key = _text(obj.get("message_sid")) or _text(obj.get("trace_id"))
+        msg = self._messages.setdefault(key, _Message()) if key else None
+        if name == "ai_processing_time":
+            elapsed = self._required(obj, "elapsed_seconds")
+            phase = _text(obj.get("phase")) or "inline"
+            self._runs_by_phase[phase] += 1
+            if elapsed is not None:
+                self._runs.append(elapsed)
+            if phase == "inline":
+                if msg is not None:
+                    msg.inline_ai = elapsed
+                else:
+                    self._pending_ai = elapsed
+            elif phase == "followup" and msg is not None:
+                msg.followup_answer = True
+        elif name == "ai_timeout":
+            self._timeouts += 1
+            elapsed = self._required(obj, "elapsed_seconds")
+            limit = _duration(obj.get("timeout_seconds"))
+            if limit is not None:
+                self._current_deadline = limit
+            if msg is not None:
+                msg.timed_out, msg.timeout_elapsed, msg.timeout_seconds = True, elapsed, limit
+            else:
+                self._idless_unknown.append(limit if limit is not None else elapsed)
+                self._pending_ai = elapsed
+        elif name == "ai_error_in_timeout":
+            phase = _text(obj.get("phase")) or "inline"
+            self._errors_by_type[_text(obj.get("error_type")) or "unknown"] += 1
+            self._errors_by_phase[phase] += 1
+            if msg is not None and phase == "followup":
+                msg.followup_error = True
+            elif msg is None:
+                # The message ended in an error: its total_time is no overhead sample.
+                self._pending_ai = None
+        elif name == "total_time":
+            total = self._required(obj, "total_time")
+            outcome = _text(obj.get("outcome"))
+            self._outcomes[outcome or "unknown"] += 1
+            if total is not None:
+                self._totals.append(total)
+            if msg is not None:
+                if msg.total is None:
+                    msg.total, msg.outcome = total, outcome
+            else:
+                if self._pending_ai is not None and total is not None and outcome != "error":
+                    overhead = total - self._pending_ai
+                    if overhead >= 0:
+                        self._idless_overheads.append(overhead)
+                self._pending_ai = None
+        elif name == "followup_sent":
+            self._followups_by_kind[_text(obj.get("kind")) or "unknown"] += 1
+        elif name == "followup_failed":
+            self._followups_failed += 1
+        elif name == "webhook_rejected":
+            self._rejections[_text(obj.get("reason")) or "unknown"] += 1
+        elif name == "message_status":
+            self._statuses[(_text(obj.get("status")) or "unknown", _code(obj.get("error_code")))] += 1
+
+    def _required(self, obj: dict[str, Any], name: str) -> float | None:
+        value = _duration(obj.get(name))
+        if value is None:
+            self._bad_values += 1
+        return value
+
+    def _timestamp(self, value: Any) -> None:
+        if not isinstance(value, str):
+            return
+        try:
+            ts = datetime.fromisoformat(value.strip())
+        except ValueError:
+            return
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=UTC)
+        if self._first_ts is None or ts < self._first_ts:
+            self._first_ts = ts
+        if self._last_ts is None or ts > self._last_ts:
+            self._last_ts = ts
+
+    def report(self) -> Report:
+        """The report of everything fed so far."""
+        overheads = list(self._idless_overheads)
+        unknown = list(self._idless_unknown)
+        for msg in self._messages.values():
+            if msg.timed_out and not msg.followup_answer and not msg.followup_error:
+                unknown.append(msg.timeout_seconds if msg.timeout_seconds is not None else msg.timeout_elapsed)
+            overhead = _overhead(msg)
+            if overhead is not None:
+                overheads.append(overhead)
+
+        total_events = self._events["total_time"]
+        if total_events:
+            messages, counted_from = total_events, "total_time"
+        else:
+            messages = self._runs_by_phase["inline"] + self._timeouts + self._errors_by_phase["inline"]
+            counted_from = "ai_events" if messages else "none"
+        sent = sum(self._followups_by_kind.values())
+        attempted = sent + self._followups_failed
+        return Report(
+            lines_read=self._lines,
+            bad_lines=self._bad,
+            first_bad_lines=list(self._bad_refs),
+            bad_values=self._bad_values,
+            period_start=_iso(self._first_ts),
+            period_end=_iso(self._last_ts),
+            events=dict(sorted(self._events.items())),
+            messages=messages,
+            messages_counted_from=counted_from,
+            outcomes=dict(sorted(self._outcomes.items())),
+            timeouts=self._timeouts,
+            timeout_ratio=self._timeouts / messages if messages else None,
+            ai_errors=self._events["ai_error_in_timeout"],
+            ai_errors_by_type=dict(sorted(self._errors_by_type.items())),
+            ai_errors_by_phase=dict(sorted(self._errors_by_phase.items())),
+            total_time_p50=percentile(self._totals, 50),
+            total_time_p95=percentile(self._totals, 95),
+            total_time_p99=percentile(self._totals, 99),
+            total_time_max=max(self._totals, default=None),
+            total_time_over_12s=sum(1 for t in self._totals if t > TARGET_TOTAL_S),
+            total_time_over_15s=sum(1 for t in self._totals if t > TWILIO_LIMIT_S),
+            ai_runs=self._events["ai_processing_time"],
+            ai_runs_inline=self._runs_by_phase["inline"],
+            ai_runs_followup=self._runs_by_phase["followup"],
+            ai_processing_p50=percentile(self._runs, 50),
+            ai_processing_p95=percentile(self._runs, 95),
+            ai_processing_p99=percentile(self._runs, 99),
+            ai_processing_max=max(self._runs, default=None),
+            followups_sent=sent,
+            followups_failed=self._followups_failed,
+            followup_delivery_rate=sent / attempted if attempted else None,
+            followups_by_kind=dict(sorted(self._followups_by_kind.items())),
+            rejections=dict(sorted(self._rejections.items())),
+            message_statuses=dict(self._statuses),
+            recommendation=recommend_deadline(self._runs, unknown, overheads, self._current_deadline),
+        )
+
+
+def analyze(lines: Iterable[str]) -> Report:
+    """Analyze log lines (one JSON event per line, prefixes and garbage tolerated) into a `Report`."""
+    analyzer = Analyzer()
+    analyzer.feed(lines)
+    return analyzer.report()
+
+
+def render_table(report: Report) -> str:
+    """A plain-text, aligned summary of the report for people."""
+    rows: list[tuple[str, str]] = []
+
+    def section(title: str) -> None:
+        rows.append((title, ""))
+
+    def row(label: str, value: str) -> None:
+        rows.append(("  " + label, value))
+
+    section("Input")
+    row("lines read", str(report.lines_read))
+    bad = str(report.bad_lines)
+    if report.first_bad_lines:
+        bad += " (first: " + ", ".join(str(ref) for ref in report.first_bad_lines) + ")"
+    row("bad lines", bad)
+    if report.bad_values:
+        row("unreadable values", str(report.bad_values))
+    if report.period_start:
+        row("period", f"{report.period_start} .. {report.period_end}")
+
+    section("Messages")
+    row(
+        "messages",
+        f"{report.messages}" + ("" if report.messages_counted_from != "ai_events" else " (from AI events)"),
+    )
+    if report.outcomes:
+        row("outcomes", _counts(report.outcomes))
+    row("timeouts", f"{report.timeouts} ({_pct(report.timeout_ratio)})")
+    errors = str(report.ai_errors)
+    if report.ai_errors_by_type:
+        errors += f" ({_counts(report.ai_errors_by_type)})"
+    row("AI errors", errors)
+
+    section("Total time (arrival -> TwiML)")
+    for label, value in (
+        ("p50", report.total_time_p50),
+        ("p95", report.total_time_p95),
+        ("p99", report.total_time_p99),
+        ("max", report.total_time_max),
+    ):
+        row(label, _secs(value))
+    row("over 12 s", str(report.total_time_over_12s))
+    row("over 15 s (Twilio drops)", str(report.total_time_over_15s))
+
+    section("AI processing")
+    row("runs", f"{report.ai_runs} (inline {report.ai_runs_inline}, followup {report.ai_runs_followup})")
+    for label, value in (
+        ("p50", report.ai_processing_p50),
+        ("p95", report.ai_processing_p95),
+        ("p99", report.ai_processing_p99),
+        ("max", report.ai_processing_max),
+    ):
+        row(label, _secs(value))
+
+    section("Follow-ups")
+    sent = str(report.followups_sent)
+    if report.followups_by_kind:
+        sent += f" ({_counts(report.followups_by_kind)})"
+    row("sent", sent)
+    row("failed", str(report.followups_failed))
+    row("delivery rate", _pct(report.followup_delivery_rate))
+
+    section("Webhook rejections")
+    row("total", str(sum(report.rejections.values())))
+    for reason, count in report.rejections.items():
+        row(reason, str(count))
+
+    section("Message statuses")
+    if not report.message_statuses:
+        row("none", "")
+    for (status, code), count in sorted(report.message_statuses.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        row(status if code is None else f"{status} ({code})", str(count))
+
+    rec = report.recommendation
+    section("Deadline recommendation")
+    row("recommended deadline", _secs(rec.deadline_seconds))
+    row("current deadline", _secs(rec.current_deadline_seconds))
+    if rec.cut_off_share is not None:
+        row(
+            "cut off at recommended",
+            f"{rec.cut_off_runs} of {rec.runs_considered} ({_pct(rec.cut_off_share)})",
+        )
+    if rec.current_cut_off_share is not None:
+        row(
+            "cut off at current",
+            f"{rec.current_cut_off_runs} of {rec.runs_considered} ({_pct(rec.current_cut_off_share)})",
+        )
+    if rec.overhead_p99_seconds is not None:
+        source = f"{rec.overhead_samples} samples" if rec.overhead_measured else "assumed"
+        row("overhead p99", f"{_secs(rec.overhead_p99_seconds)} ({source})")
+    row("reason", rec.reason)
+
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}".rstrip() for label, value in rows) + "\n"
+
+
+def run(
+    paths: list[Path],
+    *,
+    as_json: bool,
+    out: TextIO,
+    err: TextIO | None = None,
+    stdin: TextIO | None = None,
+) -> int:
+    """Analyze the files into one report written to ``out`` as JSON or as the table.
+
+    Reads stdin when ``paths`` is empty or an entry is ``-``; ``*.gz`` files are decompressed. Returns 0, or 1
+    when a file could not be read: each such file is named on ``err`` (stderr) and the report of the readable
+    ones is still written.
+    """
+    err = err if err is not None else sys.stderr
+    analyzer = Analyzer()
+    status = 0
+    for path in paths or [Path(_STDIN)]:
+        if str(path) == _STDIN:
+            analyzer.feed(stdin if stdin is not None else sys.stdin, "<stdin>")
+            continue
+        try:
+            # errors="replace": a stray binary byte makes one bad line, not a crash.
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+                analyzer.feed(handle, str(path))
+        except (OSError, EOFError) as exc:
+            print(f"wabot analyze: cannot read {path}: {exc.strerror or exc}", file=err)
+            status = 1
+    report = analyzer.report()
+    if as_json:
+        out.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        out.write(render_table(report))
+    return status
+
+
+def _overhead(msg: _Message) -> float | None:
+    if msg.total is None or msg.outcome == "error":
+        return None
+    if msg.timed_out and msg.outcome in (None, "timeout"):
+        ai = msg.timeout_elapsed
+    elif msg.outcome in (None, "ok"):
+        ai = msg.inline_ai
+    else:
+        ai = None
+    if ai is None or msg.total < ai:
+        return None
+    return msg.total - ai
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        if isinstance(value, int | float):
+            number = float(value)
+        elif isinstance(value, str):
+            number = float(value.strip())
+        else:
+            return None
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _duration(value: Any) -> float | None:
+    number = _number(value)
+    return number if number is not None and number >= 0 else None
+
+
+def _text(value: Any) -> str | None:
+    if value is None or isinstance(value, dict | list):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _code(value: Any) -> str | None:
+    # Twilio error codes arrive as 63016, "63016" or 63016.0 depending on the writer: one key for all.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return _text(value)
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z") if ts else None
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
+    return value
+
+
+def _secs(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} s"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{key} {count}" for key, count in counts.items())

@@ -1,0 +1,166 @@
+"""Prometheus metrics of the bot: the exact names the alert rules and dashboards are written against.
+
+Every seconds histogram uses the same buckets, chosen so each alert threshold (8 s deadline, 12 s, 15 s Twilio limit)
+sits on a bucket edge and "slower than 12 s" is a count, not an estimate.
+
+Label values are all from small fixed sets; nothing user-specific is ever a label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+SECONDS_BUCKETS = (0.25, 0.5, 1, 2, 4, 6, 8, 10, 12, 15, 20, 30, 60, 120)
+
+AI_RUNS = Counter(
+    "wabot_ai_runs_total",
+    "AI runs started for an inbound message, by the outcome of their deadline race "
+    "(ok = answered inline, timeout = holding reply sent, error = failed before the deadline).",
+    ["outcome"],
+)
+AI_PROCESSING = Histogram(
+    "wabot_ai_processing_seconds",
+    "AI run time until the answer, or until the deadline for runs that timed out.",
+    buckets=SECONDS_BUCKETS,
+)
+AI_ERRORS = Counter(
+    "wabot_ai_errors_total",
+    "AI runs that ended without an answer (the user got an apology), before (inline) or after (followup) "
+    "the deadline. Every one is an `ai_error_in_timeout` log event.",
+    ["phase", "error_type"],
+)
+RESPONSE = Histogram(
+    "wabot_response_seconds",
+    "Webhook total time, request arrival to TwiML sent (the seed's total_time).",
+    buckets=SECONDS_BUCKETS,
+)
+FOLLOWUPS = Counter(
+    "wabot_followups_total",
+    "Follow-up deliveries through Twilio's REST API (answer or apology after a holding reply).",
+    ["outcome"],
+)
+FOLLOWUP_SECONDS = Histogram(
+    "wabot_followup_seconds",
+    "Inbound message arrival until its follow-up was accepted by Twilio.",
+    buckets=SECONDS_BUCKETS,
+)
+FOLLOWUPS_PENDING = Gauge(
+    "wabot_followups_pending",
+    "Follow-ups promised by a holding reply and not yet delivered or given up.",
+    multiprocess_mode="livesum",
+)
+MODEL_CALLS = Counter(
+    "wabot_model_calls_total",
+    "Calls to the model API by outcome.",
+    ["outcome"],
+)
+TOOL_CALLS = Counter(
+    "wabot_tool_calls_total",
+    "Function tool executions by tool and outcome.",
+    ["tool", "outcome"],
+)
+TOKENS = Counter(
+    "wabot_tokens_total",
+    "Model tokens used, by direction.",
+    ["direction"],
+)
+REJECTIONS = Counter(
+    "wabot_webhook_rejections_total",
+    "Webhook requests not processed, by reason.",
+    ["reason"],
+)
+MESSAGE_STATUS = Counter(
+    "wabot_message_status_total",
+    "Twilio status callbacks for our outbound messages, by status and Twilio error code ('' when none).",
+    ["status", "error_code"],
+)
+BUILD_INFO = Gauge(
+    "wabot_build_info",
+    "Always 1; the version label says which build is running.",
+    ["version"],
+    multiprocess_mode="max",
+)
+REPLY_TIMEOUT = Gauge(
+    "wabot_reply_timeout_seconds",
+    "The configured reply deadline (WABOT_REPLY_TIMEOUT).",
+    multiprocess_mode="max",
+)
+
+MODEL_CALL_OUTCOMES = ("ok", "rate_limited", "server_error", "timeout", "connection_error", "other")
+RUN_OUTCOMES = ("ok", "timeout", "error")
+FOLLOWUP_OUTCOMES = ("delivered", "failed")
+REJECTION_REASONS = ("signature", "malformed", "too_large", "duplicate", "rate_limited")
+
+
+_multiprocess = False
+
+
+def multiprocess_enabled() -> bool:
+    """True when several worker processes share metrics through PROMETHEUS_MULTIPROC_DIR."""
+    return _multiprocess
+
+
+def init(version: str, reply_timeout_s: float, *, multiprocess_dir: str | None = None) -> None:
+    """Set the static series and pre-create every labelled series so rates start at 0, not absent.
+
+    prometheus-client itself picks multiprocess mode from PROMETHEUS_MULTIPROC_DIR at import; the settings
+    pass the same value here so exposition aggregates across workers.
+    """
+    global _multiprocess
+    _multiprocess = bool(multiprocess_dir)
+    BUILD_INFO.labels(version=version).set(1)
+    REPLY_TIMEOUT.set(reply_timeout_s)
+    for outcome in RUN_OUTCOMES:
+        AI_RUNS.labels(outcome=outcome)
+    for outcome in FOLLOWUP_OUTCOMES:
+        FOLLOWUPS.labels(outcome=outcome)
+    for outcome in MODEL_CALL_OUTCOMES:
+        MODEL_CALLS.labels(outcome=outcome)
+    for reason in REJECTION_REASONS:
+        REJECTIONS.labels(reason=reason)
+    for direction in ("input", "output"):
+        TOKENS.labels(direction=direction)
+
+
+def _exemplar() -> dict[str, str] | None:
+    # Exemplars are not supported by the multiprocess collector; asking for one there raises.
+    if multiprocess_enabled():
+        return None
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return {"trace_id": format(ctx.trace_id, "032x")}
+
+
+def observe(histogram: Histogram, seconds: float) -> None:
+    """Observe a duration with the current trace as exemplar, so a slow bucket links to its trace."""
+    histogram.observe(seconds, exemplar=_exemplar())
+
+
+@contextmanager
+def pending_followup() -> Iterator[None]:
+    """Count a follow-up as pending for as long as the block runs."""
+    FOLLOWUPS_PENDING.inc()
+    try:
+        yield
+    finally:
+        FOLLOWUPS_PENDING.dec()
+
+
+def exposition(accept_header: str) -> tuple[bytes, str]:
+    """Render all metrics; OpenMetrics (with exemplars) when the scraper asks for it."""
+    if multiprocess_enabled():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY as registry
+    if "application/openmetrics-text" in accept_header:
+        return generate_openmetrics(registry), OPENMETRICS_CONTENT_TYPE
+    return generate_latest(registry), CONTENT_TYPE_LATEST

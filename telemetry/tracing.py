@@ -1,0 +1,106 @@
+"""OpenTelemetry tracing: the provider set up from the standard OTEL_* settings, and the span names we own.
+
+The AI run span is ours, not an instrumentation library's: under a deadline race the run outlives the request
+that started it, and its span must end when the run really ends, with `error.type` set on failure
+(see shared/notes/openai-sdk.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+
+from bot import __version__
+from bot.settings import Settings
+
+TRACER_NAME = "wabot"
+
+
+@dataclass
+class Tracing:
+    """A tracer provider of our own (not the global one, so several apps can live in one test process)."""
+
+    provider: TracerProvider
+    tracer: trace.Tracer
+
+    def shutdown(self) -> None:
+        """Flush pending spans and stop the exporters."""
+        self.provider.force_flush(timeout_millis=5000)
+        self.provider.shutdown()
+
+
+def _sampler(name: str, arg: float | None) -> Sampler:
+    ratio = 1.0 if arg is None else arg
+    samplers: dict[str, Sampler] = {
+        "always_on": ALWAYS_ON,
+        "always_off": ALWAYS_OFF,
+        "traceidratio": TraceIdRatioBased(ratio),
+        "parentbased_always_on": ParentBased(ALWAYS_ON),
+        "parentbased_always_off": ParentBased(ALWAYS_OFF),
+        "parentbased_traceidratio": ParentBased(TraceIdRatioBased(ratio)),
+    }
+    if name not in samplers:
+        raise ValueError(f"OTEL_TRACES_SAMPLER={name!r} is not one of {', '.join(samplers)}")
+    return samplers[name]
+
+
+def _otlp_exporter(settings: Settings) -> SpanExporter:
+    protocol = settings.otel_exporter_otlp_protocol
+    endpoint = settings.otel_exporter_otlp_traces_endpoint
+    base = settings.otel_exporter_otlp_endpoint
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter(endpoint=endpoint or base, insecure=(endpoint or base or "").startswith("http://"))
+    if protocol in ("http/protobuf", "http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+        if not endpoint and base:
+            endpoint = base.rstrip("/") + "/v1/traces"
+        return HttpExporter(endpoint=endpoint)
+    raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not grpc or http/protobuf")
+
+
+def setup_tracing(settings: Settings, exporter: SpanExporter | None = None) -> Tracing:
+    """Build the provider: OTLP (HTTP or gRPC) by default, `none` to disable, or a given exporter (tests).
+
+    Without an OTLP endpoint configured nothing is exported, so a laptop run does not retry a collector that
+    is not there.
+    """
+    resource = Resource.create({"service.name": settings.otel_service_name, "service.version": __version__})
+    provider = TracerProvider(
+        resource=resource, sampler=_sampler(settings.otel_traces_sampler, settings.otel_traces_sampler_arg)
+    )
+    processor: SpanProcessor | None = None
+    if exporter is not None:
+        processor = SimpleSpanProcessor(exporter)
+    elif settings.otel_traces_exporter == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        processor = BatchSpanProcessor(ConsoleSpanExporter())
+    elif settings.otel_traces_exporter == "otlp" and (
+        settings.otel_exporter_otlp_endpoint or settings.otel_exporter_otlp_traces_endpoint
+    ):
+        processor = BatchSpanProcessor(_otlp_exporter(settings))
+    elif settings.otel_traces_exporter not in ("none", "otlp"):
+        raise ValueError(f"OTEL_TRACES_EXPORTER={settings.otel_traces_exporter!r} is not otlp, console or none")
+    if processor is not None:
+        provider.add_span_processor(processor)
+    return Tracing(provider=provider, tracer=provider.get_tracer(TRACER_NAME, __version__))
+
+
+def record_error(span: trace.Span, error_type: str, message: str = "") -> None:
+    """Mark a span failed the GenAI-conventions way: status ERROR and `error.type`."""
+    span.set_attribute("error.type", error_type)
+    span.set_status(trace.Status(trace.StatusCode.ERROR, message or error_type))

@@ -1,0 +1,244 @@
+"""Shared test harness: the OpenAI simulator and Twilio sink on loopback, and real bots served over HTTP.
+
+Every bot runs the real app under uvicorn in its own thread and event loop; tests talk to it over HTTP with
+requests signed by twilio's own validator, exactly as Twilio would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+from xml.etree import ElementTree
+
+import httpx2
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import REGISTRY
+from pydantic import SecretStr
+from twilio.request_validator import RequestValidator
+
+from bot.app import create_app
+from bot.demo.loopback import LoopbackServer
+from bot.demo.openai_simulator import OpenAISimulator
+from bot.demo.twilio_sink import TwilioSink
+from bot.settings import Settings
+from telemetry.logging import setup_logging
+
+ACCOUNT_SID = "AC" + "1" * 32
+AUTH_TOKEN = "test-auth-token"
+BOT_NUMBER = "whatsapp:+14155238886"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def new_sid() -> str:
+    return "SM" + secrets.token_hex(16)
+
+
+def metric(name: str, labels: dict[str, str] | None = None) -> float:
+    """Current value of a sample in this process's registry (0 when absent)."""
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+class LogLines(io.TextIOBase):
+    """A thread-safe text stream keeping every JSON log line the process writes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer = ""
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._buffer += text
+            *complete, self._buffer = self._buffer.split("\n")
+            self.lines.extend(line for line in complete if line)
+        return len(text)
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        with self._lock:
+            lines = self.lines[since:]
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.lines)
+
+
+@pytest.fixture(scope="session")
+def log_lines() -> LogLines:
+    lines = LogLines()
+    setup_logging("debug", stream=lines)
+    return lines
+
+
+@pytest.fixture(scope="session")
+def simulator() -> Iterator[tuple[OpenAISimulator, str]]:
+    sim = OpenAISimulator(mode="instant", seed=7)
+    server = LoopbackServer(sim.app, name="openai-simulator")
+    url = server.start()
+    yield sim, url
+    sim.shutdown()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sink_server() -> Iterator[tuple[TwilioSink, str]]:
+    sink = TwilioSink(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, status_callbacks=True)
+    server = LoopbackServer(sink.app, name="twilio-sink")
+    url = server.start()
+    yield sink, url
+    server.stop()
+
+
+@pytest.fixture
+def sim(simulator: tuple[OpenAISimulator, str]) -> OpenAISimulator:
+    simulator[0].set_mode("instant")
+    simulator[0].clear_calls()
+    return simulator[0]
+
+
+@pytest.fixture
+def sink(sink_server: tuple[TwilioSink, str]) -> TwilioSink:
+    sink_server[0].clear()
+    sink_server[0].clear_faults()
+    return sink_server[0]
+
+
+@dataclass
+class Posted:
+    status: int
+    text: str
+    headers: dict[str, str]
+    elapsed: float
+
+    @property
+    def messages(self) -> list[str]:
+        return [m.text or "" for m in ElementTree.fromstring(self.text).iter("Message")]
+
+
+@dataclass
+class Bot:
+    """A running bot and the ways a test talks to it."""
+
+    url: str
+    settings: Settings
+    spans: InMemorySpanExporter
+    server: LoopbackServer
+    client: httpx2.Client = field(default_factory=lambda: httpx2.Client(timeout=60.0))
+
+    def sign(self, path: str, form: dict[str, str], *, token: str = AUTH_TOKEN, base: str | None = None) -> str:
+        return RequestValidator(token).compute_signature(f"{base or self.settings.public_url}{path}", form)
+
+    def form(self, body: str, *, sender: str = "+15550001111", sid: str | None = None, **extra: str) -> dict[str, str]:
+        sid = sid or new_sid()
+        return {
+            "MessageSid": sid,
+            "SmsMessageSid": sid,
+            "SmsSid": sid,
+            "AccountSid": ACCOUNT_SID,
+            "From": f"whatsapp:{sender}",
+            "To": BOT_NUMBER,
+            "Body": body,
+            "NumMedia": "0",
+            "NumSegments": "1",
+            "SmsStatus": "received",
+            "ApiVersion": "2010-04-01",
+            "WaId": sender.lstrip("+"),
+            "ProfileName": "Test",
+            "MessageType": "text",
+            **extra,
+        }
+
+    def post_form(
+        self,
+        form: dict[str, str] | None,
+        *,
+        path: str = "/whatsapp",
+        signature: str | None = None,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+    ) -> Posted:
+        body = content if content is not None else urlencode(form or {}).encode()
+        sent_headers = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
+        if signature is None and form is not None:
+            signature = self.sign(path, form)
+        if signature:
+            sent_headers["X-Twilio-Signature"] = signature
+        started = time.monotonic()
+        response = self.client.post(f"{self.url}{path}", content=body, headers=sent_headers)
+        return Posted(response.status_code, response.text, dict(response.headers), time.monotonic() - started)
+
+    def send(self, body: str, **kwargs: Any) -> Posted:
+        return self.post_form(self.form(body, **kwargs))
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Bounded poll of /readyz until no run is in flight."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.client.get(f"{self.url}/readyz").json().get("runs_in_flight") == 0:
+                return
+            time.sleep(0.05)
+        raise TimeoutError("bot still has runs in flight")
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.stop()
+
+
+@pytest.fixture
+def make_bot(
+    simulator: tuple[OpenAISimulator, str],
+    sink_server: tuple[TwilioSink, str],
+    tmp_path: Path,
+    log_lines: LogLines,
+) -> Iterator[Callable[..., Bot]]:
+    bots: list[Bot] = []
+
+    def start(port: int | None = None, store: str | None = None, **overrides: Any) -> Bot:
+        port = port or free_port()
+        url = f"http://127.0.0.1:{port}"
+        values: dict[str, Any] = {
+            "openai_api_key": SecretStr("test-key"),
+            "openai_base_url": f"{simulator[1]}/v1",
+            "model": "sim-model",
+            "twilio_account_sid": ACCOUNT_SID,
+            "twilio_auth_token": SecretStr(AUTH_TOKEN),
+            "twilio_whatsapp_from": BOT_NUMBER,
+            "twilio_api_url": sink_server[1],
+            "public_url": url,
+            "store": store or f"sqlite:///{tmp_path}/wabot-{port}.db",
+            "reply_timeout": 1.0,
+            "followup_timeout": 10.0,
+            "otel_traces_exporter": "none",
+        }
+        values.update(overrides)
+        settings = Settings.model_construct(**{**Settings(_env_file=None).model_dump(), **values})
+        spans = InMemorySpanExporter()
+        server = LoopbackServer(create_app(settings, span_exporter=spans), port=port, name=f"wabot-{port}")
+        server.start()
+        bot = Bot(url=url, settings=settings, spans=spans, server=server)
+        bots.append(bot)
+        return bot
+
+    yield start
+    for bot in bots:
+        bot.stop()
+
+
+@pytest.fixture
+def bot(make_bot: Callable[..., Bot]) -> Bot:
+    return make_bot()
