@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
+import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlencode
 from xml.etree import ElementTree
 
 import httpx2
 import typer
+from pydantic import AliasChoices, SecretStr
 from twilio.request_validator import RequestValidator
 
 from bot.settings import Settings
@@ -24,12 +27,16 @@ def serve(
     port: Annotated[int, typer.Option(help="Port for the webhook.")] = 8000,
     metrics_port: Annotated[int, typer.Option(help="Port for /metrics (Prometheus).")] = 9464,
     demo: Annotated[bool, typer.Option(help="Run against a local OpenAI simulator and Twilio sink.")] = False,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes (metrics aggregate across them).")] = 1,
 ) -> None:
     """Serve the Twilio webhook (POST /whatsapp) until SIGTERM."""
+    settings = Settings()
+    if workers > 1 and not settings.prometheus_multiproc_dir:
+        # prometheus-client reads this at import, in every worker: it must be set before anything imports it.
+        settings = _export(settings, {"prometheus_multiproc_dir": tempfile.mkdtemp(prefix="wabot-metrics-")})
     from bot.server import serve as run_server
     from telemetry.logging import get_logger, setup_logging
 
-    settings = Settings()
     setup_logging(settings.log_level)
     log = get_logger("wabot")
     demo_handle = None
@@ -38,6 +45,8 @@ def serve(
 
         local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         settings, demo_handle = start_demo(settings, bot_url=f"http://{local}:{port}")
+        if workers > 1:
+            settings = _export(settings, demo_handle.overrides)
         log.info("demo_started", openai=settings.openai_base_url, twilio=settings.twilio_api_url)
     else:
         missing = settings.missing_for_production()
@@ -50,10 +59,19 @@ def serve(
             raise typer.Exit(2)
     log.info("serving", port=port, metrics_port=metrics_port, reply_timeout_s=settings.reply_timeout)
     try:
-        run_server(settings, host=host, port=port, metrics_port=metrics_port)
+        run_server(settings, host=host, port=port, metrics_port=metrics_port, workers=workers)
     finally:
         if demo_handle is not None:
             demo_handle.stop()
+
+
+def _export(settings: Settings, updates: dict[str, Any]) -> Settings:
+    """Apply `updates` here and hand them to worker processes, which build their settings from the environment."""
+    for name, value in updates.items():
+        alias = Settings.model_fields[name].validation_alias
+        env_name = alias.choices[0] if isinstance(alias, AliasChoices) else name.upper()
+        os.environ[str(env_name)] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+    return settings.model_copy(update=updates)
 
 
 @app.command()

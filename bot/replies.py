@@ -65,6 +65,8 @@ class ReplyRunner:
 
     async def resume(self) -> int:
         """Start every run a previous process left owing; returns how many."""
+        if not await self._store.claim_recovery():
+            return 0
         owed = await self._store.pending()
         for reply in owed:
             metrics.FOLLOWUPS_PENDING.inc()

@@ -1,10 +1,11 @@
-"""Running the bot: the webhook app under uvicorn and the metrics endpoint on its own port."""
+"""Running the bot: the webhook app under uvicorn (one or several workers) and /metrics on its own port."""
 
 from __future__ import annotations
 
 from wsgiref.simple_server import WSGIServer
 
 import uvicorn
+from fastapi import FastAPI
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server
 
 from bot.app import create_app
@@ -25,20 +26,31 @@ def start_metrics_server(settings: Settings, port: int) -> WSGIServer:
     return server
 
 
-def serve(settings: Settings, *, host: str, port: int, metrics_port: int) -> None:
+def worker_app() -> FastAPI:
+    """The app of one worker process when serving with several workers (settings come from the environment)."""
+    from telemetry.logging import setup_logging
+
+    settings = Settings()
+    setup_logging(settings.log_level)
+    return create_app(settings)
+
+
+def serve(settings: Settings, *, host: str, port: int, metrics_port: int, workers: int = 1) -> None:
     """Serve until SIGTERM/SIGINT, then finish in-flight webhooks and leave owed replies journaled."""
     metrics_server = start_metrics_server(settings, metrics_port)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
+    options = {
+        "host": host,
+        "port": port,
+        "log_config": None,
+        "access_log": False,
+        "lifespan": "on",
         # In-flight webhooks finish within the reply deadline; give them that long after SIGTERM.
-        timeout_graceful_shutdown=int(settings.reply_timeout) + 2,
-    )
+        "timeout_graceful_shutdown": int(settings.reply_timeout) + 2,
+    }
     try:
-        uvicorn.Server(config).run()
+        if workers > 1:
+            uvicorn.run("bot.server:worker_app", factory=True, workers=workers, **options)
+        else:
+            uvicorn.Server(uvicorn.Config(create_app(settings), **options)).run()
     finally:
         metrics_server.shutdown()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from openai import AsyncOpenAI
+from prometheus_client import multiprocess
 
 from bot import __version__
 from bot.agent import Agent, make_client
@@ -73,6 +75,9 @@ class Services:
         await self.openai.close()
         await self.store.close()
         self.tracing.shutdown()
+        if self.settings.prometheus_multiproc_dir:
+            # Live gauges (pending follow-ups) of a stopped worker must stop counting.
+            multiprocess.mark_process_dead(os.getpid())
 
 
 def get_services(request: Request) -> Services:

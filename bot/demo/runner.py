@@ -6,6 +6,7 @@ The bot's real SDK code paths run unchanged; only the URLs and credentials diffe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -24,6 +25,7 @@ class Demo:
     simulator: OpenAISimulator
     sink: TwilioSink
     servers: list[LoopbackServer]
+    overrides: dict[str, Any]
 
     def stop(self) -> None:
         self.simulator.shutdown()
@@ -39,15 +41,14 @@ def start_demo(settings: Settings, *, bot_url: str, mode: str = "normal") -> tup
     sink_server = LoopbackServer(sink.app, name="twilio-sink")
     sim_url = sim_server.start()
     sink_url = sink_server.start()
-    demo_settings = settings.model_copy(
-        update={
-            "openai_api_key": SecretStr("demo"),
-            "openai_base_url": f"{sim_url}/v1",
-            "twilio_account_sid": DEMO_ACCOUNT_SID,
-            "twilio_auth_token": SecretStr(DEMO_AUTH_TOKEN),
-            "twilio_whatsapp_from": DEMO_FROM,
-            "twilio_api_url": sink_url,
-            "public_url": bot_url,
-        }
-    )
-    return demo_settings, Demo(simulator=simulator, sink=sink, servers=[sim_server, sink_server])
+    overrides: dict[str, Any] = {
+        "openai_api_key": SecretStr("demo"),
+        "openai_base_url": f"{sim_url}/v1",
+        "twilio_account_sid": DEMO_ACCOUNT_SID,
+        "twilio_auth_token": SecretStr(DEMO_AUTH_TOKEN),
+        "twilio_whatsapp_from": DEMO_FROM,
+        "twilio_api_url": sink_url,
+        "public_url": bot_url,
+    }
+    demo = Demo(simulator=simulator, sink=sink, servers=[sim_server, sink_server], overrides=overrides)
+    return settings.model_copy(update=overrides), demo

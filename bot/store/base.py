@@ -62,6 +62,10 @@ class Store(Protocol):
         """Store (or with None, reset) a user's conversation state."""
         ...
 
+    async def claim_recovery(self) -> bool:
+        """True for the one process that should resume owed replies (several workers share one store)."""
+        ...
+
     async def ping(self) -> None:
         """Raise when the store cannot be reached."""
         ...

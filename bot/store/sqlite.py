@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import time
 from pathlib import Path
 
@@ -33,8 +35,10 @@ _PURGE_EVERY_S = 60.0
 class SQLiteStore:
     """The Store interface on one SQLite file."""
 
-    def __init__(self, db: aiosqlite.Connection, dedupe_ttl_s: float) -> None:
+    def __init__(self, db: aiosqlite.Connection, dedupe_ttl_s: float, path: str) -> None:
         self._db = db
+        self._path = path
+        self._recovery_lock: int | None = None
         self._ttl = dedupe_ttl_s
         self._last_purge = 0.0
         # One connection is shared by all coroutines: a statement issued while another coroutine holds a
@@ -52,7 +56,7 @@ class SQLiteStore:
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.execute("PRAGMA busy_timeout=5000")
         await db.executescript(_SCHEMA)
-        return cls(db, dedupe_ttl_s)
+        return cls(db, dedupe_ttl_s, path)
 
     async def _purge_expired(self, now: float) -> None:
         if now - self._last_purge >= _PURGE_EVERY_S:
@@ -141,9 +145,27 @@ class SQLiteStore:
             (user_key, response_id, time.time()),
         )
 
+    async def claim_recovery(self) -> bool:
+        # An advisory lock next to the database, held for the life of the process: of several workers on one
+        # file exactly one resumes the journal, and a new one can take over once that process is gone.
+        if self._path == ":memory:":
+            return True
+        if self._recovery_lock is None:
+            fd = os.open(f"{self._path}.recovery-lock", os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            self._recovery_lock = fd
+        return True
+
     async def ping(self) -> None:
         async with self._db.execute("SELECT 1") as cur:
             await cur.fetchone()
 
     async def close(self) -> None:
         await self._db.close()
+        if self._recovery_lock is not None:
+            os.close(self._recovery_lock)
+            self._recovery_lock = None
