@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from wsgiref.simple_server import WSGIServer
 
 import uvicorn
@@ -47,6 +48,9 @@ def serve(settings: Settings, *, host: str, port: int, metrics_port: int, worker
         # In-flight webhooks finish within the reply deadline; give them that long after SIGTERM.
         "timeout_graceful_shutdown": int(settings.reply_timeout) + 2,
     }
+    # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is done; with this handler in place
+    # that re-raise is a no-op and the process exits 0, telling the supervisor the shutdown was clean.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         if workers > 1:
             uvicorn.run("bot.server:worker_app", factory=True, workers=workers, **options)

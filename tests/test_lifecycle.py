@@ -1,0 +1,179 @@
+"""Start, stop and restart: no owed answer is lost, none is sent twice; the CLI's contracts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from bot.settings import DEFAULT_HOLDING_MESSAGE
+from tests.conftest import AUTH_TOKEN, Bot, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+WABOT = [sys.executable, "-m", "bot"]
+
+
+def test_restart_with_a_pending_followup_delivers_it_exactly_once(
+    make_bot: Callable[..., Bot], sim, sink, tmp_path: Path
+) -> None:
+    store, port, user = f"sqlite:///{tmp_path}/restart.db", free_port(), "whatsapp:+15550002323"
+    first = make_bot(port=port, store=store, reply_timeout=0.5)
+    assert first.send("survive a restart [sim:delay=2]", sender=user[9:]).messages == [DEFAULT_HOLDING_MESSAGE]
+    first.stop()  # the run is cancelled mid-flight; its reply stays journaled
+    assert sink.messages(to=user) == []
+
+    second = make_bot(port=port, store=store, reply_timeout=0.5)
+    [delivered] = sink.wait_for_messages(1, to=user, timeout=15)
+    assert delivered["body"] == "[turn 1] survive a restart"
+    second.wait_idle()
+    third = make_bot(port=free_port(), store=store)  # a further restart finds nothing owed
+    third.wait_idle()
+    assert len(sink.messages(to=user)) == 1
+    with sqlite3.connect(f"{tmp_path}/restart.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM pending").fetchone() == (0,)
+
+
+def test_restart_keeps_conversations_and_processed_ids(make_bot: Callable[..., Bot], sim, tmp_path: Path) -> None:
+    store, port = f"sqlite:///{tmp_path}/state.db", free_port()
+    first = make_bot(port=port, store=store)
+    form = first.form("remember me", sender="+15550002424")
+    assert first.post_form(form).messages == ["[turn 1] remember me"]
+    first.stop()
+    second = make_bot(port=port, store=store)
+    assert second.post_form(form).messages == []  # Twilio replayed it after the restart: still a duplicate
+    assert second.send("and now?", sender="+15550002424").messages == ["[turn 2] and now?"]
+
+
+class Served:
+    """A `wabot serve --demo` subprocess and its captured output."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.process, self.url, self.log = process, url, log
+
+    def events(self) -> list[dict[str, object]]:
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(**env: str) -> Served:
+        port, log = free_port(), tmp_path / f"serve-{len(processes)}.log"
+        full_env = {
+            **os.environ,
+            "WABOT_STORE": f"sqlite:///{tmp_path}/served.db",
+            "OTEL_TRACES_EXPORTER": "none",
+            "WABOT_DEMO_SEED": "1",
+            **env,
+        }
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [*WABOT, "serve", "--demo", "--port", str(port), "--metrics-port", str(free_port())],
+                cwd=tmp_path,
+                env=full_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx2.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    return Served(process, url, log)
+            except httpx2.HTTPError:
+                pass
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.1)
+        raise TimeoutError(log.read_text())
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def _send(url: str, text: str, sender: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*WABOT, "send", text, "--from", sender, "--url", url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "WABOT_"))},
+    )
+
+
+def test_sigterm_finishes_in_flight_webhooks_and_keeps_owed_replies(served, tmp_path: Path) -> None:
+    server = served(WABOT_REPLY_TIMEOUT="2")
+    owed = _send(server.url, "a long think [sim:delay=60]", "+15550003434")
+    assert DEFAULT_HOLDING_MESSAGE in owed.stdout
+
+    in_flight: dict[str, subprocess.CompletedProcess[str]] = {}
+    sender = threading.Thread(
+        target=lambda: in_flight.setdefault("r", _send(server.url, "quick one [sim:delay=1]", "+15550003535"))
+    )
+    sender.start()
+    # SIGTERM must land while the webhook is in flight: wait until the simulator has the model call.
+    [started] = [e for e in server.events() if e.get("event") == "demo_started"]
+    calls_url = str(started["openai"]).removesuffix("/v1") + "/_sim/calls"
+    deadline = time.monotonic() + 10
+    while not any("quick one" in call["text"] for call in httpx2.get(calls_url).json()):
+        assert time.monotonic() < deadline, "the in-flight message never reached the model"
+        time.sleep(0.02)
+    server.process.send_signal(signal.SIGTERM)
+    sender.join(30)
+    assert server.process.wait(20) == 0
+    assert "[turn 1] quick one" in in_flight["r"].stdout
+    with sqlite3.connect(f"{tmp_path}/served.db") as db:
+        rows = db.execute("SELECT prompt, answer_parts FROM pending").fetchall()
+    assert rows == [("a long think [sim:delay=60]", None)]
+
+
+def test_serve_without_credentials_names_every_missing_setting(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "WABOT_", "OPENAI_"))}
+    result = subprocess.run(
+        [*WABOT, "serve", "--port", str(free_port())], capture_output=True, text=True, timeout=30, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 2
+    for name in (
+        "OPENAI_API_KEY",
+        "TWILIO_ACCOUNT_SID",
+        "TWILIO_AUTH_TOKEN",
+        "TWILIO_WHATSAPP_FROM",
+        "WABOT_PUBLIC_URL",
+    ):
+        assert name in result.stderr
+    assert "--demo" in result.stderr
+
+
+def test_wabot_send_signs_like_twilio_and_prints_the_reply(bot: Bot, sim) -> None:
+    env = {**os.environ, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "WABOT_PUBLIC_URL": bot.url}
+    result = subprocess.run(
+        [*WABOT, "send", "Hello from the CLI", "--url", bot.url], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[turn 1] Hello from the CLI" in result.stdout
+    bad = subprocess.run(
+        [*WABOT, "send", "Hello", "--url", bot.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**env, "TWILIO_AUTH_TOKEN": "wrong"},
+    )
+    assert bad.returncode == 1
+    assert "403" in bad.stderr
+    assert len(sim.calls()) == 1
