@@ -39,6 +39,12 @@ def _add_trace_ids(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any
     return event_dict
 
 
+def _drop_console_extras(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    # uvicorn attaches an ANSI-coloured copy of its message for terminals; JSON lines do not want it.
+    event_dict.pop("color_message", None)
+    return event_dict
+
+
 def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
     """Route structlog and the standard library's logging to one JSON-lines stream."""
     stream = stream or sys.stdout
@@ -61,7 +67,7 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_console_extras],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
