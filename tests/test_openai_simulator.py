@@ -1,0 +1,376 @@
+"""The OpenAI simulator, driven over real HTTP on 127.0.0.1 by the real openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import httpx2
+import openai
+import pytest
+from openai.types.responses import Response
+
+from bot.demo.loopback import LoopbackServer
+from bot.demo.openai_simulator import OpenAISimulator, parse_directives
+
+MODEL = "gpt-sim"
+TOOLS = [
+    {
+        "type": "function",
+        "name": "lookup",
+        "description": "Look something up.",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": []},
+        "strict": False,
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def sim_server() -> Iterator[tuple[OpenAISimulator, str]]:
+    sim = OpenAISimulator(elon_musk_delay=0.2, seed=7)
+    server = LoopbackServer(sim.app, name="openai-sim")
+    url = server.start()
+    yield sim, url
+    sim.shutdown()
+    server.stop()
+
+
+@pytest.fixture
+def sim(sim_server: tuple[OpenAISimulator, str]) -> OpenAISimulator:
+    simulator = sim_server[0]
+    simulator.clear_calls()
+    simulator.set_mode("instant")
+    return simulator
+
+
+@pytest.fixture
+def url(sim_server: tuple[OpenAISimulator, str]) -> str:
+    return sim_server[1]
+
+
+@pytest.fixture
+async def client(url: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=5.0) as c:
+        yield c
+
+
+def unique(text: str) -> str:
+    """Texts carry a nonce: flaky counters are per text and the simulator lives for the whole module."""
+    return f"{text} #{uuid.uuid4().hex[:6]}"
+
+
+async def test_echo_counts_turns_along_previous_response_id(sim: OpenAISimulator, client: openai.AsyncOpenAI) -> None:
+    r1 = await client.responses.create(model=MODEL, input="hello there", instructions="be brief")
+    assert r1.output_text == "[turn 1] hello there"
+    assert r1.id.startswith("resp_") and r1.status == "completed" and r1.model == MODEL
+    assert r1.usage is not None
+    assert (r1.usage.input_tokens, r1.usage.output_tokens, r1.usage.total_tokens) == (2, 4, 6)
+
+    r2 = await client.responses.create(
+        model=MODEL,
+        previous_response_id=r1.id,
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "second one"}]}],
+    )
+    assert r2.output_text == "[turn 2] second one"
+    assert r2.previous_response_id == r1.id
+
+    r3 = await client.responses.create(model=MODEL, previous_response_id=r2.id, input="what was my FIRST MESSAGE?")
+    assert r3.output_text == "Your first message was: hello there"
+
+    # A branch from r1 has its own turn count.
+    branch = await client.responses.create(model=MODEL, previous_response_id=r1.id, input="other branch")
+    assert branch.output_text == "[turn 2] other branch"
+
+
+async def test_body_passes_validation_and_has_every_required_field(url: str) -> None:
+    required = {"id", "object", "created_at", "model", "output", "parallel_tool_calls", "tool_choice"}
+    required |= {"tools", "usage", "status"}
+    async with httpx2.AsyncClient(base_url=url, headers={"Authorization": "Bearer x"}) as http:
+        for text in ("plain text", '[sim:tool=lookup:{"q": "[x]"}] go'):
+            reply = await http.post("/v1/responses", json={"model": MODEL, "input": text, "tools": TOOLS})
+            assert reply.status_code == 200
+            raw = reply.json()
+            assert required <= raw.keys()
+            assert raw["usage"]["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 0}
+            assert raw["usage"]["output_tokens_details"] == {"reasoning_tokens": 0}
+            parsed = Response.model_validate(raw, strict=False)
+            assert parsed.id == raw["id"] and parsed.tools[0].type == "function"
+        call = parsed.output[0]
+        assert call.type == "function_call"
+        assert json.loads(call.arguments) == {"q": "[x]"}
+
+        stored = await http.get(f"/v1/responses/{raw['id']}")
+        assert stored.status_code == 200 and stored.json() == raw
+        missing = await http.get("/v1/responses/resp_nope")
+        assert missing.status_code == 404 and "error" in missing.json()
+
+
+async def test_tool_call_round_trip(client: openai.AsyncOpenAI) -> None:
+    r1 = await client.responses.create(
+        model=MODEL, input='weather? [sim:tool=lookup:{"q": "Paris"}]', tools=TOOLS, instructions="i"
+    )
+    [call] = r1.output
+    assert call.type == "function_call" and call.name == "lookup"
+    assert call.call_id.startswith("call_") and call.id and call.id.startswith("fc_")
+    assert json.loads(call.arguments) == {"q": "Paris"}
+    assert r1.output_text == ""
+
+    r2 = await client.responses.create(
+        model=MODEL,
+        previous_response_id=r1.id,
+        tools=TOOLS,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 21}'}],
+    )
+    assert r2.output_text == 'Tool lookup said: {"temp": 21}'
+
+    # The tool output did not start a new turn.
+    r3 = await client.responses.create(model=MODEL, previous_response_id=r2.id, input="thanks")
+    assert r3.output_text == "[turn 2] thanks"
+
+
+async def test_tool_without_arguments_and_tool_loop(client: openai.AsyncOpenAI) -> None:
+    r1 = await client.responses.create(model=MODEL, input="[sim:tool=clock] time?", tools=TOOLS)
+    assert r1.output[0].type == "function_call" and r1.output[0].arguments == "{}"
+
+    prev = await client.responses.create(model=MODEL, input="loop [sim:toolloop]", tools=TOOLS)
+    for _ in range(3):
+        [call] = prev.output
+        assert call.type == "function_call" and call.name == "lookup"
+        prev = await client.responses.create(
+            model=MODEL,
+            previous_response_id=prev.id,
+            tools=TOOLS,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "again"}],
+        )
+    assert prev.output[0].type == "function_call"
+
+
+async def test_missing_tool_output_is_rejected_like_the_real_api(client: openai.AsyncOpenAI) -> None:
+    r1 = await client.responses.create(model=MODEL, input="[sim:tool=lookup] x", tools=TOOLS)
+    with pytest.raises(openai.BadRequestError, match="No tool output found for function call"):
+        await client.responses.create(model=MODEL, previous_response_id=r1.id, input="never mind")
+    with pytest.raises(openai.BadRequestError, match="No tool call found"):
+        await client.responses.create(
+            model=MODEL,
+            previous_response_id=r1.id,
+            input=[
+                {"type": "function_call_output", "call_id": r1.output[0].call_id, "output": "ok"},
+                {"type": "function_call_output", "call_id": "call_unknown", "output": "?"},
+            ],
+        )
+
+
+async def test_status_errors_map_to_sdk_exceptions(sim: OpenAISimulator, client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.RateLimitError) as rate_limited:
+        await client.responses.create(model=MODEL, input="hi [sim:error=429]")
+    assert rate_limited.value.response.headers["retry-after"] == "1"
+    assert rate_limited.value.code == "rate_limit_exceeded"
+
+    with pytest.raises(openai.InternalServerError) as server_error:
+        await client.responses.create(model=MODEL, input="hi [sim:error=500]")
+    assert server_error.value.status_code == 500
+    assert server_error.value.request_id and server_error.value.request_id.startswith("req_")
+
+    with pytest.raises(openai.APIStatusError) as unavailable:
+        await client.responses.create(model=MODEL, input="hi [sim:error=503]")
+    assert unavailable.value.status_code == 503
+
+    statuses = [(c["status"], c["outcome"]) for c in sim.calls()]
+    assert statuses == [(429, "error"), (500, "error"), (503, "error")]
+
+
+async def test_reset_surfaces_as_connection_error(sim: OpenAISimulator, client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.APIConnectionError) as dropped:
+        await client.responses.create(model=MODEL, input="hi [sim:reset]")
+    assert not isinstance(dropped.value, openai.APITimeoutError)
+    assert isinstance(dropped.value.__cause__, httpx2.RemoteProtocolError)
+    [call] = sim.calls()
+    assert call["outcome"] == "reset" and call["status"] is None
+
+
+async def test_delay_beyond_client_timeout_is_a_timeout(sim: OpenAISimulator, client: openai.AsyncOpenAI) -> None:
+    started = time.monotonic()
+    with pytest.raises(openai.APITimeoutError):
+        await client.responses.create(model=MODEL, input="slow [sim:delay=2]", timeout=0.3)
+    assert time.monotonic() - started < 1.5
+    # The call the client gave up on is logged, still pending; clear_calls() forgets it for good.
+    [call] = sim.calls()
+    assert (call["outcome"], call["status"], call["text"]) == ("pending", None, "slow [sim:delay=2]")
+    with pytest.raises(TimeoutError, match="pending"):
+        sim.wait_for_calls(1, timeout=0.05, answered=True)
+
+
+async def test_delay_within_timeout_answers(client: openai.AsyncOpenAI) -> None:
+    started = time.monotonic()
+    r = await client.responses.create(model=MODEL, input="  a [sim:delay=0.3]  b ")
+    assert time.monotonic() - started >= 0.3
+    assert r.output_text == "[turn 1] a b"
+
+
+async def test_flaky_fails_n_times_per_text_then_answers(url: str, sim: OpenAISimulator) -> None:
+    text = unique("flaky [sim:flaky=500:1]")
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=1) as retrying:
+        r = await retrying.responses.create(model=MODEL, input=text)
+    assert r.output_text.startswith("[turn 1] flaky #")
+    assert [c["status"] for c in sim.calls()] == [500, 200]
+    assert all(c["text"] == text for c in sim.calls())
+
+
+async def test_empty_answer(client: openai.AsyncOpenAI) -> None:
+    r = await client.responses.create(model=MODEL, input="[sim:empty]")
+    assert r.output[0].type == "message"
+    assert r.output_text == ""
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 1600, 5000])
+async def test_long_answer_has_exact_length(client: openai.AsyncOpenAI, n: int) -> None:
+    r = await client.responses.create(model=MODEL, input=f"tell me everything [sim:long={n}]")
+    assert len(r.output_text) == n
+    prefix = "Sentence 1 of the long answer. Sentence 2 of the long answer."
+    assert prefix.startswith(r.output_text) or r.output_text.startswith(prefix)
+
+
+async def test_unknown_previous_response_id(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        await client.responses.create(model=MODEL, input="hi", previous_response_id="resp_missing")
+    assert bad.value.code == "previous_response_not_found"
+    assert bad.value.param == "previous_response_id"
+    assert bad.value.body["message"] == "Previous response with id 'resp_missing' not found."
+
+
+async def test_store_false_is_not_kept(client: openai.AsyncOpenAI) -> None:
+    r = await client.responses.create(model=MODEL, input="ephemeral", store=False)
+    with pytest.raises(openai.BadRequestError):
+        await client.responses.create(model=MODEL, input="next", previous_response_id=r.id)
+
+
+async def test_history_resent_in_input_counts_turns(client: openai.AsyncOpenAI) -> None:
+    r = await client.responses.create(
+        model=MODEL,
+        store=False,
+        input=[
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "[turn 1] one"}]},
+            {"role": "user", "content": "two"},
+            {"role": "user", "content": "three"},
+        ],
+    )
+    # Consecutive user items are one turn: several WhatsApp messages answered together.
+    assert r.output_text == "[turn 2] two\nthree"
+
+
+async def test_malformed_requests_are_400(client: openai.AsyncOpenAI, url: str) -> None:
+    with pytest.raises(openai.BadRequestError):
+        await client.responses.create(model=MODEL, input=42)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="unknown simulator directive"):
+        await client.responses.create(model=MODEL, input="[sim:explode]")
+    async with httpx2.AsyncClient(base_url=url, headers={"Authorization": "Bearer x"}) as http:
+        json_header = {"content-type": "application/json"}
+        not_json = await http.post("/v1/responses", content=b"{", headers=json_header)
+        assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
+        no_model = await http.post("/v1/responses", json={"input": "hi"})
+        assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
+
+
+async def test_missing_or_empty_auth_is_401(url: str, sim: OpenAISimulator) -> None:
+    async with httpx2.AsyncClient(base_url=url) as http:
+        for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": "Basic eDp5"}):
+            reply = await http.post("/v1/responses", json={"model": MODEL, "input": "hi"}, headers=headers)
+            assert reply.status_code == 401
+            assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    assert [c["status"] for c in sim.calls()] == [401, 401, 401]
+
+
+async def test_call_log_and_wait_for_calls(sim: OpenAISimulator, client: openai.AsyncOpenAI, url: str) -> None:
+    # answered=True: a call is logged on arrival and completed in place, so wait for the answers.
+    waiter = asyncio.create_task(asyncio.to_thread(sim.wait_for_calls, 2, 5.0, answered=True))
+    await client.responses.create(model=MODEL, input="log me", instructions="sys", tools=TOOLS)
+    await client.responses.create(model=MODEL, input=[{"role": "user", "content": "and me"}])
+    calls = await waiter
+    assert sim.wait_for_calls(2, timeout=1.0) == calls
+    assert [c["text"] for c in calls] == ["log me", "and me"]
+    first = calls[0]
+    assert first["id"].startswith("resp_") and first["status"] == 200 and first["outcome"] == "ok"
+    assert (first["instructions"], first["model"], first["tools"]) == ("sys", MODEL, ["lookup"])
+    assert first["input"] == "log me" and first["previous_response_id"] is None
+    assert calls[1]["input"] == [{"role": "user", "content": "and me"}]
+
+    with pytest.raises(TimeoutError, match="expected 3 OpenAI calls"):
+        sim.wait_for_calls(3, timeout=0.05)
+
+    async with httpx2.AsyncClient(base_url=url) as http:
+        assert [c["text"] for c in (await http.get("/_sim/calls")).json()] == ["log me", "and me"]
+        assert (await http.delete("/_sim/calls")).status_code == 204
+    assert sim.calls() == []
+
+
+async def test_modes(sim: OpenAISimulator, client: openai.AsyncOpenAI, url: str) -> None:
+    sim.set_mode("failing")
+    with pytest.raises(openai.InternalServerError):
+        await client.responses.create(model=MODEL, input="hi")
+    # Directives win over the mode.
+    r = await client.responses.create(model=MODEL, input="hi [sim:delay=0]")
+    assert r.output_text == "[turn 1] hi"
+
+    async with httpx2.AsyncClient(base_url=url) as http:
+        assert (await http.post("/_sim/mode", json={"mode": "instant"})).json() == {"mode": "instant"}
+        assert (await http.get("/_sim/mode")).json() == {"mode": "instant"}
+        assert (await http.post("/_sim/mode", json={"mode": "chaos"})).status_code == 400
+    with pytest.raises(ValueError):
+        sim.set_mode("chaos")
+
+
+def test_normal_mode_distribution_is_seeded() -> None:
+    def draws(seed: int) -> list[tuple[float, int | None]]:
+        sim = OpenAISimulator(mode="normal", seed=seed)
+        plans = []
+        for _ in range(4000):
+            plan = sim._plan_for_text("plain")
+            plans.append((plan.latency, plan.error))
+        return plans
+
+    plans = draws(1)
+    assert plans == draws(1)
+    errors_500 = sum(1 for _, e in plans if e == 500) / len(plans)
+    errors_429 = sum(1 for _, e in plans if e == 429) / len(plans)
+    ok = [lat for lat, e in plans if e is None]
+    tail = sum(1 for lat in ok if lat >= 6) / len(plans)
+    assert 0.02 < errors_500 < 0.04 and 0.01 < errors_429 < 0.03 and 0.08 < tail < 0.12
+    assert all(1 <= lat <= 4 or 6 <= lat <= 20 for lat in ok)
+
+    slow = OpenAISimulator(mode="slow", seed=1)
+    assert all(12 <= slow._plan_for_text("x").latency <= 25 for _ in range(100))
+
+
+async def test_elon_musk_takes_the_configured_delay(client: openai.AsyncOpenAI) -> None:
+    started = time.monotonic()
+    r = await client.responses.create(model=MODEL, input="Who is Elon Musk?")
+    assert time.monotonic() - started >= 0.2
+    assert r.output_text == "[turn 1] Who is Elon Musk?"
+
+
+async def test_hang_is_released_by_shutdown() -> None:
+    sim = OpenAISimulator()
+    with LoopbackServer(sim.app, name="hang-sim") as server:
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as c:
+            with pytest.raises(openai.APITimeoutError):
+                await c.responses.create(model=MODEL, input="[sim:hang]", timeout=0.2)
+            pending = asyncio.create_task(c.responses.create(model=MODEL, input="[sim:hang] again"))
+            calls = await asyncio.to_thread(sim.wait_for_calls, 2, 5.0)
+            assert [c["outcome"] for c in calls] == ["hang", "hang"]
+            assert not pending.done()
+            sim.shutdown()
+            with pytest.raises(openai.InternalServerError):
+                await asyncio.wait_for(pending, 5.0)
+
+
+def test_parse_directives() -> None:
+    d = parse_directives('a [SIM:delay=1.5] b [sim:tool=f:{"x": [1, "]"]}] c')
+    assert d.delay == 1.5 and d.tool == ("f", {"x": [1, "]"]}) and d.clean_text == "a b c"
+    assert parse_directives("x [sim:flaky=429:3]").flaky == (429, 3)
+    for bad in ("[sim:error=abc]", "[sim:flaky=500]", "[sim:tool=f:[1]]", "[sim:long=x]", "[sim:delay=1"):
+        with pytest.raises(ValueError):
+            parse_directives(bad)
