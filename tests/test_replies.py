@@ -205,3 +205,15 @@ def test_outside_24h_window_is_recorded_as_failed_followup(bot: Bot, sim, sink, 
     assert failed["twilio_code"] == 63016
     assert failed["error_type"] == "rejected"
     assert len(sink.attempts()) == 1  # a 4xx is final: no retries
+
+
+def test_complex_message_with_tools_under_time_pressure(bot: Bot, sim, sink) -> None:
+    """A tool-using run that outlives the deadline: holding reply, then the tool-backed answer as a follow-up."""
+    posted = bot.send(
+        'How much is 7% of 250K? [sim:tool=calculate:{"expression": "250000*0.07"}] [sim:delay=0.6]',
+        sender="+15550001414",
+    )
+    assert posted.messages == [DEFAULT_HOLDING_MESSAGE]  # two model calls of 0.6 s each pass the 1 s deadline
+    [followup] = sink.wait_for_messages(1, to="whatsapp:+15550001414", timeout=10)
+    assert followup["body"] == 'Tool calculate said: {"expression": "250000*0.07", "result": 17500.0}'
+    assert [call["outcome"] for call in sim.calls()] == ["ok", "ok"]
