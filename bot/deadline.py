@@ -88,7 +88,7 @@ class DeadlineResponder:
         with self._tracer.start_as_current_span("wabot.reply") as span:
             span.set_attributes({"wabot.reply.timeout_s": self._timeout, "wabot.user.hash": reply.user_key})
             handoff = Handoff()
-            self._runner.start(reply, handoff)
+            await self._runner.start(reply, handoff)
             answer: Answer | None = None
             try:
                 answer = await handoff.wait(arrived + self._timeout - time.monotonic())

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from bot.outbound import DeliveryError, TwilioSender
-from bot.store import PendingReply, Store
+from bot.store import PendingReply, Store, guarded
 from telemetry import metrics
 
 
@@ -30,7 +30,7 @@ class FollowupDelivery:
                 sent = await self._sender.send(reply.to, parts[index])
                 attempts += sent.attempts
                 reply.parts_sent = index + 1
-                await self._store.mark_sent(reply.sid, reply.parts_sent)
+                await guarded(self._store.mark_sent(reply.sid, reply.parts_sent), self._log, "mark_sent", reply.sid)
         except DeliveryError as exc:
             metrics.FOLLOWUPS.labels(outcome="failed").inc()
             self._log.error(
@@ -43,7 +43,7 @@ class FollowupDelivery:
                 parts=len(parts),
                 kind=reply.kind,
             )
-            await self._store.finish(reply.sid)
+            await guarded(self._store.finish(reply.sid), self._log, "finish", reply.sid)
             return False
         elapsed = time.time() - reply.arrived_at
         metrics.FOLLOWUPS.labels(outcome="delivered").inc()
@@ -56,5 +56,5 @@ class FollowupDelivery:
             kind=reply.kind,
             attempts=attempts,
         )
-        await self._store.finish(reply.sid)
+        await guarded(self._store.finish(reply.sid), self._log, "finish", reply.sid)
         return True

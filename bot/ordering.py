@@ -1,16 +1,34 @@
 """Per-user ordering: one user's messages are answered one after another, in arrival order.
 
-Each message takes a ticket when it is accepted (synchronously, so tickets follow arrival order) and waits for
-the previous ticket of the same user to finish. Different users never wait for each other.
+Each message takes a ticket when it is accepted and waits for the previous ticket of the same user to be
+released. Different users never wait for each other. `UserLanes` keeps the lines in this process (enough for one
+process on SQLite); the Redis store provides lines shared by every replica (`bot/store/redis.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 
-class Ticket:
-    """A place in one user's line."""
+class Ticket(Protocol):
+    async def wait_turn(self, timeout: float) -> bool:
+        """Return once every earlier message of this user is answered (True), or after `timeout` s (False)."""
+        ...
+
+    async def release(self) -> None:
+        """Let the next message of this user go."""
+        ...
+
+
+class Lanes(Protocol):
+    async def take_ticket(self, key: str) -> Ticket:
+        """A place at the end of `key`'s line."""
+        ...
+
+
+class LocalTicket:
+    """A place in one user's in-process line."""
 
     def __init__(self, lanes: UserLanes, key: str, previous: asyncio.Future[None] | None) -> None:
         self._lanes = lanes
@@ -18,17 +36,17 @@ class Ticket:
         self._previous = previous
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    async def wait_turn(self) -> None:
-        """Return once every earlier message of this user is answered."""
-        if self._previous is not None and not self._previous.done():
-            # asyncio.wait, not await: being cancelled here must not cancel the previous message's turn.
-            await asyncio.wait({self._previous})
+    async def wait_turn(self, timeout: float) -> bool:
+        if self._previous is None or self._previous.done():
+            return True
+        # asyncio.wait, not await: being cancelled here must not cancel the previous message's turn.
+        done, _ = await asyncio.wait({self._previous}, timeout=timeout)
+        return bool(done)
 
-    def release(self) -> None:
-        """Let the next message of this user go."""
+    async def release(self) -> None:
         if not self.done.done():
             self.done.set_result(None)
-        self._lanes._forget(self._key, self.done)
+        self._lanes.forget(self._key, self.done)
 
 
 class UserLanes:
@@ -37,12 +55,13 @@ class UserLanes:
     def __init__(self) -> None:
         self._tails: dict[str, asyncio.Future[None]] = {}
 
-    def take_ticket(self, key: str) -> Ticket:
-        ticket = Ticket(self, key, self._tails.get(key))
+    async def take_ticket(self, key: str) -> LocalTicket:
+        # No await before the tail is replaced: tickets follow the order in which messages got here.
+        ticket = LocalTicket(self, key, self._tails.get(key))
         self._tails[key] = ticket.done
         return ticket
 
-    def _forget(self, key: str, done: asyncio.Future[None]) -> None:
+    def forget(self, key: str, done: asyncio.Future[None]) -> None:
         if self._tails.get(key) is done:
             del self._tails[key]
 

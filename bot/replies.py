@@ -17,14 +17,16 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from bot.agent import Agent, AgentError
 from bot.deadline import Answer, Handoff
 from bot.followup import FollowupDelivery
-from bot.ordering import UserLanes
+from bot.ordering import Ticket
 from bot.settings import Settings
 from bot.splitting import split_message
-from bot.store import PendingReply, Store
+from bot.store import PendingReply, Store, guarded
 from telemetry import metrics
 
 # A resumed run gets at least this much time even when its original budget ran out while the bot was down.
 _MIN_RESUMED_BUDGET_S = 30.0
+# How much longer than a run's budget a message waits for the user's previous one before going ahead anyway.
+_ORDER_WAIT_SLACK_S = 60.0
 _propagator = TraceContextTextMapPropagator()
 
 
@@ -52,33 +54,44 @@ class ReplyRunner:
         self._agent = agent
         self._followups = followups
         self._log = log
-        self._lanes = UserLanes()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def start(self, reply: PendingReply, handoff: Handoff | None) -> asyncio.Task[None]:
+    async def start(self, reply: PendingReply, handoff: Handoff | None) -> asyncio.Task[None]:
         """Start the run for `reply` now; the user's place in line is taken before this returns."""
-        ticket = self._lanes.take_ticket(reply.user_key)
+        try:
+            ticket: Ticket | None = await self._store.lanes().take_ticket(reply.user_key)
+        except Exception as exc:
+            # Without the store there is no shared line; answering out of order beats not answering.
+            self._log.error("store_error", op="take_ticket", error_type=exc.__class__.__name__)
+            ticket = None
         task = asyncio.create_task(self._run(reply, handoff, ticket), name=f"reply {reply.sid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def resume(self) -> int:
-        """Start every run a previous process left owing; returns how many."""
-        if not await self._store.claim_recovery():
-            return 0
-        owed = await self._store.pending()
+    async def resume_orphans(self) -> int:
+        """Start every run that no live process is working on (left by a crash or a stop); returns how many."""
+        owed = await self._store.claim_orphans()
         for reply in owed:
             metrics.FOLLOWUPS_PENDING.inc()
             parent = _propagator.extract({"traceparent": reply.traceparent} if reply.traceparent else {})
             token = otel_context.attach(parent)
             try:
-                self.start(reply, handoff=None)
+                await self.start(reply, handoff=None)
             finally:
                 otel_context.detach(token)
         if owed:
-            self._log.info("followups_resumed", count=len(owed))
+            self._log.info("followups_resumed", count=len(owed), message_sids=[reply.sid for reply in owed])
         return len(owed)
+
+    async def watch_orphans(self, interval_s: float) -> None:
+        """Take over, every `interval_s`, the owed replies of replicas whose lease ran out (shared stores)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.resume_orphans()
+            except Exception as exc:
+                self._log.error("store_error", op="claim_orphans", error_type=exc.__class__.__name__)
 
     def in_flight(self) -> int:
         return len(self._tasks)
@@ -97,18 +110,21 @@ class ReplyRunner:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
 
-    async def _run(self, reply: PendingReply, handoff: Handoff | None, ticket: Any) -> None:
+    async def _run(self, reply: PendingReply, handoff: Handoff | None, ticket: Ticket | None) -> None:
         try:
-            await ticket.wait_turn()
+            if ticket is not None and not await ticket.wait_turn(self._budget + _ORDER_WAIT_SLACK_S):
+                self._log.warning("order_wait_timeout", message_sid=reply.sid)
             if reply.answer_parts is None:
                 answer = await self._answer(reply, resumed=handoff is None)
                 if handoff is not None and handoff.offer(answer):
                     self._log_answer(reply, answer, phase="inline")
-                    await self._store.drop(reply.sid)
+                    await guarded(self._store.drop(reply.sid), self._log, "drop", reply.sid)
                     return
                 self._log_answer(reply, answer, phase="followup")
                 reply.answer_parts, reply.kind = answer.parts, answer.kind
-                await self._store.save_answer(reply.sid, answer.parts, answer.kind)
+                await guarded(
+                    self._store.save_answer(reply.sid, answer.parts, answer.kind), self._log, "save", reply.sid
+                )
             try:
                 await self._followups.deliver(reply)
             finally:
@@ -116,21 +132,24 @@ class ReplyRunner:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # A bug or a store failure: the reply stays journaled, so a restart still delivers it.
+            # A bug: the reply stays journaled, so the next start still delivers it.
             self._log.exception("reply_run_failed", message_sid=reply.sid, error_type=exc.__class__.__name__)
         finally:
-            ticket.release()
+            if ticket is not None:
+                await guarded(ticket.release(), self._log, "release_ticket", reply.sid)
 
     async def _answer(self, reply: PendingReply, *, resumed: bool) -> Answer:
         budget = self._budget - (time.time() - reply.arrived_at)
         if resumed:
             budget = max(budget, _MIN_RESUMED_BUDGET_S)
-        previous = await self._store.get_conversation(reply.user_key)
+        previous = await guarded(self._store.get_conversation(reply.user_key), self._log, "get_conversation", reply.sid)
         try:
             result = await self._agent.run(reply.prompt, previous, budget)
         except AgentError as exc:
             return Answer(parts=self._apology, kind="apology", error_type=exc.error_type)
-        await self._store.set_conversation(reply.user_key, result.response_id)
+        await guarded(
+            self._store.set_conversation(reply.user_key, result.response_id), self._log, "set_conversation", reply.sid
+        )
         return Answer(parts=split_message(result.text), kind="answer", tool_count=result.tool_count)
 
     def _log_answer(self, reply: PendingReply, answer: Answer, *, phase: str) -> None:

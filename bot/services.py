@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -38,6 +39,7 @@ class Services:
     signature: SignatureChecker
     hasher: UserHasher
     log: Any
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     async def start(cls, settings: Settings, tracing: Tracing) -> Services:
@@ -65,11 +67,16 @@ class Services:
             hasher=UserHasher(settings.secret("hash_key") or settings.secret("twilio_auth_token")),
             log=log,
         )
-        await runner.resume()
+        await runner.resume_orphans()
+        interval = getattr(store, "takeover_interval_s", None)
+        if interval:
+            services.background.append(asyncio.create_task(runner.watch_orphans(interval), name="watch orphans"))
         return services
 
     async def stop(self) -> None:
         """Stop runs (their replies stay journaled for the next start) and close every connection."""
+        for task in self.background:
+            task.cancel()
         await self.runner.cancel_all()
         await self.sender.close()
         await self.openai.close()

@@ -6,7 +6,7 @@ The store is a small interface with one implementation per backend (`sqlite:///p
 
 from __future__ import annotations
 
-from bot.store.base import PendingReply, Store
+from bot.store.base import PendingReply, Store, guarded
 
 
 async def open_store(url: str, *, dedupe_ttl_s: float) -> Store:
@@ -18,4 +18,4 @@ async def open_store(url: str, *, dedupe_ttl_s: float) -> Store:
     raise ValueError(f"WABOT_STORE={url!r}: expected sqlite:///path/to/file.db")
 
 
-__all__ = ["PendingReply", "Store", "open_store"]
+__all__ = ["PendingReply", "Store", "guarded", "open_store"]

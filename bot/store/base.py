@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
+
+from bot.ordering import Lanes
 
 
 @dataclass
@@ -62,8 +65,12 @@ class Store(Protocol):
         """Store (or with None, reset) a user's conversation state."""
         ...
 
-    async def claim_recovery(self) -> bool:
-        """True for the one process that should resume owed replies (several workers share one store)."""
+    async def claim_orphans(self) -> list[PendingReply]:
+        """Owed replies no live process is working on, now owned by this one (resume them)."""
+        ...
+
+    def lanes(self) -> Lanes:
+        """The per-user lines that keep one user's messages in order."""
         ...
 
     async def ping(self) -> None:
@@ -73,3 +80,20 @@ class Store(Protocol):
     async def close(self) -> None:
         """Release connections."""
         ...
+
+
+T = TypeVar("T")
+
+
+async def guarded(operation: Awaitable[T], log: Any, op: str, message_sid: str) -> T | None:
+    """Run a store operation whose failure must not cost the user their answer: log it and go on.
+
+    Used for bookkeeping on the reply path (journal progress, conversation state). A lost write there means at
+    worst a repeated message after a crash or a conversation that starts afresh; a raised error would mean
+    no answer at all.
+    """
+    try:
+        return await operation
+    except Exception as exc:
+        log.error("store_error", op=op, message_sid=message_sid, error_type=exc.__class__.__name__)
+        return None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from bot.ordering import UserLanes
 from bot.store.base import PendingReply
 
 _SCHEMA = """
@@ -39,6 +40,8 @@ class SQLiteStore:
         self._db = db
         self._path = path
         self._recovery_lock: int | None = None
+        self._recovery_claimed = False
+        self._lanes = UserLanes()
         self._ttl = dedupe_ttl_s
         self._last_purge = 0.0
         # One connection is shared by all coroutines: a statement issued while another coroutine holds a
@@ -145,20 +148,29 @@ class SQLiteStore:
             (user_key, response_id, time.time()),
         )
 
-    async def claim_recovery(self) -> bool:
-        # An advisory lock next to the database, held for the life of the process: of several workers on one
-        # file exactly one resumes the journal, and a new one can take over once that process is gone.
+    async def claim_orphans(self) -> list[PendingReply]:
+        # Only the first call of a process can find orphans: later entries belong to this process's own runs.
+        # An advisory lock next to the database, held for the life of the process, makes exactly one of several
+        # workers on one file the one that resumes the journal.
+        if self._recovery_claimed or not self._take_recovery_lock():
+            return []
+        self._recovery_claimed = True
+        return await self.pending()
+
+    def _take_recovery_lock(self) -> bool:
         if self._path == ":memory:":
             return True
-        if self._recovery_lock is None:
-            fd = os.open(f"{self._path}.recovery-lock", os.O_CREAT | os.O_RDWR, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            self._recovery_lock = fd
+        fd = os.open(f"{self._path}.recovery-lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._recovery_lock = fd
         return True
+
+    def lanes(self) -> UserLanes:
+        return self._lanes
 
     async def ping(self) -> None:
         async with self._db.execute("SELECT 1") as cur:
