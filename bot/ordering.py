@@ -8,7 +8,10 @@ process on SQLite); the Redis store provides lines shared by every replica (`bot
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from bot.store.base import PendingReply
 
 
 class Ticket(Protocol):
@@ -22,8 +25,8 @@ class Ticket(Protocol):
 
 
 class Lanes(Protocol):
-    async def take_ticket(self, key: str) -> Ticket:
-        """A place at the end of `key`'s line."""
+    async def ticket_for(self, reply: PendingReply) -> Ticket:
+        """The place of an accepted message in its user's line."""
         ...
 
 
@@ -55,8 +58,9 @@ class UserLanes:
     def __init__(self) -> None:
         self._tails: dict[str, asyncio.Future[None]] = {}
 
-    async def take_ticket(self, key: str) -> LocalTicket:
+    async def ticket_for(self, reply: PendingReply) -> LocalTicket:
         # No await before the tail is replaced: tickets follow the order in which messages got here.
+        key = reply.user_key
         ticket = LocalTicket(self, key, self._tails.get(key))
         self._tails[key] = ticket.done
         return ticket

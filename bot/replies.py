@@ -59,7 +59,7 @@ class ReplyRunner:
     async def start(self, reply: PendingReply, handoff: Handoff | None) -> asyncio.Task[None]:
         """Start the run for `reply` now; the user's place in line is taken before this returns."""
         try:
-            ticket: Ticket | None = await self._store.lanes().take_ticket(reply.user_key)
+            ticket: Ticket | None = await self._store.lanes().ticket_for(reply)
         except Exception as exc:
             # Without the store there is no shared line; answering out of order beats not answering.
             self._log.error("store_error", op="take_ticket", error_type=exc.__class__.__name__)

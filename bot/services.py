@@ -46,7 +46,7 @@ class Services:
         """Open the store, build the clients, and resume replies a previous process left owing."""
         log = get_logger("wabot")
         metrics.init(__version__, settings.reply_timeout, multiprocess_dir=settings.prometheus_multiproc_dir)
-        store = await open_store(settings.store, dedupe_ttl_s=settings.dedupe_ttl_s)
+        store = await open_store(settings.store, dedupe_ttl_s=settings.dedupe_ttl_s, lease_s=settings.redis_lease_s)
         client = make_client(settings)
         sender = TwilioSender(settings, tracing.tracer)
         agent = Agent(client, settings, registry, tracing.tracer)

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     # Storage
     store: str = Field("sqlite:///wabot.db", validation_alias=_env("WABOT_STORE"))
     dedupe_ttl_s: float = Field(7 * 24 * 3600, gt=0, validation_alias=_env("WABOT_DEDUPE_TTL"))
+    redis_lease_s: float = Field(10.0, ge=0.5, le=300, validation_alias=_env("WABOT_REDIS_LEASE"))
 
     # Telemetry
     metrics_host: str = Field("127.0.0.1", validation_alias=_env("WABOT_METRICS_HOST"))

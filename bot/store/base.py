@@ -27,6 +27,7 @@ class PendingReply:
     parts_sent: int = 0
     traceparent: str | None = None
     owner: str = ""
+    ticket: int = 0
     extra: dict[str, str] = field(default_factory=dict)
 
 

@@ -1,0 +1,256 @@
+"""Redis store: several bot replicas share dedupe, conversations, per-user order and the owed-reply journal.
+
+- Dedupe: `SET NX EX` on the MessageSid (and idempotency token) inside one Lua script with the journal write,
+  so of two replicas given the same message exactly one accepts it.
+- Ownership: every replica holds a lease key with an expiry (`PX`) and refreshes it; each journal entry names
+  its owner. When a replica dies its lease expires and any other replica claims its entries (a Lua
+  compare-and-set on the owner) and resumes them. A replica that stops gracefully deletes its lease at once.
+- Order: the accept script also draws the message's ticket from a per-user counter (`INCR`) and journals it.
+  A message's turn has come once the user's "served" number reaches the ticket before it; it waits for that
+  with `BLPOP` on a per-ticket list its predecessor pushes to, so waiting costs no polling and crosses replicas.
+  A reply resumed by another replica keeps its ticket, so the user's later messages still wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from bot.store.base import PendingReply
+
+_PREFIX = "wabot"
+_LINE_TTL_S = 24 * 3600
+_CONVERSATION_TTL_S = 30 * 24 * 3600
+
+# KEYS: seen keys..., pending hash, pending index, line counter, line served.
+# ARGV: dedupe ttl, score, owner, line ttl, then hash field/value pairs. Returns 0 (seen before) or the ticket.
+_ACCEPT = """
+local n_seen = #KEYS - 4
+for i = 1, n_seen do
+  if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
+end
+for i = 1, n_seen do
+  redis.call('SET', KEYS[i], '1', 'EX', ARGV[1])
+end
+local ticket = redis.call('INCR', KEYS[n_seen + 3])
+redis.call('EXPIRE', KEYS[n_seen + 3], ARGV[4])
+if ticket == 1 then redis.call('DEL', KEYS[n_seen + 4]) end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[n_seen + 1], 'owner', ARGV[3], 'ticket', ticket, unpack(fields))
+redis.call('ZADD', KEYS[n_seen + 2], ARGV[2], KEYS[n_seen + 1])
+return ticket
+"""
+
+# KEYS: line served, go list of the next ticket; ARGV: ticket, line ttl.
+_RELEASE = """
+local served = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > served then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+redis.call('RPUSH', KEYS[2], '1')
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: pending hash; ARGV: expected owner, new owner, lease key prefix. Claims only if the owner's lease is gone.
+_CLAIM = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then return 0 end
+if owner ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', ARGV[3] .. owner) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[2])
+return 1
+"""
+
+
+class RedisStore:
+    """The Store interface on Redis, for several replicas."""
+
+    def __init__(self, client: aioredis.Redis, blocking: aioredis.Redis, dedupe_ttl_s: float, lease_s: float) -> None:
+        self._lease_s = lease_s
+        # Looking twice per lease bounds a dead replica's replies to about 1.5 leases without an owner.
+        self.takeover_interval_s = lease_s / 2
+        self._redis = client
+        self._blocking = blocking
+        self._ttl = int(dedupe_ttl_s)
+        self.replica_id = uuid.uuid4().hex[:12]
+        self._accept = client.register_script(_ACCEPT)
+        self._claim = client.register_script(_CLAIM)
+        self._lanes = RedisLanes(client, blocking)
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, url: str, dedupe_ttl_s: float, lease_s: float) -> RedisStore:
+        options: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": 5.0, "health_check_interval": 15}
+        # BLPOP blocks for as long as a user's previous message takes: it gets its own connections with no socket
+        # timeout, so a long wait is not mistaken for a dead server (and does not starve the other commands).
+        store = cls(
+            aioredis.Redis.from_url(url, socket_timeout=5.0, **options),
+            aioredis.Redis.from_url(url, socket_timeout=None, **options),
+            dedupe_ttl_s,
+            lease_s,
+        )
+        await store._renew_lease()
+        store._heartbeat = asyncio.create_task(store._keep_lease(), name="redis lease")
+        return store
+
+    def _lease_key(self, replica: str) -> str:
+        return f"{_PREFIX}:replica:{replica}"
+
+    async def _renew_lease(self) -> None:
+        await self._redis.set(self._lease_key(self.replica_id), str(time.time()), px=int(self._lease_s * 1000))
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            # A missed renewal (Redis restarting) is retried on the next beat; two misses in a row and the lease
+            # lapses, which is the point: another replica may then take over.
+            with contextlib.suppress(Exception):
+                await self._renew_lease()
+
+    async def accept(self, reply: PendingReply, idempotency_token: str | None = None) -> bool:
+        seen = [f"{_PREFIX}:seen:{reply.sid}"] + (
+            [f"{_PREFIX}:seen-token:{idempotency_token}"] if idempotency_token else []
+        )
+        fields = {
+            "sid": reply.sid,
+            "to": reply.to,
+            "user_key": reply.user_key,
+            "prompt": reply.prompt,
+            "arrived_at": repr(reply.arrived_at),
+            "parts_sent": "0",
+            "traceparent": reply.traceparent or "",
+        }
+        flat = [item for pair in fields.items() for item in pair]
+        line = f"{_PREFIX}:line:{reply.user_key}"
+        keys = [*seen, self._pending_key(reply.sid), f"{_PREFIX}:pending", f"{line}:next", f"{line}:served"]
+        ticket = await self._accept(keys=keys, args=[self._ttl, reply.arrived_at, self.replica_id, _LINE_TTL_S, *flat])
+        reply.ticket = int(ticket)
+        return reply.ticket > 0
+
+    def _pending_key(self, sid: str) -> str:
+        return f"{_PREFIX}:pending:{sid}"
+
+    async def drop(self, sid: str) -> None:
+        key = self._pending_key(sid)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await pipe.delete(key).zrem(f"{_PREFIX}:pending", key).execute()
+
+    async def save_answer(self, sid: str, parts: list[str], kind: str) -> None:
+        await self._redis.hset(self._pending_key(sid), mapping={"answer_parts": json.dumps(parts), "kind": kind})
+
+    async def mark_sent(self, sid: str, parts_sent: int) -> None:
+        await self._redis.hset(self._pending_key(sid), "parts_sent", str(parts_sent))
+
+    async def finish(self, sid: str) -> None:
+        await self.drop(sid)
+
+    async def pending(self) -> list[PendingReply]:
+        keys = await self._redis.zrange(f"{_PREFIX}:pending", 0, -1)
+        replies = []
+        for key in keys:
+            entry = await self._redis.hgetall(key)
+            if entry:
+                replies.append(_to_reply(entry))
+        return replies
+
+    async def claim_orphans(self) -> list[PendingReply]:
+        claimed = []
+        for key in await self._redis.zrange(f"{_PREFIX}:pending", 0, -1):
+            owner = await self._redis.hget(key, "owner")
+            if owner is None or owner == self.replica_id:
+                continue
+            if await self._claim(keys=[key], args=[owner, self.replica_id, f"{_PREFIX}:replica:"]):
+                entry = await self._redis.hgetall(key)
+                if entry:
+                    claimed.append(_to_reply(entry))
+        return claimed
+
+    def lanes(self) -> RedisLanes:
+        return self._lanes
+
+    async def get_conversation(self, user_key: str) -> str | None:
+        return await self._redis.get(f"{_PREFIX}:conversation:{user_key}")
+
+    async def set_conversation(self, user_key: str, response_id: str | None) -> None:
+        key = f"{_PREFIX}:conversation:{user_key}"
+        if response_id is None:
+            await self._redis.delete(key)
+        else:
+            await self._redis.set(key, response_id, ex=_CONVERSATION_TTL_S)
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        # A graceful stop hands this replica's owed replies to the others right away.
+        with contextlib.suppress(Exception):
+            await self._redis.delete(self._lease_key(self.replica_id))
+        await self._redis.aclose()
+        await self._blocking.aclose()
+
+
+def _to_reply(entry: dict[str, str]) -> PendingReply:
+    return PendingReply(
+        sid=entry["sid"],
+        to=entry["to"],
+        user_key=entry["user_key"],
+        prompt=entry["prompt"],
+        arrived_at=float(entry["arrived_at"]),
+        answer_parts=json.loads(entry["answer_parts"]) if entry.get("answer_parts") else None,
+        kind=entry.get("kind") or None,
+        parts_sent=int(entry.get("parts_sent", "0")),
+        traceparent=entry.get("traceparent") or None,
+        owner=entry.get("owner", ""),
+        ticket=int(entry.get("ticket", "0")),
+    )
+
+
+class RedisTicket:
+    """A place in a user's line shared by every replica. Ticket 0 (accepted while Redis was down) waits for nothing."""
+
+    def __init__(self, lanes: RedisLanes, key: str, number: int) -> None:
+        self._lanes = lanes
+        self._line = f"{_PREFIX}:line:{key}"
+        self._number = number
+
+    async def wait_turn(self, timeout: float) -> bool:
+        if self._number <= 1:
+            return True
+        deadline = time.monotonic() + timeout
+        # Two looks at most: "served" answers at once when the turn already came (also for a resumed reply whose
+        # "go" its first owner consumed); otherwise BLPOP sleeps until the predecessor pushes it.
+        for _ in range(2):
+            served = await self._lanes.redis.get(f"{self._line}:served")
+            if int(served or 0) >= self._number - 1:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            # A BLPOP timeout of 0 means forever, hence the floor.
+            await self._lanes.blocking.blpop([f"{self._line}:go:{self._number}"], timeout=max(remaining, 0.01))
+        return False
+
+    async def release(self) -> None:
+        if self._number > 0:
+            keys = [f"{self._line}:served", f"{self._line}:go:{self._number + 1}"]
+            await self._lanes.release(keys=keys, args=[self._number, _LINE_TTL_S])
+
+
+class RedisLanes:
+    """Per-user lines on Redis; the ticket itself was drawn by the accept script."""
+
+    def __init__(self, client: aioredis.Redis, blocking: aioredis.Redis) -> None:
+        self.redis = client
+        self.blocking = blocking
+        self.release = client.register_script(_RELEASE)
+
+    async def ticket_for(self, reply: PendingReply) -> RedisTicket:
+        return RedisTicket(self, reply.user_key, reply.ticket)
