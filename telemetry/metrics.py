@@ -97,6 +97,8 @@ MODEL_CALL_OUTCOMES = ("ok", "rate_limited", "server_error", "timeout", "connect
 RUN_OUTCOMES = ("ok", "timeout", "error")
 FOLLOWUP_OUTCOMES = ("delivered", "failed")
 REJECTION_REASONS = ("signature", "malformed", "too_large", "duplicate", "rate_limited")
+AI_ERROR_PHASES = ("inline", "followup")
+AI_ERROR_TYPES = ("timeout", "rate_limited", "server_error", "connection_error", "tool_error", "empty", "other")
 
 
 _multiprocess = False
@@ -127,6 +129,9 @@ def init(version: str, reply_timeout_s: float, *, multiprocess_dir: str | None =
         REJECTIONS.labels(reason=reason)
     for direction in ("input", "output"):
         TOKENS.labels(direction=direction)
+    for phase in AI_ERROR_PHASES:
+        for error_type in AI_ERROR_TYPES:
+            AI_ERRORS.labels(phase=phase, error_type=error_type)
 
 
 def _exemplar() -> dict[str, str] | None:
@@ -134,7 +139,8 @@ def _exemplar() -> dict[str, str] | None:
     if multiprocess_enabled():
         return None
     ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
+    # A trace the sampler dropped is never exported: an exemplar pointing at it would lead nowhere.
+    if not ctx.is_valid or not ctx.trace_flags.sampled:
         return None
     return {"trace_id": format(ctx.trace_id, "032x")}
 
