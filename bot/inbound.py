@@ -66,11 +66,11 @@ class InboundMessage:
         problems = []
         if not sid:
             problems.append("MessageSid is missing")
-        elif not _SID.match(sid):
+        elif not _SID.fullmatch(sid):
             problems.append("MessageSid is not a Twilio message SID")
         if not sender:
             problems.append("From is missing")
-        elif not _ADDRESS.match(sender):
+        elif not _ADDRESS.fullmatch(sender):
             problems.append("From is not a WhatsApp address (whatsapp:+<E.164>)")
         body = form.get("Body", "")
         if len(body) > MAX_BODY_CHARS:

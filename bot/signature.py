@@ -32,7 +32,8 @@ class SignatureChecker:
         signature = headers.get("x-twilio-signature", "")
         if not signature:
             return False
-        algorithm = get_signature_algorithm(headers.get("x-twilio-webhooks-signature-settings"))
+        # Upper-cased as twilio's validator does, so the secret picked always matches the hash it computes.
+        algorithm = get_signature_algorithm(headers.get("x-twilio-webhooks-signature-settings")).upper()
         validator = self._sha256 if algorithm == HMAC_SHA256 else self._sha1
         return validator.validate(self.signed_url(url), _MultiParams(pairs), signature, algorithm=algorithm)
 

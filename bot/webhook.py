@@ -92,6 +92,16 @@ def _reject(services: Services, request: Request, exc: _Rejected) -> Response:
     return PlainTextResponse(f"{exc.reason}: {exc.detail}\n", status_code=exc.status_code)
 
 
+async def _accept(services: Services, reply: PendingReply, idempotency_token: str | None) -> bool:
+    """Dedupe and journal; False for a message seen before."""
+    try:
+        return await services.store.accept(reply, idempotency_token)
+    except Exception as exc:
+        # Store down (locked, disk full, Redis restarting): answering without dedupe or journal beats not answering.
+        services.log.error("store_error", op="accept", message_sid=reply.sid, error_type=exc.__class__.__name__)
+        return True
+
+
 @router.post("/whatsapp")
 async def inbound_message(request: Request, services: Services = Depends(get_services)) -> Response:
     """Answer an inbound WhatsApp message inline within the deadline, or hold and follow up."""
@@ -112,7 +122,7 @@ async def inbound_message(request: Request, services: Services = Depends(get_ser
         arrived_at=time.time(),
         traceparent=current_traceparent(),
     )
-    if not await services.store.accept(reply, request.headers.get("i-twilio-idempotency-token")):
+    if not await _accept(services, reply, request.headers.get("i-twilio-idempotency-token")):
         metrics.REJECTIONS.labels(reason="duplicate").inc()
         services.log.info(
             "webhook_rejected",
@@ -150,7 +160,7 @@ async def message_status(request: Request, services: Services = Depends(get_serv
         return _reject(services, request, _Rejected(400, "malformed", "MessageSid and MessageStatus are required"))
     status_label = status if status in _KNOWN_STATUSES else "other"
     error_code = form.get("ErrorCode", "")
-    code_label = error_code if _ERROR_CODE.match(error_code) else ("" if not error_code else "other")
+    code_label = error_code if _ERROR_CODE.fullmatch(error_code) else ("" if not error_code else "other")
     metrics.MESSAGE_STATUS.labels(status=status_label, error_code=code_label).inc()
     level: Any = services.log.warning if status in ("failed", "undelivered") else services.log.info
     level("message_status", message_sid=sid, status=status_label, error_code=code_label)
