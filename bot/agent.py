@@ -107,7 +107,7 @@ class Agent:
             )
             usage = _Usage()
             try:
-                async with asyncio.timeout(budget_s):
+                async with asyncio.timeout(budget_s) as usage.deadline:
                     answer = await self._loop(prompt, previous_response_id, usage, span)
             except TimeoutError:
                 record_error(span, "timeout", f"no answer within {budget_s:.1f} s")
@@ -181,6 +181,10 @@ class Agent:
                     previous_response_id=previous_response_id,
                 )
             except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError) and not usage.deadline_expired():
+                    # Cancelled from outside (shutdown), not by the run's budget: the call has no outcome to count.
+                    record_error(span, "cancelled")
+                    raise
                 outcome = classify(exc)
                 metrics.MODEL_CALLS.labels(outcome=outcome).inc()
                 record_error(span, outcome if outcome != "other" else exc.__class__.__name__)
@@ -235,11 +239,16 @@ class Agent:
 
 
 class _Usage:
-    """Token counts summed over the tool loop."""
+    """Per-run state of the tool loop: token counts summed over it, and the run's budget (`asyncio.timeout`)."""
 
     def __init__(self) -> None:
         self.input_tokens = 0
         self.output_tokens = 0
+        self.deadline: asyncio.Timeout | None = None
+
+    def deadline_expired(self) -> bool:
+        """True when a cancellation inside the run comes from its own budget running out."""
+        return self.deadline is not None and self.deadline.expired()
 
     def add(self, input_tokens: int, output_tokens: int) -> None:
         self.input_tokens += input_tokens

@@ -20,6 +20,9 @@ DEFAULT_APOLOGY_MESSAGE = (
     "Sorry, I couldn't put an answer together this time. Please send your message again in a minute."
 )
 DEFAULT_BUSY_MESSAGE = "I'm handling a lot of messages right now; your answer will follow here shortly."
+DEFAULT_RATE_LIMIT_MESSAGE = (
+    "You're sending messages faster than I can answer them. I'll read new ones again in a minute."
+)
 
 
 def _env(*names: str) -> AliasChoices:
@@ -43,6 +46,10 @@ class Settings(BaseSettings):
     followup_timeout: float = Field(120.0, gt=0, le=3600, validation_alias=_env("WABOT_FOLLOWUP_TIMEOUT"))
     holding_message: str = Field(DEFAULT_HOLDING_MESSAGE, validation_alias=_env("WABOT_HOLDING_MESSAGE"))
     apology_message: str = Field(DEFAULT_APOLOGY_MESSAGE, validation_alias=_env("WABOT_APOLOGY_MESSAGE"))
+    busy_message: str = Field(DEFAULT_BUSY_MESSAGE, validation_alias=_env("WABOT_BUSY_MESSAGE"))
+    max_concurrent_runs: int = Field(500, ge=1, validation_alias=_env("WABOT_MAX_CONCURRENT_RUNS"))
+    user_rate_limit: int = Field(20, ge=0, validation_alias=_env("WABOT_USER_RATE_LIMIT"))
+    rate_limit_message: str = Field(DEFAULT_RATE_LIMIT_MESSAGE, validation_alias=_env("WABOT_RATE_LIMIT_MESSAGE"))
 
     # Twilio
     twilio_account_sid: str | None = Field(None, validation_alias=_env("TWILIO_ACCOUNT_SID"))

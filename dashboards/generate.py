@@ -135,18 +135,12 @@ def timeseries(title: str, description: str, unit: str, *, span: int = 12, heigh
             .display_mode(common.LegendDisplayMode.LIST)
             .placement(common.LegendPlacement.BOTTOM)
         )
-        .tooltip(
-            common_b.VizTooltipOptions()
-            .mode(common.TooltipDisplayMode.MULTI)
-            .sort(common.SortOrder.DESCENDING)
-        )
+        .tooltip(common_b.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING))
     )
 
 
 def threshold_lines(panel: ts_b.Panel) -> ts_b.Panel:
-    return panel.thresholds_style(
-        common_b.GraphThresholdsStyleConfig().mode(common.GraphTresholdsStyleMode.DASHED)
-    )
+    return panel.thresholds_style(common_b.GraphThresholdsStyleConfig().mode(common.GraphTresholdsStyleMode.DASHED))
 
 
 def stat(title: str, description: str, unit: str, *, span: int = 4, height: int = 4) -> stat_b.Panel:
@@ -188,9 +182,7 @@ def overview_stats() -> list[stat_b.Panel]:
             "AI runs that ended with an apology instead of an answer (inline or follow-up), last 5 minutes.",
             "short",
         )
-        .with_target(
-            target("A", f"sum({increase('wabot_ai_errors_total', window='5m')}) or vector(0)", "errors")
-        )
+        .with_target(target("A", f"sum({increase('wabot_ai_errors_total', window='5m')}) or vector(0)", "errors"))
         .decimals(0)
         .thresholds(thresholds("green", (1, "red"))),
         stat("Follow-ups pending", "Holding replies whose real answer has not been delivered yet.", "short")
@@ -442,9 +434,7 @@ def model_panels() -> list[Any]:
     tool_calls = (
         timeseries("Tool calls", "Function tool executions per second by tool and outcome.", "short", span=8)
         .axis_label("calls/s")
-        .with_target(
-            target("A", f"sum by (tool, outcome) ({rate('wabot_tool_calls_total')})", "{{tool}} {{outcome}}")
-        )
+        .with_target(target("A", f"sum by (tool, outcome) ({rate('wabot_tool_calls_total')})", "{{tool}} {{outcome}}"))
     )
     tokens = (
         timeseries("Tokens", "Model tokens per second by direction.", "short", span=8)
@@ -552,9 +542,7 @@ def panel_queries() -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--check", action="store_true", help="exit 1 if the file differs from the generated one"
-    )
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from the generated one")
     parser.add_argument("--output", type=Path, default=OUTPUT, help=f"dashboard file (default {OUTPUT})")
     args = parser.parse_args(argv)
     text = render()

@@ -62,7 +62,9 @@ def _otlp_exporter(settings: Settings) -> SpanExporter:
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
-        return GrpcExporter(endpoint=endpoint or base, insecure=(endpoint or base or "").startswith("http://"))
+        # No `insecure=`: the exporter decides from the scheme (http:// is plaintext) and, for a bare host:port,
+        # from OTEL_EXPORTER_OTLP_[TRACES_]INSECURE, which an explicit False would override.
+        return GrpcExporter(endpoint=endpoint or base)
     if protocol in ("http/protobuf", "http"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 

@@ -208,7 +208,8 @@ def make_bot(
 ) -> Iterator[Callable[..., Bot]]:
     bots: list[Bot] = []
 
-    def start(port: int | None = None, store: str | None = None, **overrides: Any) -> Bot:
+    def start(port: int | None = None, store: str | None = None, memory_spans: bool = True, **overrides: Any) -> Bot:
+        """`memory_spans=False` leaves span export to the settings (OTLP, none), as in production."""
         port = port or free_port()
         url = f"http://127.0.0.1:{port}"
         values: dict[str, Any] = {
@@ -228,7 +229,8 @@ def make_bot(
         values.update(overrides)
         settings = Settings.model_construct(**{**Settings(_env_file=None).model_dump(), **values})
         spans = InMemorySpanExporter()
-        server = LoopbackServer(create_app(settings, span_exporter=spans), port=port, name=f"wabot-{port}")
+        app = create_app(settings, span_exporter=spans if memory_spans else None)
+        server = LoopbackServer(app, port=port, name=f"wabot-{port}")
         server.start()
         bot = Bot(url=url, settings=settings, spans=spans, server=server)
         bots.append(bot)

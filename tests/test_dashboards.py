@@ -95,9 +95,7 @@ def check_rules(tmp_path: Path, exprs: list[tuple[str, str]]) -> subprocess.Comp
         for i, (name, expr) in enumerate(exprs)
     ]
     rules = tmp_path / "dashboard_exprs.rules.yml"
-    rules.write_text(
-        yaml.safe_dump({"groups": groups}, sort_keys=False, allow_unicode=True), encoding="utf-8"
-    )
+    rules.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return subprocess.run(
         [promtool(), "check", "rules", str(rules)], capture_output=True, text=True, timeout=60, check=False
     )
@@ -218,9 +216,7 @@ def test_answer_path_panel(dashboard: dict[str, Any]) -> None:
 
 
 def thresholds(panel: dict[str, Any]) -> list[float]:
-    return [
-        s["value"] for s in panel["fieldConfig"]["defaults"]["thresholds"]["steps"] if s["value"] is not None
-    ]
+    return [s["value"] for s in panel["fieldConfig"]["defaults"]["thresholds"]["steps"] if s["value"] is not None]
 
 
 def test_threshold_panels(dashboard: dict[str, Any]) -> None:
@@ -261,15 +257,10 @@ def test_exemplars_on_latency_histograms(dashboard: dict[str, Any]) -> None:
     (t,) = heat["targets"]
     assert t["format"] == "heatmap"
     assert t["exemplar"] is True
-    assert t["expr"] == (
-        'sum by (le) (increase(wabot_ai_processing_seconds_bucket{job=~"$job"}[$__rate_interval]))'
-    )
+    assert t["expr"] == ('sum by (le) (increase(wabot_ai_processing_seconds_bucket{job=~"$job"}[$__rate_interval]))')
     assert heat["options"]["calculate"] is False
     followup_latency = [
-        t
-        for p in query_panels(dashboard)
-        for t in p["targets"]
-        if "wabot_followup_seconds_bucket" in t["expr"]
+        t for p in query_panels(dashboard) for t in p["targets"] if "wabot_followup_seconds_bucket" in t["expr"]
     ]
     assert followup_latency and all(t.get("exemplar") is True for t in followup_latency)
 
@@ -290,9 +281,7 @@ def test_every_selector_filters_job(dashboard: dict[str, Any]) -> None:
 
 def test_every_expr_parses_with_promtool(dashboard: dict[str, Any], tmp_path: Path) -> None:
     exprs = [
-        (f"{p['title']} {t['refId']}", gen.substitute(t["expr"]))
-        for p in query_panels(dashboard)
-        for t in p["targets"]
+        (f"{p['title']} {t['refId']}", gen.substitute(t["expr"])) for p in query_panels(dashboard) for t in p["targets"]
     ]
     result = check_rules(tmp_path, exprs)
     assert result.returncode == 0, f"promtool rejected dashboard PromQL:\n{result.stdout}\n{result.stderr}"
@@ -311,9 +300,7 @@ def test_promtool_harness_rejects_bad_promql(tmp_path: Path) -> None:
 
 def test_panel_queries_cover_every_target(dashboard: dict[str, Any]) -> None:
     queries = gen.panel_queries()
-    expected = [
-        (p["title"], gen.substitute(t["expr"])) for p in query_panels(dashboard) for t in p["targets"]
-    ]
+    expected = [(p["title"], gen.substitute(t["expr"])) for p in query_panels(dashboard) for t in p["targets"]]
     assert queries == expected
     assert {title for title, _ in queries} == {p["title"] for p in query_panels(dashboard)}
     for title, expr in queries:
@@ -332,9 +319,7 @@ def test_substitute() -> None:
 
 
 def test_datasource_provisioning() -> None:
-    config = yaml.safe_load(
-        (ROOT / "dashboards/provisioning/datasources/wabot.yml").read_text(encoding="utf-8")
-    )
+    config = yaml.safe_load((ROOT / "dashboards/provisioning/datasources/wabot.yml").read_text(encoding="utf-8"))
     assert config["apiVersion"] == 1
     by_uid = {d["uid"]: d for d in config["datasources"]}
     prom, tempo = by_uid["prometheus"], by_uid["tempo"]
@@ -345,9 +330,7 @@ def test_datasource_provisioning() -> None:
 
 
 def test_dashboard_provisioning() -> None:
-    config = yaml.safe_load(
-        (ROOT / "dashboards/provisioning/dashboards/wabot.yml").read_text(encoding="utf-8")
-    )
+    config = yaml.safe_load((ROOT / "dashboards/provisioning/dashboards/wabot.yml").read_text(encoding="utf-8"))
     assert config["apiVersion"] == 1
     (provider,) = config["providers"]
     assert provider["type"] == "file"

@@ -58,6 +58,10 @@ class Store(Protocol):
         """Every reply still owed, oldest first."""
         ...
 
+    async def count_message(self, user_key: str, window_s: int) -> int:
+        """Count a message of this user in the current fixed window of `window_s` seconds; return the count."""
+        ...
+
     async def get_conversation(self, user_key: str) -> str | None:
         """The last response id of a user's conversation, for `previous_response_id`."""
         ...

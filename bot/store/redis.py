@@ -174,6 +174,12 @@ class RedisStore:
     def lanes(self) -> RedisLanes:
         return self._lanes
 
+    async def count_message(self, user_key: str, window_s: int) -> int:
+        key = f"{_PREFIX}:rate:{user_key}:{int(time.time() // window_s)}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            count, _ = await pipe.incr(key).expire(key, window_s * 2).execute()
+        return int(count)
+
     async def get_conversation(self, user_key: str) -> str | None:
         return await self._redis.get(f"{_PREFIX}:conversation:{user_key}")
 

@@ -42,6 +42,8 @@ class SQLiteStore:
         self._recovery_lock: int | None = None
         self._recovery_claimed = False
         self._lanes = UserLanes()
+        self._rate_window = 0
+        self._rate_counts: dict[str, int] = {}
         self._ttl = dedupe_ttl_s
         self._last_purge = 0.0
         # One connection is shared by all coroutines: a statement issued while another coroutine holds a
@@ -134,6 +136,15 @@ class SQLiteStore:
             )
             for row in rows
         ]
+
+    async def count_message(self, user_key: str, window_s: int) -> int:
+        # One process owns a SQLite store, so the counts live in memory; a restart forgets them, which only
+        # means a user briefly gets a fresh allowance.
+        window = int(time.time() // window_s)
+        if window != self._rate_window:
+            self._rate_window, self._rate_counts = window, {}
+        self._rate_counts[user_key] = self._rate_counts.get(user_key, 0) + 1
+        return self._rate_counts[user_key]
 
     async def get_conversation(self, user_key: str) -> str | None:
         async with self._db.execute("SELECT response_id FROM conversations WHERE user_key = ?", (user_key,)) as cur:

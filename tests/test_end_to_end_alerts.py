@@ -1,0 +1,789 @@
+"""End to end: the bot, a real Prometheus and a real Alertmanager on 127.0.0.1, driven by signed webhook traffic.
+
+`wabot serve --demo` answers through its OpenAI simulator; every message carries a `[sim:...]` directive that fixes
+its fate (fast answer, slow answer = holding reply + follow-up, model error = inline apology, tool call), so the
+share of each outcome is exactly what the test chose. Prometheus (Debian's `prometheus`) scrapes the bot every
+second and evaluates a test copy of the rules generated from alerts/generate.py with every `for:` set to 1 s
+(windows, thresholds and traffic gates are the deployed ones); its config is generated from deploy/prometheus.yml.
+Alertmanager (Debian's `prometheus-alertmanager`) runs a test copy of alerts/alertmanager.yml made by
+alerts/testing.py, whose receivers all post to a local webhook receiver.
+
+Phase 1: 40 messages, 4 slow (10 %): the recording rules equal the traffic, the timeout-ratio alert stays silent
+for several evaluations although the traffic gate is open. Phase 2: 10 more slow messages and 2 failing ones
+(14 / 52 = 26.9 % timeouts): the timeout-ratio alert goes pending then firing with the exact value, `WabotAIErrors`
+reaches the ticket receiver through Alertmanager, the delivery-SLO burn-rate alerts fire on the windows the error
+ratio crosses. Every dashboard query returns data. Missing binaries fail the test; they never skip it.
+
+The reply deadline is 2.5 s: the OpenAI SDK retries a 500 twice with 0.375-1.5 s of backoff in all, so with a 1 s
+deadline a model error could only surface after the holding reply (a timeout plus a `followup`-phase error), never
+as the inline apology this test injects.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import importlib.util
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlencode
+from xml.etree import ElementTree
+
+import httpx2
+import pytest
+import yaml
+from twilio.request_validator import RequestValidator
+
+from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
+from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ROOT / "alerts" / "wabot.rules.yml"
+GENERATE_RULES = ROOT / "alerts" / "generate.py"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus.yml"
+JOB = "wabot"
+
+REPLY_TIMEOUT_S = 2.5
+FOLLOWUP_TIMEOUT_S = 5.0
+FOR_OVERRIDE = "1s"
+INTERVAL_S = 1.0  # scrape and evaluation interval
+SETTLE_TIMEOUT_S = 20.0
+NOTIFY_TIMEOUT_S = 20.0
+SETTLED_EVALUATIONS = 3  # rule evaluations on settled data before a phase counts as observed
+
+FAST = "[sim:delay=0.05]"
+SLOW = f"[sim:delay={REPLY_TIMEOUT_S + 0.5:g}]"  # past the deadline, well within the follow-up budget
+FAIL = "[sim:error=500]"
+TOOL = FAST + ' [sim:tool=calculate:{"expression":"6*7"}]'
+TOOL_ANSWER = 'Tool calculate said: {"expression": "6*7", "result": 42}'
+HOLDING = [DEFAULT_HOLDING_MESSAGE]
+APOLOGY = [DEFAULT_APOLOGY_MESSAGE]
+
+
+@dataclass(frozen=True)
+class Traffic:
+    ok: int = 0
+    tool: int = 0
+    slow: int = 0
+    error: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.tool + self.slow + self.error
+
+
+PHASE1 = Traffic(ok=35, tool=1, slow=4)  # 10 % timeouts: below the 20 % threshold, above the 10-message gate
+PHASE2 = Traffic(slow=10, error=2)
+TOTAL = Traffic(ok=35, tool=1, slow=14, error=2)  # 14 / 52 = 26.9 % timeouts, 2 / 52 = 3.8 % errors
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+testing = _load("wabot_alerts_testing", ROOT / "alerts" / "testing.py")  # alerts/ is not a package
+dashboards = importlib.import_module("dashboards.generate")
+
+
+def _binary(package: str, *candidates: str) -> str:
+    for candidate in candidates:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    pytest.fail(
+        f"none of {candidates} found: the end-to-end alerting test needs the Debian package {package} "
+        f"(`apt-get install {package}`, or `make system-deps`)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+
+
+class Process:
+    """A subprocess in its own session with its output in a file; stopped by SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, command: list[str], log: Path, **kwargs: Any) -> None:
+        self.name, self.log = name, log
+        with log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
+            )
+
+    def stop(self) -> None:
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=5)
+
+    def tail(self, chars: int = 3000) -> str:
+        text = self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
+        return f"--- {self.name} ({self.log}) ---\n{text[-chars:]}"
+
+    def wait_ready(self, url: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                pytest.fail(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
+            try:
+                if httpx2.get(url, timeout=1.0).status_code == 200:
+                    return
+            except httpx2.HTTPError:
+                pass
+            time.sleep(0.05)  # poll interval of a bounded readiness loop
+        pytest.fail(f"{self.name} not ready at {url} within {timeout} s:\n{self.tail()}")
+
+
+class Prometheus:
+    """The HTTP API of the Prometheus under test."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client = httpx2.Client(base_url=url, timeout=10.0)
+
+    def _get(self, path: str, **params: str) -> Any:
+        response = self.client.get(path, params=params)
+        body = response.json()
+        assert response.status_code == 200 and body.get("status") == "success", (path, params, body)
+        return body["data"]
+
+    def query(self, expr: str, at: float | None = None) -> dict[str, Any]:
+        """Instant query: {"resultType": ..., "result": ...}."""
+        params = {"query": expr}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        return self._get("/api/v1/query", **params)
+
+    def vector(self, expr: str, at: float | None = None) -> list[tuple[dict[str, str], float]]:
+        data = self.query(expr, at)
+        assert data["resultType"] == "vector", (expr, data)
+        return [(r["metric"], float(r["value"][1])) for r in data["result"]]
+
+    def scalar(self, expr: str, at: float | None = None) -> float | None:
+        """The value of a one-element vector, None when it is empty."""
+        result = self.vector(expr, at)
+        assert len(result) <= 1, (expr, result)
+        return result[0][1] if result else None
+
+    def samples(self, selector: str, window: str, at: float) -> list[tuple[dict[str, str], list[tuple[float, float]]]]:
+        """The raw samples of `selector[window]` at time `at`: (labels, [(timestamp, value), ...]) per series."""
+        data = self.query(f"{selector}[{window}]", at)
+        assert data["resultType"] == "matrix", data
+        return [(r["metric"], [(float(t), float(v)) for t, v in r["values"]]) for r in data["result"]]
+
+    def alerts(self, name: str | None = None) -> list[dict[str, Any]]:
+        alerts = self._get("/api/v1/alerts")["alerts"]
+        return [a for a in alerts if name is None or a["labels"]["alertname"] == name]
+
+    def rule_groups(self) -> list[dict[str, Any]]:
+        return self._get("/api/v1/rules")["groups"]
+
+
+@dataclass
+class Stack:
+    bot_url: str
+    prometheus: Prometheus
+    alertmanager_url: str
+    receiver: Any  # alerts.testing.LocalReceiver
+    rules_copy: Path
+    started: float  # wall-clock time before Prometheus started
+    processes: list[Process] = field(default_factory=list)
+    http: httpx2.Client = field(default_factory=lambda: httpx2.Client(timeout=30.0))
+
+    def diagnostics(self) -> str:
+        return "\n".join(p.tail() for p in self.processes)
+
+    def poll(self, what: str, probe: Callable[[], tuple[bool, Any]], timeout: float = SETTLE_TIMEOUT_S) -> Any:
+        """Call `probe` until it reports done; fail with its last observation (and the logs) after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done, observed = probe()
+            if done:
+                return observed
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: not within {timeout} s; last observed: {observed!r}\n{self.diagnostics()}")
+            time.sleep(0.1)  # poll interval of a bounded loop
+
+    # -- traffic
+
+    def form(self, body: str, sender: str) -> dict[str, str]:
+        sid = "SM" + secrets.token_hex(16)
+        return {
+            "MessageSid": sid,
+            "SmsMessageSid": sid,
+            "SmsSid": sid,
+            "AccountSid": DEMO_ACCOUNT_SID,
+            "From": f"whatsapp:{sender}",
+            "To": DEMO_FROM,
+            "Body": body,
+            "NumMedia": "0",
+            "NumSegments": "1",
+            "MessageType": "text",
+            "SmsStatus": "received",
+            "WaId": sender.lstrip("+"),
+            "ProfileName": "e2e",
+            "ApiVersion": "2010-04-01",
+        }
+
+    def send(self, body: str, sender: str) -> list[str]:
+        """Post one message signed exactly as Twilio (and `wabot send`) signs it; the TwiML reply's messages."""
+        url = f"{self.bot_url}/whatsapp"
+        form = self.form(body, sender)
+        signature = RequestValidator(DEMO_AUTH_TOKEN).compute_signature(url, form)
+        headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature}
+        response = self.http.post(url, content=urlencode(form), headers=headers)
+        assert response.status_code == 200, (body, response.status_code, response.text)
+        return [m.text or "" for m in ElementTree.fromstring(response.text).iter("Message")]
+
+    def drive(self, phase: int, traffic: Traffic) -> None:
+        """Send `traffic` concurrently, one sender per message; every reply is the one its directive fixes.
+
+        Slow messages come last, so they time out after every fast one was counted: the timeout ratio never
+        passes through a higher value on its way to the injected one."""
+        messages: list[tuple[str, list[str]]] = []
+        for i in range(traffic.ok):
+            messages.append((f"p{phase} ok {i} {FAST}", [f"[turn 1] p{phase} ok {i}"]))
+        for i in range(traffic.tool):
+            messages.append((f"p{phase} six times seven {i} {TOOL}", [TOOL_ANSWER]))
+        for i in range(traffic.error):
+            messages.append((f"p{phase} broken {i} {FAIL}", APOLOGY))
+        for i in range(traffic.slow):
+            messages.append((f"p{phase} slow {i} {SLOW}", HOLDING))
+        senders = [f"+1555{phase:02d}{i:05d}" for i in range(len(messages))]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(messages)) as pool:
+            replies = list(pool.map(self.send, [body for body, _ in messages], senders))
+        assert replies == [expected for _, expected in messages]
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+
+
+def prometheus_test_config(rules: Path, metrics_port: int, alertmanager_port: int) -> dict[str, Any]:
+    """deploy/prometheus.yml with 1 s intervals, the test rules copy, the test Alertmanager and only the bot's job."""
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
+    assert any(Path(f).name == RULES.name for f in config["rule_files"]), config["rule_files"]
+    [job] = [c for c in config["scrape_configs"] if c["job_name"] == JOB]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    config["scrape_configs"] = [job]  # the other jobs' targets (collector, Tempo, ...) do not exist here
+    interval = f"{INTERVAL_S:g}s"
+    config["global"].update(scrape_interval=interval, scrape_timeout=interval, evaluation_interval=interval)
+    config["rule_files"] = [str(rules)]
+    [alertmanagers] = config["alerting"]["alertmanagers"]
+    alertmanagers["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager_port}"]}]
+    return config
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    prometheus_bin = _binary("prometheus", "prometheus", "/usr/bin/prometheus")
+    alertmanager_bin = _binary(
+        "prometheus-alertmanager", "alertmanager", "prometheus-alertmanager", "/usr/bin/prometheus-alertmanager"
+    )
+    work = tmp_path_factory.mktemp("e2e")
+    receiver = testing.LocalReceiver().start()
+    processes: list[Process] = []
+    s: Stack | None = None
+    try:
+        # The bot first: Prometheus must find it up at its first scrape, with every counter at 0.
+        port, metrics_port = testing.free_port(), testing.free_port()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "WABOT_", "PROMETHEUS_", "TWILIO_"))},
+            "WABOT_REPLY_TIMEOUT": f"{REPLY_TIMEOUT_S:g}",
+            "WABOT_FOLLOWUP_TIMEOUT": f"{FOLLOWUP_TIMEOUT_S:g}",
+            "WABOT_STORE": f"sqlite:///{work}/e2e.db",
+            "OTEL_TRACES_EXPORTER": "none",
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.pop("OPENAI_API_KEY", None)
+        command = [sys.executable, "-m", "bot", "serve", "--demo", "--host", "127.0.0.1"]
+        command += ["--port", str(port), "--metrics-port", str(metrics_port)]
+        bot = Process(
+            "wabot",
+            command,
+            work / "wabot.log",
+            cwd=ROOT,
+            env=env,
+        )
+        processes.append(bot)
+
+        alertmanager_port = testing.free_port()
+        am_config = work / "alertmanager.yml"
+        am_config.write_text(
+            yaml.safe_dump(testing.alertmanager_test_config(testing.ALERTMANAGER_CONFIG, receiver.url)),
+            encoding="utf-8",
+        )
+        alertmanager = Process(
+            "alertmanager",
+            [
+                alertmanager_bin,
+                f"--config.file={am_config}",
+                f"--storage.path={work / 'alertmanager-data'}",
+                f"--web.listen-address=127.0.0.1:{alertmanager_port}",
+                "--cluster.listen-address=",
+                "--log.level=debug",
+            ],
+            work / "alertmanager.log",
+        )
+        processes.append(alertmanager)
+
+        rules_copy = work / "wabot.rules.test.yml"
+        generated = subprocess.run(
+            [sys.executable, str(GENERATE_RULES), "--for-override", FOR_OVERRIDE, "--out", str(rules_copy)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert generated.returncode == 0, generated.stdout + generated.stderr
+
+        bot.wait_ready(f"http://127.0.0.1:{port}/readyz")
+        alertmanager.wait_ready(f"http://127.0.0.1:{alertmanager_port}/-/ready")
+
+        prometheus_port = testing.free_port()
+        prom_config = work / "prometheus.yml"
+        prom_config.write_text(
+            yaml.safe_dump(prometheus_test_config(rules_copy, metrics_port, alertmanager_port)), encoding="utf-8"
+        )
+        started = time.time()
+        prometheus = Process(
+            "prometheus",
+            [
+                prometheus_bin,
+                f"--config.file={prom_config}",
+                f"--storage.tsdb.path={work / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                f"--web.external-url=http://127.0.0.1:{prometheus_port}",
+                # Firing alerts are re-sent every resend delay (default 1m); ones evaluated before the notifier
+                # knew the Alertmanager (the Watchdog fires at the first evaluation) would wait for it.
+                f"--rules.alert.resend-delay={INTERVAL_S:g}s",
+                "--enable-feature=exemplar-storage",
+            ],
+            work / "prometheus.log",
+        )
+        processes.append(prometheus)
+        prometheus.wait_ready(f"http://127.0.0.1:{prometheus_port}/-/ready")
+
+        s = Stack(
+            bot_url=f"http://127.0.0.1:{port}",
+            prometheus=Prometheus(f"http://127.0.0.1:{prometheus_port}"),
+            alertmanager_url=f"http://127.0.0.1:{alertmanager_port}",
+            receiver=receiver,
+            rules_copy=rules_copy,
+            started=started,
+            processes=processes,
+        )
+
+        def scraped() -> tuple[bool, Any]:
+            runs = s.prometheus.vector(f'wabot_ai_runs_total{{job="{JOB}"}}')
+            up = s.prometheus.scalar(f'up{{job="{JOB}"}}')
+            return up == 1 and sorted(v for _, v in runs) == [0, 0, 0], {"up": up, "runs": runs}
+
+        s.poll("first scrape of the idle bot", scraped)
+        yield s
+    finally:
+        for process in reversed(processes):
+            process.stop()
+        receiver.stop()
+        if s is not None:
+            s.http.close()
+            s.prometheus.client.close()
+
+
+@dataclass(frozen=True)
+class Phase:
+    settled: float  # wall-clock time at which Prometheus had scraped the phase's final counter values
+    end: float  # later: every rule group has evaluated SETTLED_EVALUATIONS times on those values
+
+
+def _settle(stack: Stack, expected: dict[str, float]) -> Phase:
+    """Wait until Prometheus has scraped `expected` (PromQL -> value), then until every rule group has evaluated
+    SETTLED_EVALUATIONS times after that."""
+    prom = stack.prometheus
+
+    def scraped() -> tuple[bool, Any]:
+        values = {expr: prom.scalar(expr) for expr in expected}
+        return values == expected, values
+
+    stack.poll("the phase's counters in Prometheus", scraped)
+    settled = time.time()
+
+    def evaluated() -> tuple[bool, Any]:
+        last = {g["name"]: datetime.fromisoformat(g["lastEvaluation"]).timestamp() for g in prom.rule_groups()}
+        return min(last.values()) >= settled + SETTLED_EVALUATIONS * INTERVAL_S, last
+
+    stack.poll("rule evaluations on the settled counters", evaluated)
+    return Phase(settled=settled, end=time.time())
+
+
+def _expected_counters(traffic: Traffic) -> dict[str, float]:
+    followups = traffic.slow  # one short follow-up message per holding reply
+    return {
+        f'sum(wabot_ai_runs_total{{job="{JOB}"}})': traffic.total,
+        f'sum(wabot_ai_runs_total{{job="{JOB}",outcome="ok"}})': traffic.ok + traffic.tool,
+        f'sum(wabot_ai_runs_total{{job="{JOB}",outcome="timeout"}})': traffic.slow,
+        f'sum(wabot_ai_runs_total{{job="{JOB}",outcome="error"}})': traffic.error,
+        f'sum(wabot_ai_errors_total{{job="{JOB}"}})': traffic.error,
+        f'sum(wabot_ai_errors_total{{job="{JOB}",phase="inline",error_type="server_error"}})': traffic.error,
+        f'sum(wabot_response_seconds_count{{job="{JOB}"}})': traffic.total,
+        f'sum(wabot_followups_total{{job="{JOB}",outcome="delivered"}})': followups,
+        f'sum(wabot_followups_total{{job="{JOB}",outcome="failed"}})': 0,
+        f'sum(wabot_followups_pending{{job="{JOB}"}})': 0,
+        f'sum(wabot_message_status_total{{job="{JOB}",status="sent"}})': followups,
+        f'sum(wabot_message_status_total{{job="{JOB}",status="delivered",error_code=""}})': followups,
+        f'sum(wabot_tool_calls_total{{job="{JOB}",tool="calculate",outcome="ok"}})': traffic.tool,
+    }
+
+
+@pytest.fixture(scope="module")
+def phase1(stack: Stack) -> Phase:
+    stack.drive(1, PHASE1)
+    return _settle(stack, _expected_counters(PHASE1))
+
+
+@pytest.fixture(scope="module")
+def phase2(stack: Stack, phase1: Phase) -> Phase:
+    stack.drive(2, PHASE2)
+    return _settle(stack, _expected_counters(TOTAL))
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _recorded(stack: Stack, record: str, at: float, labels: str = "") -> tuple[float, float]:
+    """(timestamp, value) of the last sample a recording rule wrote at or before `at` (one series)."""
+    series = stack.prometheus.samples(f'{record}{{job="{JOB}"{labels}}}', "5s", at)
+    assert len(series) == 1, (record, series)
+    return series[0][1][-1]
+
+
+def _extrapolation(stack: Stack, at: float) -> float:
+    """The factor Prometheus' increase()/rate() applies to a counter of the bot over [at-5m, at].
+
+    Every counter of the bot is pre-created at 0 and was scraped at 0 before any traffic (the `stack` fixture
+    checks it), and the test is younger than 5 minutes: Prometheus (2.x, extrapolatedRate) extrapolates to
+    the window start only down to the counter's zero point (no extrapolation), and to the window end by the
+    time since the last scrape (when below 1.1 average scrape intervals, else half an interval). Only sample
+    timestamps enter: the expected values below are still exactly what was sent, times this factor.
+    """
+    series = stack.prometheus.samples(f'wabot_ai_runs_total{{job="{JOB}",outcome="ok"}}', "5m", at)
+    assert len(series) == 1, series
+    points = series[0][1]
+    assert points[0][1] == 0 and points[0][0] >= stack.started, points[:3]
+    first, last, end = (round(t * 1000) for t in (points[0][0], points[-1][0], at))  # Prometheus keeps ms
+    sampled = (last - first) / 1000
+    average = sampled / (len(points) - 1)
+    to_end = (end - last) / 1000
+    return (sampled + (to_end if to_end < 1.1 * average else average / 2)) / sampled
+
+
+def _close(actual: float | None, expected: float, tolerance: float = 1e-6) -> bool:
+    return actual is not None and math.isclose(actual, expected, rel_tol=tolerance, abs_tol=tolerance)
+
+
+def _assert_recording_rules(stack: Stack, phase: Phase, traffic: Traffic) -> None:
+    """The recording rules at the end of a phase equal the cumulative traffic (all of it is inside 5 m)."""
+    n, at = traffic.total, phase.end
+    value = {
+        "wabot:ai_timeout:ratio_rate5m": traffic.slow / n,
+        "wabot:ai_error:ratio_rate5m": traffic.error / n,
+        "wabot:followup_delivery:ratio_rate5m": 1.0,
+        "wabot:followups_failed:increase5m": 0.0,
+        "wabot:response_over_12s:ratio_rate5m": 0.0,
+        "wabot:response_over_15s:ratio_rate5m": 0.0,
+    }
+    for window in ("5m", "30m", "1h", "2h", "6h", "1d", "3d"):
+        value[f"wabot:slo_reply_15s:error_ratio_rate{window}"] = 0.0
+        value[f"wabot:slo_answer_delivered:error_ratio_rate{window}"] = traffic.error / n
+    wrong = {}
+    for record, expected in value.items():
+        ts, got = _recorded(stack, record, at)
+        if ts < phase.settled or not _close(got, expected):
+            wrong[record] = {"expected": expected, "got": got, "at": ts, "settled": phase.settled}
+    assert not wrong, wrong
+
+    # Increases and rates carry Prometheus' extrapolation to the end of the window (see _extrapolation).
+    ts, got = _recorded(stack, "wabot:messages:increase5m", at)
+    factor = _extrapolation(stack, ts)
+    assert 1 <= factor < 1.5, factor
+    assert _close(got, n * factor, 1e-9), (got, n, factor)
+    ts, got = _recorded(stack, "wabot:messages:rate5m", at)
+    assert _close(got, n * _extrapolation(stack, ts) / 300, 1e-9), (got, n)
+    for outcome, count in (("ok", traffic.ok + traffic.tool), ("timeout", traffic.slow), ("error", traffic.error)):
+        ts, got = _recorded(stack, "wabot:ai_runs:rate5m", at, f',outcome="{outcome}"')
+        assert _close(got, count * _extrapolation(stack, ts) / 300, 1e-9), (outcome, got, count)
+
+    # A counter series that appears within the window counts with its whole value; here all were pre-created.
+    errors = stack.prometheus.vector(f'wabot:ai_errors:increase5m{{job="{JOB}"}} > 0', at)
+    labels = {"__name__": "wabot:ai_errors:increase5m", "job": JOB, "phase": "inline", "error_type": "server_error"}
+    expected_errors = [(labels, traffic.error)]
+    assert errors == ([] if traffic.error == 0 else expected_errors)
+
+    # Quantiles of the webhook time: fast answers below the deadline, holding replies in the 2-4 s bucket.
+    p50 = _recorded(stack, "wabot:response_seconds:p50_5m", at)[1]
+    p95 = _recorded(stack, "wabot:response_seconds:p95_5m", at)[1]
+    p99 = _recorded(stack, "wabot:response_seconds:p99_5m", at)[1]
+    assert p50 < REPLY_TIMEOUT_S, p50
+    assert 2 < p95 <= p99 <= 4, (p95, p99)
+
+
+def _alert_rule(stack: Stack, name: str) -> list[dict[str, Any]]:
+    return [
+        r for g in stack.prometheus.rule_groups() for r in g["rules"] if r["type"] == "alerting" and r["name"] == name
+    ]
+
+
+def _rules_by_name() -> dict[str, dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"]
+    return {rule["alert"]: rule for group in groups for rule in group["rules"] if "alert" in rule}
+
+
+def _wait_notification(stack: Stack, receiver: str, alertname: str) -> Any:
+    try:
+        return stack.receiver.wait_for(
+            lambda n: n.receiver == receiver and alertname in n.alertnames and n.payload.get("status") == "firing",
+            NOTIFY_TIMEOUT_S,
+        )
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}\n{stack.diagnostics()}")
+
+
+def _receivers_of(stack: Stack, alertname: str) -> set[str]:
+    return {n.receiver for n in stack.receiver.received() if alertname in n.alertnames}
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+
+
+def test_prometheus_runs_the_test_copy_of_the_real_rules(stack: Stack) -> None:
+    """Same groups, rules, expressions, labels and annotations as alerts/wabot.rules.yml; only `for:` differs."""
+    real = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    copy = yaml.safe_load(stack.rules_copy.read_text(encoding="utf-8"))
+    for group in real["groups"]:
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = FOR_OVERRIDE
+    assert copy == real
+
+    loaded = stack.prometheus.rule_groups()
+    assert sorted(g["name"] for g in loaded) == sorted(g["name"] for g in real["groups"])
+    for group in loaded:
+        assert group["file"] == str(stack.rules_copy)
+        assert group["interval"] == INTERVAL_S
+    alerting = [r for g in loaded for r in g["rules"] if r["type"] == "alerting"]
+    assert {r["duration"] for r in alerting if r["name"] != "Watchdog"} == {1}
+    am = stack.prometheus._get("/api/v1/alertmanagers")["activeAlertmanagers"]
+    assert [a["url"] for a in am] == [f"{stack.alertmanager_url}/api/v2/alerts"]
+
+
+def test_phase1_recording_rules_equal_the_traffic(stack: Stack, phase1: Phase) -> None:
+    _assert_recording_rules(stack, phase1, PHASE1)
+
+
+def test_timeout_alert_stays_silent_below_20_percent(stack: Stack, phase1: Phase) -> None:
+    prom = stack.prometheus
+    # The traffic gate is open (40 >= 10 messages): the alert is silent because of the ratio alone.
+    assert prom.scalar(f'wabot:messages:increase5m{{job="{JOB}"}}', phase1.end) >= 10
+    assert _close(prom.scalar(f'wabot:ai_timeout:ratio_rate5m{{job="{JOB}"}}', phase1.end), 0.1)
+    # Never pending or firing from Prometheus' start until SETTLED_EVALUATIONS evaluations on the settled ratio.
+    history = math.ceil(phase1.end - stack.started) + 1
+    alerts = prom.query(f'ALERTS{{alertname="WabotAITimeoutRatioHigh"}}[{history}s]', phase1.end)
+    assert alerts["result"] == [], alerts
+    [rule] = _alert_rule(stack, "WabotAITimeoutRatioHigh")
+    assert rule["health"] == "ok", rule
+
+
+def test_phase2_recording_rules_equal_the_traffic(stack: Stack, phase2: Phase) -> None:
+    _assert_recording_rules(stack, phase2, TOTAL)
+
+
+def test_timeout_alert_goes_pending_then_fires_above_20_percent(stack: Stack, phase2: Phase) -> None:
+    ratio = TOTAL.slow / TOTAL.total
+    expected_description = f"{ratio * 100:.4g}%"  # Prometheus' humanizePercentage: %.4g of the percentage
+    real = _rules_by_name()["WabotAITimeoutRatioHigh"]
+
+    def active() -> tuple[bool, Any]:
+        alerts = stack.prometheus.alerts("WabotAITimeoutRatioHigh")
+        done = len(alerts) == 1 and alerts[0]["state"] in ("pending", "firing")
+        return done and expected_description in alerts[0]["annotations"]["description"], alerts
+
+    [alert] = stack.poll("WabotAITimeoutRatioHigh pending or firing at the injected ratio", active)
+    assert alert["labels"] == {"alertname": "WabotAITimeoutRatioHigh", "job": JOB, "severity": "warning"}
+    assert _close(float(alert["value"]), ratio), alert
+    annotations = alert["annotations"]
+    assert annotations["summary"] == real["annotations"]["summary"]
+    assert annotations["runbook_url"].endswith("/alerts/runbooks/WabotAITimeoutRatioHigh.md")
+    assert annotations["description"] == (
+        f"{expected_description} of the messages to {JOB} in the last 5m got a holding reply instead of an inline "
+        "answer (threshold 20 %, at least 10 messages)."
+    )
+    # It went through `pending` (the 1 s `for:` of the test copy) before firing.
+    history = math.ceil(time.time() - stack.started) + 1
+    states = {
+        labels["alertstate"]
+        for labels, _ in stack.prometheus.vector(
+            f'max_over_time(ALERTS{{alertname="WabotAITimeoutRatioHigh"}}[{history}s])'
+        )
+    }
+    assert "pending" in states, states
+    # Through Alertmanager: a warning, so the ticket receiver.
+    note = _wait_notification(stack, "ticket", "WabotAITimeoutRatioHigh")
+    assert note.payload["groupLabels"] == {"alertname": "WabotAITimeoutRatioHigh", "job": JOB}
+    assert _receivers_of(stack, "WabotAITimeoutRatioHigh") == {"ticket"}
+
+
+def test_ai_errors_fire_and_reach_the_ticket_receiver(stack: Stack, phase2: Phase) -> None:
+    labels = {
+        "alertname": "WabotAIErrors",
+        "job": JOB,
+        "phase": "inline",
+        "error_type": "server_error",
+        "severity": "warning",
+    }
+    description = (
+        f"AI runs of {JOB} that ended without an answer in the last 5m: {{}} (error type server_error, inline "
+        "phase); each of those users got an apology. Log event: ai_error_in_timeout."
+    )
+
+    def firing() -> tuple[bool, Any]:
+        alerts = stack.prometheus.alerts("WabotAIErrors")
+        return [a["state"] for a in alerts] == ["firing"] and alerts[0]["value"] is not None, alerts
+
+    [alert] = stack.poll("WabotAIErrors firing", firing)
+    assert alert["labels"] == labels
+    assert float(alert["value"]) == TOTAL.error
+    assert alert["annotations"]["description"] == description.format(TOTAL.error)
+    assert alert["annotations"]["runbook_url"].endswith("/alerts/runbooks/WabotAIErrors.md")
+
+    note = _wait_notification(stack, "ticket", "WabotAIErrors")
+    assert note.payload["receiver"] == "ticket"
+    assert note.payload["groupLabels"] == {"alertname": "WabotAIErrors", "job": JOB}
+    [sent] = note.alerts
+    assert sent["status"] == "firing"
+    assert sent["labels"] == labels
+    # Prometheus sent it as soon as it fired: the two errors may have been scraped one at a time.
+    match = re.fullmatch(re.escape(description).replace(r"\{\}", r"(\d+)"), sent["annotations"]["description"])
+    assert match and 1 <= int(match.group(1)) <= TOTAL.error, sent["annotations"]
+    assert sent["annotations"]["runbook_url"] == alert["annotations"]["runbook_url"]
+    assert sent["generatorURL"].startswith(stack.prometheus.url)
+    assert _receivers_of(stack, "WabotAIErrors") == {"ticket"}
+
+
+def test_delivery_slo_burn_rate_alerts_fire_on_the_windows_the_error_ratio_crosses(stack: Stack, phase2: Phase) -> None:
+    """2 failed answers in 52 = 3.85 % of a 0.5 % budget: above 6x (3 %), 3x and 1x, below 14.4x (7.2 %)."""
+    ratio = TOTAL.error / TOTAL.total
+    budget = 1 - 0.995
+    expected = {
+        (severity, long_window, short_window)
+        for severity, long_window, short_window, factor in (
+            ("critical", "1h", "5m", 14.4),
+            ("critical", "6h", "30m", 6),
+            ("warning", "1d", "2h", 3),
+            ("warning", "3d", "6h", 1),
+        )
+        if ratio > factor * budget
+    }
+    assert expected == {("critical", "6h", "30m"), ("warning", "1d", "2h"), ("warning", "3d", "6h")}
+
+    def active() -> tuple[bool, Any]:
+        alerts = stack.prometheus.alerts("WabotDeliverySLOBurnRateHigh")
+        windows = {(a["labels"]["severity"], a["labels"]["long_window"], a["labels"]["short_window"]) for a in alerts}
+        return windows == expected and all(a["state"] == "firing" for a in alerts), alerts
+
+    alerts = stack.poll("WabotDeliverySLOBurnRateHigh on exactly the crossed windows", active)
+    for alert in alerts:
+        assert _close(float(alert["value"]), ratio), alert
+        assert f"{ratio * 100:.4g}%" in alert["annotations"]["description"]
+    assert stack.prometheus.alerts("WabotReplySLOBurnRateHigh") == []
+    # The critical one pages (its warnings are inhibited in Alertmanager, tests/test_alertmanager.py).
+    note = _wait_notification(stack, "page", "WabotDeliverySLOBurnRateHigh")
+    assert {a["labels"]["severity"] for a in note.alerts} == {"critical"}
+
+
+def test_no_other_alert_is_active(stack: Stack, phase2: Phase) -> None:
+    expected = {"Watchdog", "WabotAITimeoutRatioHigh", "WabotAIErrors", "WabotDeliverySLOBurnRateHigh"}
+
+    def only_expected() -> tuple[bool, Any]:
+        active = {a["labels"]["alertname"] for a in stack.prometheus.alerts()}
+        return active == expected, active
+
+    stack.poll("exactly the expected alerts active", only_expected)
+
+
+def test_watchdog_reaches_the_deadmansswitch_only(stack: Stack) -> None:
+    note = _wait_notification(stack, "deadmansswitch", "Watchdog")
+    [alert] = note.alerts
+    assert alert["labels"] == {"alertname": "Watchdog", "severity": "none"}
+    assert alert["annotations"]["runbook_url"].endswith("/alerts/runbooks/Watchdog.md")
+    assert _receivers_of(stack, "Watchdog") == {"deadmansswitch"}
+
+
+def test_every_rule_evaluates_without_error(stack: Stack, phase2: Phase) -> None:
+    broken = [
+        (g["name"], r["name"], r.get("lastError"))
+        for g in stack.prometheus.rule_groups()
+        for r in g["rules"]
+        if r["health"] != "ok"
+    ]
+    assert broken == []
+
+
+def test_every_dashboard_query_returns_data(stack: Stack, phase2: Phase) -> None:
+    queries = dashboards.panel_queries()
+    assert queries
+    empty, not_finite = [], []
+    for title, expr in queries:
+        data = stack.prometheus.query(expr)
+        if data["resultType"] == "scalar":
+            values = [float(data["result"][1])]
+        else:
+            assert data["resultType"] == "vector", (title, expr, data)
+            values = [float(r["value"][1]) for r in data["result"]]
+        if not values:
+            empty.append((title, expr))
+        elif not all(math.isfinite(v) for v in values):
+            not_finite.append((title, expr, values))
+    assert empty == [], f"dashboard queries without data: {json.dumps(empty, indent=1)}"
+    assert not_finite == [], f"dashboard queries with NaN/Inf: {not_finite}"
+
+
+def test_dashboard_exemplars_link_to_traces(stack: Stack, phase2: Phase) -> None:
+    """Prometheus (with exemplar storage, as deployed) keeps the bot's trace ids for the exemplar-enabled panels."""
+    targets = [
+        (title, dashboards.substitute(t["expr"]))
+        for title, t in dashboards.iter_targets(dashboards.dashboard_json())
+        if t.get("exemplar")
+    ]
+    assert targets
+    missing = []
+    for title, expr in targets:
+        params = {"query": expr, "start": f"{stack.started:.3f}", "end": f"{time.time():.3f}"}
+        data = stack.prometheus._get("/api/v1/query_exemplars", **params)
+        trace_ids = [e["labels"].get("trace_id", "") for series in data for e in series["exemplars"]]
+        if not trace_ids or not all(re.fullmatch(r"[0-9a-f]{32}", t) for t in trace_ids):
+            missing.append((title, expr, trace_ids))
+    assert missing == []

@@ -1,0 +1,360 @@
+"""Prometheus metrics as an operator scrapes them: a real `wabot serve --demo` process, scripted traffic, /metrics.
+
+The demo simulator runs in "normal" mode (random latency), so every message carries a `[sim:...]` directive that
+fixes its outcome. Values are asserted exactly: they are what was sent.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+from xml.etree import ElementTree
+
+import httpx2
+import pytest
+from prometheus_client import multiprocess
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+from twilio.request_validator import RequestValidator
+
+from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
+from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
+from telemetry.metrics import SECONDS_BUCKETS, exposition
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+HOLDING = [DEFAULT_HOLDING_MESSAGE]
+
+
+class DemoProcess:
+    """`python -m bot serve --demo` in a subprocess of its own session, its stdout+stderr in a file."""
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, workers: int = 1) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
+        self.output = tmp / "wabot-serve.log"
+        full_env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "WABOT_", "PROMETHEUS_"))},
+            "WABOT_STORE": f"sqlite:///{tmp}/x.db",
+            "OTEL_TRACES_EXPORTER": "none",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        command = [sys.executable, "-m", "bot", "serve", "--demo", "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), "--metrics-port", str(self.metrics_port), "--workers", str(workers)]
+        with self.output.open("wb") as out:
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.client = httpx2.Client(timeout=30.0)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"wabot serve exited with {self.process.returncode}:\n{self.text()}")
+            try:
+                if self.client.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx2.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"wabot serve not healthy within {timeout} s:\n{self.text()}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL to the whole session (workers too) after a bounded wait."""
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=5)
+
+    def text(self) -> str:
+        return self.output.read_text(encoding="utf-8", errors="replace")
+
+    def form(self, body: str, sender: str, sid: str | None = None) -> dict[str, str]:
+        sid = sid or "SM" + secrets.token_hex(16)
+        return {
+            "MessageSid": sid,
+            "SmsMessageSid": sid,
+            "SmsSid": sid,
+            "AccountSid": DEMO_ACCOUNT_SID,
+            "From": f"whatsapp:{sender}",
+            "To": DEMO_FROM,
+            "Body": body,
+            "NumMedia": "0",
+            "NumSegments": "1",
+            "MessageType": "text",
+            "SmsStatus": "received",
+            "WaId": sender.lstrip("+"),
+            "ProfileName": "Test",
+            "ApiVersion": "2010-04-01",
+        }
+
+    def post(self, form: dict[str, str], *, signature: str | None = None, **kwargs: Any) -> httpx2.Response:
+        if signature is None:
+            signature = RequestValidator(DEMO_AUTH_TOKEN).compute_signature(f"{self.url}/whatsapp", form)
+        headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature}
+        return self.client.post(f"{self.url}/whatsapp", content=urlencode(form), headers=headers, **kwargs)
+
+    def send(self, body: str, sender: str) -> list[str]:
+        response = self.post(self.form(body, sender))
+        assert response.status_code == 200, response.text
+        return [m.text or "" for m in ElementTree.fromstring(response.text).iter("Message")]
+
+    def send_all(self, messages: list[tuple[str, str]]) -> list[list[str]]:
+        """Send (body, sender) pairs concurrently; the replies in the same order."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(messages)) as pool:
+            return list(pool.map(lambda m: self.send(*m), messages))
+
+    def scrape(self, accept: str | None = None) -> httpx2.Response:
+        response = self.client.get(f"{self.metrics_url}/metrics", headers={"Accept": accept} if accept else {})
+        assert response.status_code == 200
+        return response
+
+    def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of a plain-text scrape, keyed by (name, sorted labels)."""
+        out = {}
+        for family in parse_text(self.scrape().text):
+            for sample in family.samples:
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return out
+
+    def wait_for_sample(self, name: str, labels: dict[str, str], value: float, timeout: float = 15.0) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        deadline = time.monotonic() + timeout
+        while (got := self.samples().get(key)) != value:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}{labels} is {got}, not {value}, after {timeout} s")
+            time.sleep(0.05)
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[DemoProcess]:
+    process = DemoProcess(tmp_path, env={"WABOT_REPLY_TIMEOUT": "2.5"})
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+def test_scraped_metrics_equal_the_scripted_traffic(demo: DemoProcess) -> None:
+    ok = [
+        ("quick one [sim:delay=0.1]", "+15557650001"),
+        ("quick two [sim:delay=0.1]", "+15557650002"),
+        ('six times seven [sim:delay=0.1] [sim:tool=calculate:{"expression":"6*7"}]', "+15557650003"),
+    ]
+    slow = [("slow one [sim:delay=3]", "+15557650004"), ("slow two [sim:delay=3]", "+15557650005")]
+    failing = [("broken [sim:error=500]", "+15557650006")]
+    replies = demo.send_all(ok + slow + failing)
+    assert replies == [
+        ["[turn 1] quick one"],
+        ["[turn 1] quick two"],
+        ['Tool calculate said: {"expression": "6*7", "result": 42}'],
+        HOLDING,
+        HOLDING,
+        [DEFAULT_APOLOGY_MESSAGE],
+    ]
+
+    # Rejections: a bad signature, a wrong content type, an oversized body, a redelivered message.
+    form = demo.form("forged", "+15557650007")
+    assert demo.post(form, signature="bm90LWEtc2lnbmF0dXJl").status_code == 403
+    response = demo.client.post(f"{demo.url}/whatsapp", content=b"{}", headers={"Content-Type": "application/json"})
+    assert response.status_code == 415
+    assert demo.post(demo.form("x" * 70_000, "+15557650008")).status_code == 413
+    again = demo.form("quick again [sim:delay=0.1]", "+15557650009")
+    assert demo.post(again).status_code == 200
+    duplicate = demo.post(again)
+    assert duplicate.status_code == 200
+    assert list(ElementTree.fromstring(duplicate.text).iter("Message")) == []
+
+    # Follow-ups and their delivery callbacks (sent, delivered) come back asynchronously.
+    # (A callback can overtake the bot's own bookkeeping of the send it reports on: wait for both.)
+    demo.wait_for_sample("wabot_followups_total", {"outcome": "delivered"}, 2.0)
+    demo.wait_for_sample("wabot_message_status_total", {"status": "delivered", "error_code": ""}, 2.0)
+    samples = demo.samples()
+    assert value(samples, "wabot_ai_runs_total", outcome="ok") == 4.0
+    assert value(samples, "wabot_ai_runs_total", outcome="timeout") == 2.0
+    assert value(samples, "wabot_ai_runs_total", outcome="error") == 1.0
+    assert value(samples, "wabot_ai_errors_total", phase="inline", error_type="server_error") == 1.0
+    assert value(samples, "wabot_response_seconds_count") == 7.0
+    assert value(samples, "wabot_ai_processing_seconds_count") == 7.0
+    assert value(samples, "wabot_followups_total", outcome="delivered") == 2.0
+    assert value(samples, "wabot_followups_total", outcome="failed") == 0.0
+    assert value(samples, "wabot_followup_seconds_count") == 2.0
+    assert value(samples, "wabot_followups_pending") == 0.0
+    assert value(samples, "wabot_message_status_total", status="sent", error_code="") == 2.0
+    assert value(samples, "wabot_message_status_total", status="delivered", error_code="") == 2.0
+    assert value(samples, "wabot_webhook_rejections_total", reason="signature") == 1.0
+    assert value(samples, "wabot_webhook_rejections_total", reason="malformed") == 1.0
+    assert value(samples, "wabot_webhook_rejections_total", reason="too_large") == 1.0
+    assert value(samples, "wabot_webhook_rejections_total", reason="duplicate") == 1.0
+    # 4 ok + 2 slow answers + 1 tool round trip; the 500 is one SDK call (its retries are inside it).
+    assert value(samples, "wabot_model_calls_total", outcome="ok") == 7.0
+    assert value(samples, "wabot_model_calls_total", outcome="server_error") == 1.0
+    assert value(samples, "wabot_model_calls_total", outcome="timeout") == 0.0
+    assert value(samples, "wabot_tool_calls_total", tool="calculate", outcome="ok") == 1.0
+    assert value(samples, "wabot_tokens_total", direction="input") > 0
+    assert value(samples, "wabot_tokens_total", direction="output") > 0
+    assert value(samples, "wabot_reply_timeout_seconds") == 2.5
+    assert value(samples, "wabot_build_info", version="0.1.0") == 1.0
+
+    # Buckets sit on the alert thresholds: "over 12 s" and "over 15 s" are counts, not estimates.
+    for histogram in ("wabot_response_seconds", "wabot_ai_processing_seconds", "wabot_followup_seconds"):
+        edges = [dict(labels)["le"] for name, labels in samples if name == f"{histogram}_bucket"]
+        assert edges == [str(float(b)) for b in SECONDS_BUCKETS] + ["+Inf"]
+    assert value(samples, "wabot_response_seconds_bucket", le="12.0") == 7.0
+    assert value(samples, "wabot_response_seconds_bucket", le="15.0") == 7.0
+    # Inline answers come back within 2 s; the slow ones got the holding reply at the 2.5 s deadline.
+    assert value(samples, "wabot_response_seconds_bucket", le="2.0") == 5.0
+    assert value(samples, "wabot_response_seconds_bucket", le="4.0") == 7.0
+    assert value(samples, "wabot_followup_seconds_bucket", le="2.0") == 0.0
+    assert value(samples, "wabot_followup_seconds_bucket", le="4.0") == 2.0
+
+    # No label carries a number, a message id or a body.
+    text = demo.scrape().text
+    assert "555765" not in text
+    assert not re.search(r"SM[0-9a-f]{32}", text)
+    assert "quick" not in text
+
+
+def test_exemplars_only_in_openmetrics(demo: DemoProcess) -> None:
+    assert demo.send("exemplar please [sim:delay=0.1]", "+15557650010") == ["[turn 1] exemplar please"]
+    plain = demo.scrape()
+    assert plain.headers["content-type"].startswith("text/plain")
+    assert "trace_id" not in plain.text
+
+    scraped = demo.scrape("application/openmetrics-text; version=1.0.0")
+    assert scraped.headers["content-type"].startswith("application/openmetrics-text")
+    exemplar_line = (
+        r'^wabot_response_seconds_bucket\{le="[0-9.]+"\} 1\.0 # \{trace_id="[0-9a-f]{32}"\} [0-9.]+ [0-9.]+$'
+    )
+    assert re.search(exemplar_line, scraped.text, re.M)
+    exemplars = {
+        sample.name: sample.exemplar.labels["trace_id"]
+        for family in parse_openmetrics(scraped.text)
+        for sample in family.samples
+        if sample.exemplar is not None
+    }
+    assert set(exemplars) == {"wabot_response_seconds_bucket", "wabot_ai_processing_seconds_bucket"}
+    # The exemplar is the message's trace: the same id its log lines carry.
+    total_time_traces = {line["trace_id"] for line in json_lines(demo.text()) if line.get("event") == "total_time"}
+    assert total_time_traces == {exemplars["wabot_response_seconds_bucket"]}
+    assert exemplars["wabot_ai_processing_seconds_bucket"] == exemplars["wabot_response_seconds_bucket"]
+
+
+def test_metrics_and_webhook_ports_are_separate(demo: DemoProcess) -> None:
+    assert demo.client.get(f"{demo.url}/metrics").status_code == 404
+    form = demo.form("to the wrong port [sim:delay=0.1]", "+15557650011")
+    signature = RequestValidator(DEMO_AUTH_TOKEN).compute_signature(f"{demo.url}/whatsapp", form)
+    response = demo.client.post(
+        f"{demo.metrics_url}/whatsapp",
+        content=urlencode(form),
+        headers={"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature},
+    )
+    assert response.status_code == 405
+    assert "<Response>" not in response.text
+    samples = demo.samples()
+    assert sum(value(samples, "wabot_ai_runs_total", outcome=o) or 0 for o in ("ok", "timeout", "error")) == 0
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_two_workers_aggregate_through_the_multiprocess_dir(tmp_path: Path) -> None:
+    multiproc_dir = tmp_path / "prometheus"
+    multiproc_dir.mkdir()
+    demo = DemoProcess(
+        tmp_path, env={"WABOT_REPLY_TIMEOUT": "3", "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir)}, workers=2
+    )
+    try:
+        demo.wait_ready()
+        deadline = time.monotonic() + 20
+        while demo.text().count("Application startup complete.") < 2:  # /healthz answers once one worker is up
+            assert time.monotonic() < deadline, demo.text()
+            time.sleep(0.05)
+        workers = sorted(int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", demo.text()))
+        assert len(workers) == 2, demo.text()
+        # Which worker accepts a connection is the kernel's choice, and one may take every burst. To have both
+        # serve an exact share, each wave goes out while the other worker is paused (SIGSTOP, well inside
+        # uvicorn's 5 s health check), on fresh connections so no kept-alive one leads to the paused worker.
+        per_wave, n = 12, 0
+        for paused in workers:
+            demo.client.close()
+            demo.client = httpx2.Client(timeout=30.0)
+            os.kill(paused, signal.SIGSTOP)
+            try:
+                wave = [(f"message {n + i} [sim:delay=0.05]", f"+15557651{n + i:03d}") for i in range(per_wave)]
+                assert demo.send_all(wave) == [[f"[turn 1] message {n + i}"] for i in range(per_wave)]
+            finally:
+                os.kill(paused, signal.SIGCONT)
+            n += per_wave
+            demo.client.close()
+            demo.client = httpx2.Client(timeout=30.0)
+
+        # Each worker's own count, from its file in the multiprocess directory...
+        per_worker = {}
+        for pid in workers:
+            merged = multiprocess.MultiProcessCollector.merge([str(multiproc_dir / f"counter_{pid}.db")])
+            per_worker[pid] = sum(s.value for m in merged for s in m.samples if s.name == "wabot_ai_runs_total")
+        assert per_worker == {workers[0]: per_wave, workers[1]: per_wave}
+
+        # ...and the scrape sums them.
+        samples = demo.samples()
+        assert value(samples, "wabot_ai_runs_total", outcome="ok") == n == 24
+        assert value(samples, "wabot_ai_runs_total", outcome="timeout") == 0
+        assert value(samples, "wabot_ai_runs_total", outcome="error") == 0
+        assert value(samples, "wabot_response_seconds_count") == n
+        assert value(samples, "wabot_response_seconds_bucket", le="+Inf") == n
+        assert value(samples, "wabot_model_calls_total", outcome="ok") == n
+        # Static gauges are not summed over the workers.
+        assert value(samples, "wabot_build_info", version="0.1.0") == 1.0
+        assert value(samples, "wabot_reply_timeout_seconds") == 3.0
+        # Exemplars are off in multiprocess mode, even for an OpenMetrics scraper.
+        assert "trace_id" not in demo.scrape("application/openmetrics-text").text
+    finally:
+        demo.stop()
+
+
+def test_exemplars_link_only_to_traces_that_were_sampled(make_bot, sim, log_lines) -> None:
+    """An exemplar is a link to a trace: one that the sampler dropped would lead to "trace not found"."""
+
+    def exemplar_trace_ids() -> set[str]:
+        text, _ = exposition("application/openmetrics-text")
+        return set(re.findall(r'# \{trace_id="([0-9a-f]{32})"\}', text.decode()))
+
+    def send(bot, body: str) -> str:
+        mark = log_lines.mark()
+        form = bot.form(body, sender="+15557650012")
+        assert bot.post_form(form).messages == [f"[turn 1] {body}"]
+        [total] = [
+            e for e in log_lines.events(mark) if e["event"] == "total_time" and e["message_sid"] == form["MessageSid"]
+        ]
+        return total["trace_id"]
+
+    sampled = send(make_bot(reply_timeout=3.0), "sampled")
+    assert sampled in exemplar_trace_ids()
+    dropped = send(make_bot(reply_timeout=3.0, otel_traces_sampler="always_off"), "not sampled")
+    assert re.fullmatch(r"[0-9a-f]{32}", dropped)  # the logs still correlate the request's lines
+    assert dropped not in exemplar_trace_ids()

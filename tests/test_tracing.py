@@ -1,0 +1,429 @@
+"""Traces: one trace per inbound message, with the AI run span ending when the run really ends.
+
+Span trees are read from each bot's in-memory exporter; OTLP export is checked end to end against receivers on
+127.0.0.1 (HTTP/protobuf and gRPC) that decode what the bot sends with opentelemetry-proto.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, StatusCode
+
+from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
+from telemetry.privacy import UserHasher
+from tests.conftest import AUTH_TOKEN, Bot, free_port, metric
+
+TOOL_MESSAGE = 'what is 6*7 [sim:tool=calculate:{"expression":"6*7"}]'
+TOOL_ANSWER = 'Tool calculate said: {"expression": "6*7", "result": 42}'
+
+
+def wait_for_spans(bot: Bot, *names: str, timeout: float = 10.0) -> list[ReadableSpan]:
+    """Bounded poll of the exporter until a span of every given name (repeats count) has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = list(bot.spans.get_finished_spans())
+        ended = [span.name for span in spans]
+        if all(ended.count(name) >= names.count(name) for name in names):
+            return spans
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"spans {sorted(names)} not all ended within {timeout} s; ended: {sorted(ended)}")
+        time.sleep(0.02)
+
+
+def only(spans: Sequence[ReadableSpan], name: str) -> ReadableSpan:
+    [span] = [s for s in spans if s.name == name]
+    return span
+
+
+def in_trace(spans: Sequence[ReadableSpan], trace_id: int) -> list[ReadableSpan]:
+    return [s for s in spans if s.context.trace_id == trace_id]
+
+
+def parent_id(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+def seconds(start_ns: int | None, end_ns: int | None) -> float:
+    assert start_ns is not None and end_ns is not None
+    return (end_ns - start_ns) / 1e9
+
+
+def assert_no_phone_number(spans: Sequence[ReadableSpan], number: str) -> None:
+    """No span name, attribute, event or resource value carries the number, in any of its spellings."""
+    forms = (number, number.lstrip("+"), f"whatsapp:{number}")
+    for span in spans:
+        texts = [span.name, *(f"{k}={v}" for k, v in (span.attributes or {}).items())]
+        texts += [f"{k}={v}" for k, v in span.resource.attributes.items()]
+        for event in span.events:
+            texts += [event.name, *(f"{k}={v}" for k, v in (event.attributes or {}).items())]
+        for text in texts:
+            assert not any(form in text for form in forms), f"phone number in span {span.name!r}: {text!r}"
+
+
+def test_ok_run_is_one_trace_from_webhook_to_tool(make_bot: Callable[..., Bot], sim, sink) -> None:
+    bot = make_bot(reply_timeout=3.0)
+    sender = "+15557654301"
+    posted = bot.send(TOOL_MESSAGE, sender=sender)
+    assert posted.messages == [TOOL_ANSWER]
+    spans = wait_for_spans(bot, "POST /whatsapp", "wabot.reply", "invoke_agent", "chat sim-model", "chat sim-model")
+
+    server = only(spans, "POST /whatsapp")
+    trace_spans = in_trace(spans, server.context.trace_id)
+    reply = only(trace_spans, "wabot.reply")
+    agent = only(trace_spans, "invoke_agent")
+    chats = sorted((s for s in trace_spans if s.name == "chat sim-model"), key=lambda s: s.start_time or 0)
+    tool = only(trace_spans, "execute_tool calculate")
+    assert len(chats) == 2
+
+    assert server.kind == SpanKind.SERVER
+    assert server.parent is None
+    assert server.attributes["http.route"] == "/whatsapp"
+    assert server.attributes["http.status_code"] == 200
+
+    assert reply.kind == SpanKind.INTERNAL
+    assert parent_id(reply) == server.context.span_id
+    assert reply.status.status_code == StatusCode.UNSET
+    assert dict(reply.attributes) == {
+        "wabot.reply.timeout_s": 3.0,
+        "wabot.user.hash": UserHasher(AUTH_TOKEN)(f"whatsapp:{sender}"),
+        "wabot.reply.outcome": "ok",
+        "wabot.reply.elapsed_s": reply.attributes["wabot.reply.elapsed_s"],
+        "wabot.reply.parts": 1,
+    }
+    assert 0 < reply.attributes["wabot.reply.elapsed_s"] < 3.0
+    assert len(reply.attributes["wabot.user.hash"]) == 16
+
+    # The run answered inline: its span ends inside the webhook's.
+    assert parent_id(agent) == reply.context.span_id
+    assert agent.end_time <= reply.end_time <= server.end_time
+    assert agent.status.status_code == StatusCode.UNSET
+    calls = sim.calls()
+    assert [c["id"] for c in calls] == [c.attributes["gen_ai.response.id"] for c in chats]
+    chat_in = [c.attributes["gen_ai.usage.input_tokens"] for c in chats]
+    chat_out = [c.attributes["gen_ai.usage.output_tokens"] for c in chats]
+    assert min(chat_in + chat_out) > 0
+    assert dict(agent.attributes) == {
+        "gen_ai.operation.name": "invoke_agent",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.agent.name": "wabot",
+        "gen_ai.request.model": "sim-model",
+        "gen_ai.response.model": "sim-model",
+        "gen_ai.response.id": calls[-1]["id"],
+        "gen_ai.usage.input_tokens": sum(chat_in),
+        "gen_ai.usage.output_tokens": sum(chat_out),
+        "wabot.agent.tool_count": 1,
+    }
+
+    for chat in chats:
+        assert chat.kind == SpanKind.CLIENT
+        assert parent_id(chat) == agent.context.span_id
+        assert chat.status.status_code == StatusCode.UNSET
+        assert chat.attributes["gen_ai.operation.name"] == "chat"
+        assert chat.attributes["gen_ai.provider.name"] == "openai"
+        assert chat.attributes["gen_ai.request.model"] == "sim-model"
+        assert chat.attributes["gen_ai.response.model"] == "sim-model"
+
+    # The tool runs between the call that asked for it and the call that got its output.
+    assert tool.kind == SpanKind.INTERNAL
+    assert parent_id(tool) == agent.context.span_id
+    assert chats[0].end_time <= tool.start_time <= tool.end_time <= chats[1].start_time
+    assert tool.status.status_code == StatusCode.UNSET
+    assert tool.attributes["gen_ai.operation.name"] == "execute_tool"
+    assert tool.attributes["gen_ai.tool.name"] == "calculate"
+    assert str(tool.attributes["gen_ai.tool.call.id"]).startswith("call_")
+
+    assert sink.messages() == []  # answered inline: no REST send, no client span
+    assert not [s for s in spans if s.name == "twilio.messages.create"]
+    assert_no_phone_number(spans, sender)
+
+
+def test_timed_out_run_keeps_its_span_open_until_the_followup(make_bot: Callable[..., Bot], sim, sink) -> None:
+    bot = make_bot(reply_timeout=0.5)
+    sender = "+15557654302"
+    posted = bot.send("slow one [sim:delay=1.5]", sender=sender)
+    assert posted.messages == [DEFAULT_HOLDING_MESSAGE]
+    [followup] = sink.wait_for_messages(1, to=f"whatsapp:{sender}", timeout=10)
+    assert followup["body"] == "[turn 1] slow one"
+    spans = wait_for_spans(bot, "POST /whatsapp", "wabot.reply", "invoke_agent", "twilio.messages.create")
+
+    reply = only(spans, "wabot.reply")
+    trace_spans = in_trace(spans, reply.context.trace_id)
+    server = only(trace_spans, "POST /whatsapp")
+    agent = only(trace_spans, "invoke_agent")
+    send = only(trace_spans, "twilio.messages.create")
+
+    assert reply.attributes["wabot.reply.outcome"] == "timeout"
+    assert reply.attributes["wabot.reply.timeout_s"] == 0.5
+    assert reply.attributes["wabot.reply.parts"] == 1
+    assert 0.5 <= reply.attributes["wabot.reply.elapsed_s"] < 0.9
+    assert 0.45 <= seconds(reply.start_time, reply.end_time) < 0.9
+    assert server.end_time <= agent.end_time
+
+    # The run outlived the webhook by the rest of the model's 1.5 s and still ended as a success.
+    assert parent_id(agent) == reply.context.span_id
+    assert seconds(reply.end_time, agent.end_time) >= 0.5
+    assert seconds(agent.start_time, agent.end_time) >= 1.5
+    assert agent.status.status_code == StatusCode.UNSET
+    assert "error.type" not in agent.attributes
+    assert agent.attributes["gen_ai.response.id"] == sim.calls()[0]["id"]
+    assert agent.attributes["gen_ai.usage.output_tokens"] > 0
+
+    # The follow-up is a client span of the same trace, after the answer.
+    assert send.kind == SpanKind.CLIENT
+    assert parent_id(send) == reply.context.span_id
+    assert send.start_time >= agent.end_time
+    assert send.status.status_code == StatusCode.UNSET
+    assert dict(send.attributes) == {
+        "http.request.method": "POST",
+        "server.address": bot.settings.twilio_api_url.removeprefix("http://"),
+        "wabot.message.length": len(followup["body"]),
+        "wabot.delivery.attempts": 1,
+        "twilio.message.sid": followup["sid"],
+    }
+    assert_no_phone_number(spans, sender)
+
+
+def test_model_error_ends_the_run_span_in_error(make_bot: Callable[..., Bot], sim) -> None:
+    # The SDK retries a 500 twice (about 1.5 s of backoff): the deadline leaves room for that.
+    bot = make_bot(reply_timeout=4.0)
+    sender = "+15557654303"
+    assert bot.send("hello [sim:error=500]", sender=sender).messages == [DEFAULT_APOLOGY_MESSAGE]
+    spans = wait_for_spans(bot, "POST /whatsapp", "wabot.reply", "invoke_agent", "chat sim-model")
+
+    reply = only(spans, "wabot.reply")
+    agent = only(spans, "invoke_agent")
+    chat = only(spans, "chat sim-model")
+    assert reply.attributes["wabot.reply.outcome"] == "error"
+    assert reply.attributes["wabot.reply.parts"] == 1
+    assert parent_id(agent) == reply.context.span_id
+    assert agent.status.status_code == StatusCode.ERROR
+    assert agent.attributes["error.type"] == "server_error"
+    assert agent.attributes["gen_ai.usage.input_tokens"] == 0
+    assert agent.attributes["gen_ai.usage.output_tokens"] == 0
+    assert "gen_ai.response.id" not in agent.attributes
+    assert parent_id(chat) == agent.context.span_id
+    assert chat.status.status_code == StatusCode.ERROR
+    assert chat.attributes["error.type"] == "server_error"
+    assert [c["status"] for c in sim.calls()] == [500, 500, 500]
+    assert_no_phone_number(spans, sender)
+
+
+def test_run_past_the_followup_budget_ends_with_error_type_timeout(make_bot: Callable[..., Bot], sim, sink) -> None:
+    bot = make_bot(reply_timeout=0.5, followup_timeout=1.5)
+    sender = "+15557654304"
+    started = time.monotonic()
+    assert bot.send("hello [sim:hang]", sender=sender).messages == [DEFAULT_HOLDING_MESSAGE]
+    [apology] = sink.wait_for_messages(1, to=f"whatsapp:{sender}", timeout=10)
+    assert apology["body"] == DEFAULT_APOLOGY_MESSAGE
+    spans = wait_for_spans(bot, "wabot.reply", "invoke_agent", "chat sim-model", "twilio.messages.create")
+
+    reply = only(spans, "wabot.reply")
+    agent = only(spans, "invoke_agent")
+    chat = only(spans, "chat sim-model")
+    send = only(spans, "twilio.messages.create")
+    assert reply.attributes["wabot.reply.outcome"] == "timeout"
+    assert agent.status.status_code == StatusCode.ERROR
+    assert agent.attributes["error.type"] == "timeout"
+    assert agent.status.description == "no answer within 1.5 s"
+    # The budget counts from arrival: the span ends ~1.5 s after the message came in, not 1.5 s after the deadline.
+    assert 1.4 <= seconds(reply.start_time, agent.end_time) < 2.0
+    assert time.monotonic() - started >= 1.5
+    assert chat.status.status_code == StatusCode.ERROR
+    assert chat.attributes["error.type"] == "timeout"
+    assert send.context.trace_id == reply.context.trace_id
+    assert send.start_time >= agent.end_time
+    assert send.attributes["wabot.message.length"] == len(DEFAULT_APOLOGY_MESSAGE)
+    assert_no_phone_number(spans, sender)
+
+
+def test_run_cancelled_by_shutdown_still_ends_its_spans(make_bot: Callable[..., Bot], sim, sink) -> None:
+    bot = make_bot(reply_timeout=0.5, followup_timeout=60.0)
+    sender = "+15557654305"
+    assert bot.send("hello [sim:hang]", sender=sender).messages == [DEFAULT_HOLDING_MESSAGE]
+    sim.wait_for_calls(1, timeout=5)
+    assert [s.name for s in bot.spans.get_finished_spans() if s.name == "invoke_agent"] == []
+    model_timeouts = metric("wabot_model_calls_total", {"outcome": "timeout"})
+    bot.stop()
+
+    spans = list(bot.spans.get_finished_spans())
+    agent = only(spans, "invoke_agent")
+    chat = only(spans, "chat sim-model")
+    assert agent.status.status_code == StatusCode.ERROR
+    assert agent.attributes["error.type"] == "cancelled"
+    # The model call did not time out: a deploy must not look like a slow model.
+    assert chat.end_time is not None
+    assert chat.status.status_code == StatusCode.ERROR
+    assert chat.attributes["error.type"] == "cancelled"
+    assert metric("wabot_model_calls_total", {"outcome": "timeout"}) == model_timeouts
+    assert sink.messages(to=f"whatsapp:{sender}") == []
+    assert_no_phone_number(spans, sender)
+
+
+# ---------------------------------------------------------------- OTLP export
+
+
+class OtlpHttpReceiver:
+    """An OTLP/HTTP trace receiver on 127.0.0.1: keeps every request it decodes."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, trace_service_pb2.ExportTraceServiceRequest]] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                decoded = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+                with receiver.lock:
+                    receiver.requests.append((self.path, self.headers.get("Content-Type", ""), decoded))
+                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="otlp-http", daemon=True)
+        self.thread.start()
+
+    def exports(self) -> list[trace_service_pb2.ExportTraceServiceRequest]:
+        with self.lock:
+            return [request for _, _, request in self.requests]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def otlp_http() -> Iterator[OtlpHttpReceiver]:
+    receiver = OtlpHttpReceiver()
+    yield receiver
+    receiver.close()
+
+
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(self, request: Any, context: Any) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def flatten(requests: Sequence[trace_service_pb2.ExportTraceServiceRequest]) -> list[dict[str, Any]]:
+    """Every exported span as {name, trace_id, span_id, parent, kind, attrs, resource, scope}."""
+    out = []
+    for request in requests:
+        for resource_spans in request.resource_spans:
+            resource = {kv.key: kv.value.string_value for kv in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    attrs = {}
+                    for kv in span.attributes:
+                        value = kv.value
+                        attrs[kv.key] = getattr(value, value.WhichOneof("value"))
+                    out.append(
+                        {
+                            "name": span.name,
+                            "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(),
+                            "parent": span.parent_span_id.hex(),
+                            "status": span.status.code,
+                            "attrs": attrs,
+                            "resource": resource,
+                            "scope": scope_spans.scope.name,
+                        }
+                    )
+    return out
+
+
+def assert_exported_message_trace(spans: list[dict[str, Any]]) -> None:
+    by_name = {span["name"]: span for span in spans}
+    assert {"POST /whatsapp", "wabot.reply", "invoke_agent", "chat sim-model"} <= set(by_name)
+    reply, agent, chat = by_name["wabot.reply"], by_name["invoke_agent"], by_name["chat sim-model"]
+    assert reply["trace_id"] == agent["trace_id"] == chat["trace_id"] == by_name["POST /whatsapp"]["trace_id"]
+    assert reply["parent"] == by_name["POST /whatsapp"]["span_id"]
+    assert agent["parent"] == reply["span_id"]
+    assert chat["parent"] == agent["span_id"]
+    assert reply["attrs"]["wabot.reply.outcome"] == "ok"
+    assert agent["attrs"]["gen_ai.provider.name"] == "openai"
+    assert agent["attrs"]["gen_ai.usage.output_tokens"] > 0
+    for span in spans:
+        assert span["resource"]["service.name"] == "wabot"
+        assert span["resource"]["service.version"] == "0.1.0"
+    assert {reply["scope"], agent["scope"], chat["scope"]} == {"wabot"}
+    for span in spans:
+        assert all("5557654" not in f"{k}={v}" for k, v in span["attrs"].items())
+
+
+def test_otlp_http_export_is_flushed_on_shutdown(make_bot: Callable[..., Bot], sim, otlp_http) -> None:
+    bot = make_bot(
+        reply_timeout=3.0,
+        memory_spans=False,
+        otel_traces_exporter="otlp",
+        otel_exporter_otlp_endpoint=otlp_http.url,
+        otel_exporter_otlp_protocol="http/protobuf",
+    )
+    assert bot.send("hello otlp", sender="+15557654306").messages == ["[turn 1] hello otlp"]
+    bot.stop()  # the batch processor's schedule (5 s) has not come: only the shutdown flush sends them
+
+    assert otlp_http.requests
+    assert {(path, ctype) for path, ctype, _ in otlp_http.requests} == {("/v1/traces", "application/x-protobuf")}
+    assert_exported_message_trace(flatten(otlp_http.exports()))
+
+
+@pytest.mark.parametrize("scheme", ["http://", ""])
+def test_otlp_grpc_export(make_bot: Callable[..., Bot], sim, monkeypatch, scheme: str) -> None:
+    """An http:// endpoint is plaintext; so is a bare host:port when OTEL_EXPORTER_OTLP_INSECURE=true says so."""
+    if not scheme:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    service = _TraceService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(service, server)
+    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+    server.start()
+    try:
+        bot = make_bot(
+            reply_timeout=3.0,
+            memory_spans=False,
+            otel_traces_exporter="otlp",
+            otel_exporter_otlp_endpoint=f"{scheme}127.0.0.1:{port}",
+            otel_exporter_otlp_protocol="grpc",
+        )
+        assert bot.send("hello grpc", sender="+15557654307").messages == ["[turn 1] hello grpc"]
+        bot.stop()
+    finally:
+        server.stop(grace=None)
+    assert_exported_message_trace(flatten(service.requests))
+
+
+def test_traces_exporter_none_exports_nothing(make_bot: Callable[..., Bot], sim, otlp_http) -> None:
+    bot = make_bot(
+        reply_timeout=3.0,
+        memory_spans=False,
+        otel_traces_exporter="none",
+        otel_exporter_otlp_endpoint=otlp_http.url,
+        otel_exporter_otlp_protocol="http/protobuf",
+    )
+    assert bot.send("hello nobody", sender="+15557654308").messages == ["[turn 1] hello nobody"]
+    bot.stop()
+    assert otlp_http.requests == []
