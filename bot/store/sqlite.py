@@ -54,12 +54,13 @@ class SQLiteStore:
     async def open(cls, path: str, dedupe_ttl_s: float) -> SQLiteStore:
         if path != ":memory:":
             Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path, isolation_level=None)
+        db = await aiosqlite.connect(path, isolation_level=None, timeout=5.0)
         # WAL + NORMAL: a crash loses at most the last transaction's fsync, never corrupts; busy_timeout
         # makes a briefly locked file wait instead of failing the webhook.
+        # busy_timeout first: several workers opening one file at once must wait for each other, not fail.
+        await db.execute("PRAGMA busy_timeout=5000")
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA busy_timeout=5000")
         await db.executescript(_SCHEMA)
         return cls(db, dedupe_ttl_s, path)
 
