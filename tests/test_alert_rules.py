@@ -5,17 +5,16 @@ promtool is the Debian package `prometheus` (v2.42 here); the tests fail, never 
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import pytest
 import yaml
+
+from alerts import generate
+from tests.binaries import promtool
 
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "alerts"
@@ -23,17 +22,6 @@ RULES = ALERTS / "wabot.rules.yml"
 RULE_TESTS = sorted((ALERTS / "tests").glob("*.yml"))
 RUNBOOKS = ALERTS / "runbooks"
 
-
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-generate = _load("wabot_alerts_generate", ALERTS / "generate.py")
 
 # The contract with the dashboard (dashboards/generate.py) and the brief: these names must exist.
 SLO_WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
@@ -70,16 +58,6 @@ BURN_RATE_TABLE = {
     ("1d", "2h", "warning"),
     ("3d", "6h", "warning"),
 }
-
-
-def promtool() -> str:
-    found = shutil.which("promtool") or shutil.which("/usr/bin/promtool")
-    if not found:
-        pytest.fail(
-            "promtool not found: install the Debian package `prometheus` (apt-get install prometheus) "
-            "or put promtool on PATH"
-        )
-    return found
 
 
 def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -7,11 +7,8 @@ inhibit rules are the deployed ones.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -19,46 +16,27 @@ import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
+
+from alerts import testing
+from tests.binaries import find_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "alerts" / "alertmanager.yml"
 NOTIFY_TIMEOUT = 15.0
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-testing = _load("wabot_alerts_testing", ROOT / "alerts" / "testing.py")
-
-
-def _binary(*candidates: str) -> str:
-    for candidate in candidates:
-        found = shutil.which(candidate)
-        if found:
-            return found
-    pytest.fail(
-        f"none of {candidates} found: install the Debian package prometheus-alertmanager "
-        "(apt-get install prometheus-alertmanager) or put `alertmanager` and `amtool` on PATH"
+def alertmanager_binary() -> str:
+    return find_binary(
+        "prometheus-alertmanager", "alertmanager", "prometheus-alertmanager", "/usr/bin/prometheus-alertmanager"
     )
 
 
-def alertmanager_binary() -> str:
-    return _binary("alertmanager", "prometheus-alertmanager", "/usr/bin/prometheus-alertmanager")
-
-
 def amtool_binary() -> str:
-    return _binary("amtool", "/usr/bin/amtool")
+    return find_binary("prometheus-alertmanager", "amtool", "/usr/bin/amtool")
 
 
 def test_amtool_check_config() -> None:

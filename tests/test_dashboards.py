@@ -7,22 +7,19 @@ template variable, every selector must be filtered by `$job`, and every PromQL e
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from dashboards import generate as gen
+from tests.binaries import promtool
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-gen = importlib.import_module("dashboards.generate")
 
 DASHBOARD_FILE = ROOT / "dashboards" / "wabot.json"
 DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
@@ -75,17 +72,6 @@ def walk(node: Any, path: str = "$"):
     elif isinstance(node, list):
         for i, item in enumerate(node):
             yield from walk(item, f"{path}[{i}]")
-
-
-def promtool() -> str:
-    path = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None)
-    if path is None:
-        pytest.fail(
-            "promtool not found: install the Debian package `prometheus` (/usr/bin/promtool); "
-            "the dashboard's PromQL cannot be validated without it",
-            pytrace=False,
-        )
-    return path
 
 
 def check_rules(tmp_path: Path, exprs: list[tuple[str, str]]) -> subprocess.CompletedProcess[str]:

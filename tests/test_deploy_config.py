@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import posixpath
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,21 +15,13 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.binaries import promtool
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus.yml"
 COMPOSE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
-
-
-def promtool() -> str:
-    found = shutil.which("promtool") or shutil.which("/usr/bin/promtool")
-    if not found:
-        pytest.fail(
-            "promtool not found: install the Debian package `prometheus` (apt-get install prometheus) "
-            "or put promtool on PATH"
-        )
-    return found
 
 
 def _yaml(path: Path) -> Any:

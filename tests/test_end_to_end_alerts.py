@@ -22,14 +22,11 @@ as the inline apology this test injects.
 from __future__ import annotations
 
 import concurrent.futures
-import importlib
-import importlib.util
 import json
 import math
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +35,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 from urllib.parse import urlencode
 from xml.etree import ElementTree
@@ -48,8 +44,11 @@ import pytest
 import yaml
 from twilio.request_validator import RequestValidator
 
+from alerts import testing
 from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
+from dashboards import generate as dashboards
+from tests.binaries import find_binary
 
 pytestmark = pytest.mark.slow
 
@@ -91,32 +90,6 @@ class Traffic:
 PHASE1 = Traffic(ok=35, tool=1, slow=4)  # 10 % timeouts: below the 20 % threshold, above the 10-message gate
 PHASE2 = Traffic(slow=10, error=2)
 TOTAL = Traffic(ok=35, tool=1, slow=14, error=2)  # 14 / 52 = 26.9 % timeouts, 2 / 52 = 3.8 % errors
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-testing = _load("wabot_alerts_testing", ROOT / "alerts" / "testing.py")  # alerts/ is not a package
-dashboards = importlib.import_module("dashboards.generate")
-
-
-def _binary(package: str, *candidates: str) -> str:
-    for candidate in candidates:
-        found = shutil.which(candidate)
-        if found:
-            return found
-    pytest.fail(
-        f"none of {candidates} found: the end-to-end alerting test needs the Debian package {package} "
-        f"(`apt-get install {package}`, or `make system-deps`)"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -301,8 +274,8 @@ def prometheus_test_config(rules: Path, metrics_port: int, alertmanager_port: in
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    prometheus_bin = _binary("prometheus", "prometheus", "/usr/bin/prometheus")
-    alertmanager_bin = _binary(
+    prometheus_bin = find_binary("prometheus", "prometheus", "/usr/bin/prometheus")
+    alertmanager_bin = find_binary(
         "prometheus-alertmanager", "alertmanager", "prometheus-alertmanager", "/usr/bin/prometheus-alertmanager"
     )
     work = tmp_path_factory.mktemp("e2e")

@@ -1,0 +1,1 @@
+"""Alert rules, their generator and the helpers their tests share."""
