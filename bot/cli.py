@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -82,28 +81,18 @@ def send(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the webhook's answer.")] = 20.0,
 ) -> None:
     """Sign and post a message the way Twilio would, and print the bot's reply."""
+    from bot.demo.inbound_form import inbound_form
     from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
 
     settings = Settings()
     token = settings.secret("twilio_auth_token") or DEMO_AUTH_TOKEN
-    sender = from_ if from_.startswith("whatsapp:") else f"whatsapp:{from_}"
-    sid = "SM" + secrets.token_hex(16)
-    form = {
-        "MessageSid": sid,
-        "SmsMessageSid": sid,
-        "SmsSid": sid,
-        "AccountSid": settings.twilio_account_sid or DEMO_ACCOUNT_SID,
-        "From": sender,
-        "To": settings.twilio_whatsapp_from or DEMO_FROM,
-        "Body": text,
-        "NumMedia": "0",
-        "NumSegments": "1",
-        "MessageType": "text",
-        "SmsStatus": "received",
-        "WaId": sender.removeprefix("whatsapp:+"),
-        "ProfileName": "wabot send",
-        "ApiVersion": "2010-04-01",
-    }
+    form = inbound_form(
+        text,
+        sender=from_,
+        to=settings.twilio_whatsapp_from or DEMO_FROM,
+        account_sid=settings.twilio_account_sid or DEMO_ACCOUNT_SID,
+        profile_name="wabot send",
+    )
     target = f"{url.rstrip('/')}/whatsapp"
     signed_url = f"{settings.public_url}/whatsapp" if settings.public_url else target
     signature = RequestValidator(token).compute_signature(signed_url, form)

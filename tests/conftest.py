@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import secrets
 import socket
 import threading
 import time
@@ -27,6 +26,7 @@ from pydantic import SecretStr
 from twilio.request_validator import RequestValidator
 
 from bot.app import create_app
+from bot.demo.inbound_form import inbound_form, new_message_sid
 from bot.demo.loopback import LoopbackServer
 from bot.demo.openai_simulator import OpenAISimulator
 from bot.demo.twilio_sink import TwilioSink
@@ -44,8 +44,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def new_sid() -> str:
-    return "SM" + secrets.token_hex(16)
+new_sid = new_message_sid
 
 
 def metric(name: str, labels: dict[str, str] | None = None) -> float:
@@ -144,24 +143,8 @@ class Bot:
         return RequestValidator(token).compute_signature(f"{base or self.settings.public_url}{path}", form)
 
     def form(self, body: str, *, sender: str = "+15550001111", sid: str | None = None, **extra: str) -> dict[str, str]:
-        sid = sid or new_sid()
-        return {
-            "MessageSid": sid,
-            "SmsMessageSid": sid,
-            "SmsSid": sid,
-            "AccountSid": ACCOUNT_SID,
-            "From": f"whatsapp:{sender}",
-            "To": BOT_NUMBER,
-            "Body": body,
-            "NumMedia": "0",
-            "NumSegments": "1",
-            "SmsStatus": "received",
-            "ApiVersion": "2010-04-01",
-            "WaId": sender.lstrip("+"),
-            "ProfileName": "Test",
-            "MessageType": "text",
-            **extra,
-        }
+        form = inbound_form(body, sender=sender, to=BOT_NUMBER, account_sid=ACCOUNT_SID, sid=sid)
+        return {**form, **extra}
 
     def post_form(
         self,

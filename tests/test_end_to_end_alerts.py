@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -45,6 +44,7 @@ import yaml
 from twilio.request_validator import RequestValidator
 
 from alerts import testing
+from bot.demo.inbound_form import inbound_form
 from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from dashboards import generate as dashboards
@@ -206,23 +206,7 @@ class Stack:
     # -- traffic
 
     def form(self, body: str, sender: str) -> dict[str, str]:
-        sid = "SM" + secrets.token_hex(16)
-        return {
-            "MessageSid": sid,
-            "SmsMessageSid": sid,
-            "SmsSid": sid,
-            "AccountSid": DEMO_ACCOUNT_SID,
-            "From": f"whatsapp:{sender}",
-            "To": DEMO_FROM,
-            "Body": body,
-            "NumMedia": "0",
-            "NumSegments": "1",
-            "MessageType": "text",
-            "SmsStatus": "received",
-            "WaId": sender.lstrip("+"),
-            "ProfileName": "e2e",
-            "ApiVersion": "2010-04-01",
-        }
+        return inbound_form(body, sender=sender, to=DEMO_FROM, account_sid=DEMO_ACCOUNT_SID, profile_name="e2e")
 
     def send(self, body: str, sender: str) -> list[str]:
         """Post one message signed exactly as Twilio (and `wabot send`) signs it; the TwiML reply's messages."""

@@ -10,7 +10,6 @@ import concurrent.futures
 import json
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 from twilio.request_validator import RequestValidator
 
+from bot.demo.inbound_form import inbound_form
 from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from telemetry.metrics import SECONDS_BUCKETS, exposition
@@ -88,23 +88,7 @@ class DemoProcess:
         return self.output.read_text(encoding="utf-8", errors="replace")
 
     def form(self, body: str, sender: str, sid: str | None = None) -> dict[str, str]:
-        sid = sid or "SM" + secrets.token_hex(16)
-        return {
-            "MessageSid": sid,
-            "SmsMessageSid": sid,
-            "SmsSid": sid,
-            "AccountSid": DEMO_ACCOUNT_SID,
-            "From": f"whatsapp:{sender}",
-            "To": DEMO_FROM,
-            "Body": body,
-            "NumMedia": "0",
-            "NumSegments": "1",
-            "MessageType": "text",
-            "SmsStatus": "received",
-            "WaId": sender.lstrip("+"),
-            "ProfileName": "Test",
-            "ApiVersion": "2010-04-01",
-        }
+        return inbound_form(body, sender=sender, to=DEMO_FROM, account_sid=DEMO_ACCOUNT_SID, sid=sid)
 
     def post(self, form: dict[str, str], *, signature: str | None = None, **kwargs: Any) -> httpx2.Response:
         if signature is None:
