@@ -11,15 +11,17 @@ from typing import Any
 from bot.outbound import DeliveryError, TwilioSender
 from bot.store import PendingReply, Store, guarded
 from telemetry import metrics
+from telemetry.recent import RecentActivity
 
 
 class FollowupDelivery:
     """Sends the parts of a journaled reply in order and records the result."""
 
-    def __init__(self, store: Store, sender: TwilioSender, log: Any) -> None:
+    def __init__(self, store: Store, sender: TwilioSender, log: Any, recent: RecentActivity | None = None) -> None:
         self._store = store
         self._sender = sender
         self._log = log
+        self._recent = recent or RecentActivity()
 
     async def deliver(self, reply: PendingReply) -> bool:
         """Send what is left of `reply`; True when every part was accepted. The journal entry is closed either way."""
@@ -33,6 +35,7 @@ class FollowupDelivery:
                 await guarded(self._store.mark_sent(reply.sid, reply.parts_sent), self._log, "mark_sent", reply.sid)
         except DeliveryError as exc:
             metrics.FOLLOWUPS.labels(outcome="failed").inc()
+            self._recent.record_followup("failed")
             self._log.error(
                 "followup_failed",
                 message_sid=reply.sid,
@@ -47,6 +50,7 @@ class FollowupDelivery:
             return False
         elapsed = time.time() - reply.arrived_at
         metrics.FOLLOWUPS.labels(outcome="delivered").inc()
+        self._recent.record_followup("delivered")
         metrics.observe(metrics.FOLLOWUP_SECONDS, elapsed)
         self._log.info(
             "followup_sent",

@@ -24,6 +24,7 @@ from bot.tools import registry
 from telemetry import metrics
 from telemetry.logging import get_logger
 from telemetry.privacy import UserHasher
+from telemetry.recent import RecentActivity
 from telemetry.tracing import Tracing
 
 
@@ -39,6 +40,7 @@ class Services:
     signature: SignatureChecker
     hasher: UserHasher
     log: Any
+    recent: RecentActivity
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -50,7 +52,8 @@ class Services:
         client = make_client(settings)
         sender = TwilioSender(settings, tracing.tracer)
         agent = Agent(client, settings, registry, tracing.tracer)
-        runner = ReplyRunner(settings, store, agent, FollowupDelivery(store, sender, log), log)
+        recent = RecentActivity()
+        runner = ReplyRunner(settings, store, agent, FollowupDelivery(store, sender, log, recent), log)
         services = cls(
             settings=settings,
             tracing=tracing,
@@ -66,6 +69,7 @@ class Services:
             ),
             hasher=UserHasher(settings.secret("hash_key") or settings.secret("twilio_auth_token")),
             log=log,
+            recent=recent,
         )
         await runner.resume_orphans()
         interval = getattr(store, "takeover_interval_s", None)

@@ -136,6 +136,7 @@ async def inbound_message(request: Request, services: Services = Depends(get_ser
     result = await services.responder.respond(message, reply, arrived)
     total = time.monotonic() - arrived
     metrics.observe(metrics.RESPONSE, total)
+    services.recent.record_reply(result.outcome, total)
     services.log.info("total_time", message_sid=message.sid, total_time=round(total, 4), outcome=result.outcome)
     services.log.debug(
         "debug_response",
