@@ -49,6 +49,7 @@ TIMEOUT_RATIO_MAX = 0.20  # WabotAITimeoutRatioHigh: share of messages answered 
 SLOW_REPLY_S = 12  # WabotResponseTimeHigh: a reply this slow leaves no margin before Twilio gives up
 SLOW_REPLY_RATIO_MAX = 0.01  # ... when more than this share of replies is that slow
 TWILIO_LIMIT_S = 15  # WabotResponseOverTwilioLimit: Twilio drops webhook answers slower than this (any one)
+BUSY_RATIO_MAX = 0.05  # WabotRunsAtCapacity: share of messages that found every model slot taken
 SIGNATURE_REJECTIONS_MAX = 5  # WabotSignatureRejections: more than this many in RATIO_WINDOW is a spike
 ZERO_DENOMINATOR = "1e-9"
 
@@ -62,6 +63,7 @@ FOR = {
     "WabotFollowupsFailing": "1m",
     "WabotMessageDeliveryFailing": "1m",
     "WabotSignatureRejections": "2m",
+    "WabotRunsAtCapacity": "10m",
 }
 
 
@@ -167,6 +169,10 @@ def recording_rules() -> list[dict[str, Any]]:
         {
             "record": f"wabot:ai_error:ratio_rate{w}",
             "expr": _ratio(f'{BY_JOB} (rate({runs}{{outcome="error"}}[{w}]))', f"{BY_JOB} (rate({runs}[{w}]))"),
+        },
+        {
+            "record": f"wabot:ai_busy:ratio_rate{w}",
+            "expr": _ratio(f'{BY_JOB} (rate({runs}{{outcome="busy"}}[{w}]))', f"{BY_JOB} (rate({runs}[{w}]))"),
         },
         {
             "record": f"wabot:ai_errors:increase{w}",
@@ -361,6 +367,17 @@ def alert_rules() -> list[dict[str, Any]]:
             f"{w}: {{{{ $value | humanize }}}} (63016 = outside the 24 h WhatsApp session window). "
             "Log event: message_status.",
             FOR["WabotMessageDeliveryFailing"],
+        ),
+        _alert(
+            "WabotRunsAtCapacity",
+            f"wabot:ai_busy:ratio_rate{w} > {BUSY_RATIO_MAX:g}\n{gate}",
+            "warning",
+            "Every model slot is taken: new messages get the busy holding reply and wait for a slot.",
+            "{{ $value | humanizePercentage }} of the messages to {{ $labels.job }} in the last "
+            f"{w} found all WABOT_MAX_CONCURRENT_RUNS model slots taken (threshold {_pct(BUSY_RATIO_MAX)}, "
+            f"at least {MIN_MESSAGES} messages); their answers come later, as follow-ups. "
+            "Log event: runs_at_capacity.",
+            FOR["WabotRunsAtCapacity"],
         ),
         _alert(
             "WabotSignatureRejections",

@@ -4,6 +4,9 @@ The webhook and the run meet at a `Handoff`. If the run offers its answer before
 returns it as TwiML. At the deadline the webhook closes the handoff and returns the holding message; the run
 (never cancelled by this) then delivers its answer as a follow-up. Whichever happens first wins; the event
 loop runs one of them at a time, so there is no window in which an answer could be taken by neither.
+
+When every model slot is taken (WABOT_MAX_CONCURRENT_RUNS), the run is queued and the webhook does not wait
+for a deadline it cannot meet: the user gets the busy holding reply at once and the answer follows.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ class Handoff:
 @dataclass(frozen=True)
 class Reply:
     parts: list[str]
-    outcome: str  # "ok" | "timeout" | "error"
+    outcome: str  # "ok" | "timeout" | "error" | "busy"
     tool_count: int = 0
 
 
@@ -78,6 +81,7 @@ class DeadlineResponder:
     def __init__(self, settings: Settings, runner: Any, tracer: trace.Tracer, log: Any) -> None:
         self._timeout = settings.reply_timeout
         self._holding = split_message(settings.holding_message)
+        self._busy = split_message(settings.busy_message)
         self._log_bodies = settings.log_message_bodies
         self._runner = runner
         self._tracer = tracer
@@ -88,7 +92,11 @@ class DeadlineResponder:
         with self._tracer.start_as_current_span("wabot.reply") as span:
             span.set_attributes({"wabot.reply.timeout_s": self._timeout, "wabot.user.hash": reply.user_key})
             handoff = Handoff()
-            await self._runner.start(reply, handoff)
+            if not await self._runner.start(reply, handoff):
+                handoff.close()
+                result = self._busy_reply(message)
+                span.set_attributes({"wabot.reply.outcome": result.outcome, "wabot.reply.parts": len(result.parts)})
+                return result
             answer: Answer | None = None
             try:
                 answer = await handoff.wait(arrived + self._timeout - time.monotonic())
@@ -105,6 +113,16 @@ class DeadlineResponder:
                 }
             )
             return result
+
+    def _busy_reply(self, message: InboundMessage) -> Reply:
+        metrics.AI_RUNS.labels(outcome="busy").inc()
+        self._log.warning(
+            "runs_at_capacity",
+            message_sid=message.sid,
+            max_concurrent_runs=self._runner.max_concurrent,
+            user_msg=message.body[:80] if self._log_bodies else text_fingerprint(message.body),
+        )
+        return Reply(parts=self._busy, outcome="busy")
 
     def _settle(self, message: InboundMessage, answer: Answer | None, elapsed: float) -> Reply:
         metrics.observe(metrics.AI_PROCESSING, elapsed)

@@ -3,6 +3,10 @@
 A run is a task of its own: the webhook returning (or being cancelled) never cancels it. Its budget is the
 follow-up timeout counted from the message's arrival; past it the user gets an apology instead of silence.
 Runs left in the journal by a crash are started again on start-up (`resume`).
+
+At most WABOT_MAX_CONCURRENT_RUNS runs talk to the model at once. A run that finds every slot taken is still
+started: it waits for a slot, and its webhook answers with the busy holding reply at once instead of racing a
+deadline it cannot meet.
 """
 
 from __future__ import annotations
@@ -55,19 +59,30 @@ class ReplyRunner:
         self._followups = followups
         self._log = log
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(settings.max_concurrent_runs)
+        self.max_concurrent = settings.max_concurrent_runs
 
-    async def start(self, reply: PendingReply, handoff: Handoff | None) -> asyncio.Task[None]:
-        """Start the run for `reply` now; the user's place in line is taken before this returns."""
+    async def start(self, reply: PendingReply, handoff: Handoff | None) -> bool:
+        """Start the run for `reply` now; the user's place in line is taken before this returns.
+
+        True when the run got a model slot at once; False when it waits for one (every slot is taken).
+        """
         try:
             ticket: Ticket | None = await self._store.lanes().ticket_for(reply)
         except Exception as exc:
             # Without the store there is no shared line; answering out of order beats not answering.
             self._log.error("store_error", op="take_ticket", error_type=exc.__class__.__name__)
             ticket = None
-        task = asyncio.create_task(self._run(reply, handoff, ticket), name=f"reply {reply.sid}")
+        # Taken here, synchronously, not inside the task: a burst of webhooks must see the slots fill up as
+        # they arrive, not only once their tasks get to run.
+        has_slot = reply.answer_parts is None and not self._slots.locked()
+        if has_slot:
+            await self._slots.acquire()  # free slot: returns without suspending
+            metrics.RUNS_ACTIVE.inc()
+        task = asyncio.create_task(self._run(reply, handoff, ticket, has_slot), name=f"reply {reply.sid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return task
+        return has_slot
 
     async def resume_orphans(self) -> int:
         """Start every run that no live process is working on (left by a crash or a stop); returns how many."""
@@ -110,12 +125,13 @@ class ReplyRunner:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
 
-    async def _run(self, reply: PendingReply, handoff: Handoff | None, ticket: Ticket | None) -> None:
+    async def _run(self, reply: PendingReply, handoff: Handoff | None, ticket: Ticket | None, has_slot: bool) -> None:
         try:
             if ticket is not None and not await ticket.wait_turn(self._budget + _ORDER_WAIT_SLACK_S):
                 self._log.warning("order_wait_timeout", message_sid=reply.sid)
             if reply.answer_parts is None:
-                answer = await self._answer(reply, resumed=handoff is None)
+                slot_taken, has_slot = has_slot, False  # from here on _answer_in_slot releases it
+                answer = await self._answer_in_slot(reply, resumed=handoff is None, has_slot=slot_taken)
                 if handoff is not None and handoff.offer(answer):
                     self._log_answer(reply, answer, phase="inline")
                     await guarded(self._store.drop(reply.sid), self._log, "drop", reply.sid)
@@ -135,8 +151,28 @@ class ReplyRunner:
             # A bug: the reply stays journaled, so the next start still delivers it.
             self._log.exception("reply_run_failed", message_sid=reply.sid, error_type=exc.__class__.__name__)
         finally:
+            if has_slot:  # the run ended before it used its slot (a resumed answer, a cancellation)
+                self._release_slot()
             if ticket is not None:
                 await guarded(ticket.release(), self._log, "release_ticket", reply.sid)
+
+    async def _answer_in_slot(self, reply: PendingReply, *, resumed: bool, has_slot: bool) -> Answer:
+        """The model's answer, computed while holding a model slot (waiting for one first if needed)."""
+        if not has_slot:
+            metrics.RUNS_QUEUED.inc()
+            try:
+                await self._slots.acquire()
+            finally:
+                metrics.RUNS_QUEUED.dec()
+            metrics.RUNS_ACTIVE.inc()
+        try:
+            return await self._answer(reply, resumed=resumed)
+        finally:
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        metrics.RUNS_ACTIVE.dec()
+        self._slots.release()
 
     async def _answer(self, reply: PendingReply, *, resumed: bool) -> Answer:
         budget = self._budget - (time.time() - reply.arrived_at)

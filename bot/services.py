@@ -47,7 +47,12 @@ class Services:
     async def start(cls, settings: Settings, tracing: Tracing) -> Services:
         """Open the store, build the clients, and resume replies a previous process left owing."""
         log = get_logger("wabot")
-        metrics.init(__version__, settings.reply_timeout, multiprocess_dir=settings.prometheus_multiproc_dir)
+        metrics.init(
+            __version__,
+            settings.reply_timeout,
+            max_concurrent_runs=settings.max_concurrent_runs,
+            multiprocess_dir=settings.prometheus_multiproc_dir,
+        )
         store = await open_store(settings.store, dedupe_ttl_s=settings.dedupe_ttl_s, lease_s=settings.redis_lease_s)
         client = make_client(settings)
         sender = TwilioSender(settings, tracing.tracer)

@@ -2,6 +2,9 @@
 
 Every request is checked in the same order: size, form encoding, signature, fields. A request that fails a
 check gets a clear 4xx and a `webhook_rejected` log line, and never reaches the model or the store.
+
+A signed, well-formed message from a user over WABOT_USER_RATE_LIMIT messages a minute is not answered by the
+model: the first one over the limit gets a polite notice, the rest of that minute an empty reply.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from fastapi.responses import PlainTextResponse, Response
 from bot.inbound import InboundMessage, MalformedRequest, form_dict, parse_form
 from bot.replies import current_traceparent
 from bot.services import Services, get_services
+from bot.splitting import split_message
 from bot.store import PendingReply
 from bot.twiml import twiml
 from telemetry import metrics
@@ -41,6 +45,7 @@ _KNOWN_STATUSES = frozenset(
     ]
 )
 _ERROR_CODE = re.compile(r"^[0-9]{1,6}$")
+_RATE_WINDOW_S = 60
 
 
 class _Rejected(Exception):
@@ -102,6 +107,35 @@ async def _accept(services: Services, reply: PendingReply, idempotency_token: st
         return True
 
 
+async def _rate_limited(services: Services, request: Request, reply: PendingReply) -> Response | None:
+    """The reply for a user over the per-minute limit (a notice once, then nothing), or None when within it."""
+    limit = services.settings.user_rate_limit
+    if limit <= 0:
+        return None
+    try:
+        count = await services.store.count_message(reply.user_key, _RATE_WINDOW_S)
+    except Exception as exc:
+        # Without the counter the limit cannot be told; letting a message through beats dropping it.
+        services.log.error("store_error", op="count_message", message_sid=reply.sid, error_type=exc.__class__.__name__)
+        return None
+    if count <= limit:
+        return None
+    notice = count == limit + 1
+    metrics.REJECTIONS.labels(reason="rate_limited").inc()
+    services.log.warning(
+        "webhook_rejected",
+        reason="rate_limited",
+        status_code=200,
+        path=request.url.path,
+        message_sid=reply.sid,
+        user_hash=reply.user_key,
+        count=count,
+        limit=limit,
+        notice=notice,
+    )
+    return twiml(split_message(services.settings.rate_limit_message) if notice else [])
+
+
 @router.post("/whatsapp")
 async def inbound_message(request: Request, services: Services = Depends(get_services)) -> Response:
     """Answer an inbound WhatsApp message inline within the deadline, or hold and follow up."""
@@ -122,6 +156,10 @@ async def inbound_message(request: Request, services: Services = Depends(get_ser
         arrived_at=time.time(),
         traceparent=current_traceparent(),
     )
+    # Counted before the journal is touched: a flood costs one counter increment per message, nothing more.
+    limited = await _rate_limited(services, request, reply)
+    if limited is not None:
+        return limited
     if not await _accept(services, reply, request.headers.get("i-twilio-idempotency-token")):
         metrics.REJECTIONS.labels(reason="duplicate").inc()
         services.log.info(

@@ -255,7 +255,8 @@ def answer_path_panels() -> list[Any]:
         timeseries(
             "Messages by answer path",
             "inline: answered before the deadline; holding + follow-up: deadline hit, answer sent later "
-            "through the REST API; error: failed before the deadline (apology).",
+            "through the REST API; error: failed before the deadline (apology); busy: every model slot "
+            "taken, busy holding reply at once, answer sent later.",
             "short",
         )
         .axis_label("messages/s")
@@ -264,9 +265,11 @@ def answer_path_panels() -> list[Any]:
         .with_target(target("A", runs("ok"), "inline"))
         .with_target(target("B", runs("timeout"), "holding + follow-up"))
         .with_target(target("C", runs("error"), "error"))
+        .with_target(target("D", runs("busy"), "busy"))
         .override_by_name("inline", [fixed_color("green")])
         .override_by_name("holding + follow-up", [fixed_color("orange")])
         .override_by_name("error", [fixed_color("red")])
+        .override_by_name("busy", [fixed_color("purple")])
     )
     timeout_ratio = (
         threshold_lines(
@@ -426,22 +429,37 @@ def followup_panels() -> list[Any]:
 
 def model_panels() -> list[Any]:
     model_calls = (
-        timeseries("Model calls by outcome", "Calls to the model API per second by outcome.", "short", span=8)
+        timeseries("Model calls by outcome", "Calls to the model API per second by outcome.", "short", span=6)
         .axis_label("calls/s")
         .with_target(target("A", f"sum by (outcome) ({rate('wabot_model_calls_total')})", "{{outcome}}"))
         .override_by_name("ok", [fixed_color("green")])
     )
     tool_calls = (
-        timeseries("Tool calls", "Function tool executions per second by tool and outcome.", "short", span=8)
+        timeseries("Tool calls", "Function tool executions per second by tool and outcome.", "short", span=6)
         .axis_label("calls/s")
         .with_target(target("A", f"sum by (tool, outcome) ({rate('wabot_tool_calls_total')})", "{{tool}} {{outcome}}"))
     )
     tokens = (
-        timeseries("Tokens", "Model tokens per second by direction.", "short", span=8)
+        timeseries("Tokens", "Model tokens per second by direction.", "short", span=6)
         .axis_label("tokens/s")
         .with_target(target("A", f"sum by (direction) ({rate('wabot_tokens_total')})", "{{direction}}"))
     )
-    return [model_calls, tool_calls, tokens]
+    slots = (
+        timeseries(
+            "Model slots",
+            "AI runs holding a model slot and runs queued for one, against the cap (WABOT_MAX_CONCURRENT_RUNS, "
+            "summed over instances). Queued runs mean users got the busy holding reply.",
+            "short",
+            span=6,
+        )
+        .min(0)
+        .with_target(target("A", f"sum({sel('wabot_runs_active')})", "active"))
+        .with_target(target("B", f"sum({sel('wabot_runs_queued')})", "queued"))
+        .with_target(target("C", f"sum({sel('wabot_max_concurrent_runs')})", "cap"))
+        .override_by_name("queued", [fixed_color("purple")])
+        .override_by_name("cap", [fixed_color("red")])
+    )
+    return [model_calls, tool_calls, tokens, slots]
 
 
 # --- dashboard -----------------------------------------------------------------------------------

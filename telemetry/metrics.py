@@ -22,7 +22,8 @@ SECONDS_BUCKETS = (0.25, 0.5, 1, 2, 4, 6, 8, 10, 12, 15, 20, 30, 60, 120)
 AI_RUNS = Counter(
     "wabot_ai_runs_total",
     "AI runs started for an inbound message, by the outcome of their deadline race "
-    "(ok = answered inline, timeout = holding reply sent, error = failed before the deadline).",
+    "(ok = answered inline, timeout = holding reply sent, error = failed before the deadline, "
+    "busy = every model slot taken: holding reply at once, the run waits for a slot).",
     ["outcome"],
 )
 AI_PROCESSING = Histogram(
@@ -76,6 +77,21 @@ REJECTIONS = Counter(
     "Webhook requests not processed, by reason.",
     ["reason"],
 )
+RUNS_ACTIVE = Gauge(
+    "wabot_runs_active",
+    "AI runs holding one of the WABOT_MAX_CONCURRENT_RUNS model slots.",
+    multiprocess_mode="livesum",
+)
+RUNS_QUEUED = Gauge(
+    "wabot_runs_queued",
+    "AI runs waiting for a free model slot (their users got the busy holding reply).",
+    multiprocess_mode="livesum",
+)
+MAX_CONCURRENT_RUNS = Gauge(
+    "wabot_max_concurrent_runs",
+    "The configured cap on concurrent AI runs per process (WABOT_MAX_CONCURRENT_RUNS).",
+    multiprocess_mode="max",
+)
 MESSAGE_STATUS = Counter(
     "wabot_message_status_total",
     "Twilio status callbacks for our outbound messages, by status and Twilio error code ('' when none).",
@@ -94,7 +110,7 @@ REPLY_TIMEOUT = Gauge(
 )
 
 MODEL_CALL_OUTCOMES = ("ok", "rate_limited", "server_error", "timeout", "connection_error", "other")
-RUN_OUTCOMES = ("ok", "timeout", "error")
+RUN_OUTCOMES = ("ok", "timeout", "error", "busy")
 FOLLOWUP_OUTCOMES = ("delivered", "failed")
 REJECTION_REASONS = ("signature", "malformed", "too_large", "duplicate", "rate_limited")
 AI_ERROR_PHASES = ("inline", "followup")
@@ -109,7 +125,9 @@ def multiprocess_enabled() -> bool:
     return _multiprocess
 
 
-def init(version: str, reply_timeout_s: float, *, multiprocess_dir: str | None = None) -> None:
+def init(
+    version: str, reply_timeout_s: float, *, max_concurrent_runs: int = 0, multiprocess_dir: str | None = None
+) -> None:
     """Set the static series and pre-create every labelled series so rates start at 0, not absent.
 
     prometheus-client itself picks multiprocess mode from PROMETHEUS_MULTIPROC_DIR at import; the settings
@@ -119,6 +137,7 @@ def init(version: str, reply_timeout_s: float, *, multiprocess_dir: str | None =
     _multiprocess = bool(multiprocess_dir)
     BUILD_INFO.labels(version=version).set(1)
     REPLY_TIMEOUT.set(reply_timeout_s)
+    MAX_CONCURRENT_RUNS.set(max_concurrent_runs)
     for outcome in RUN_OUTCOMES:
         AI_RUNS.labels(outcome=outcome)
     for outcome in FOLLOWUP_OUTCOMES:

@@ -48,6 +48,7 @@ EXPECTED_ALERTS = {
     "WabotFollowupsFailing",
     "WabotMessageDeliveryFailing",
     "WabotSignatureRejections",
+    "WabotRunsAtCapacity",
     "WabotReplySLOBurnRateHigh",
     "WabotDeliverySLOBurnRateHigh",
     "Watchdog",

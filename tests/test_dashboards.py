@@ -36,6 +36,7 @@ REQUIRED_TITLES = (
     "Tool calls",
     "Tokens",
     "Signature rejections",
+    "Model slots",
     "SLO error budget",
     "SLO burn rate",
     # top row of stats
@@ -194,8 +195,8 @@ def test_answer_path_panel(dashboard: dict[str, Any]) -> None:
     messages = panel(dashboard, "Messages by answer path")
     assert messages["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
     legends = {t["legendFormat"]: t["expr"] for t in messages["targets"]}
-    assert list(legends) == ["inline", "holding + follow-up", "error"]
-    for legend, outcome in zip(legends, ("ok", "timeout", "error"), strict=True):
+    assert list(legends) == ["inline", "holding + follow-up", "error", "busy"]
+    for legend, outcome in zip(legends, ("ok", "timeout", "error", "busy"), strict=True):
         assert legends[legend] == (
             f'sum(rate(wabot_ai_runs_total{{job=~"$job",outcome="{outcome}"}}[$__rate_interval]))'
         )

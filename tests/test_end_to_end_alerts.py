@@ -358,7 +358,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         def scraped() -> tuple[bool, Any]:
             runs = s.prometheus.vector(f'wabot_ai_runs_total{{job="{JOB}"}}')
             up = s.prometheus.scalar(f'up{{job="{JOB}"}}')
-            return up == 1 and sorted(v for _, v in runs) == [0, 0, 0], {"up": up, "runs": runs}
+            return up == 1 and sorted(v for _, v in runs) == [0, 0, 0, 0], {"up": up, "runs": runs}
 
         s.poll("first scrape of the idle bot", scraped)
         yield s
