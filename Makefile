@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint format install system-deps clean
+.PHONY: run test lint format install system-deps clean bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "wabot needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -38,6 +38,11 @@ format: install
 
 test: install system-deps lint
 	$(BIN)/pytest
+
+# Speed, not behaviour: runs the bot, stubs and wrk (installed from Debian's package if missing) on 127.0.0.1 for
+# about 15 minutes and rewrites docs/benchmarks.md. BENCH_QUICK=1 makes it a one-minute smoke run.
+bench: install
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache wabot.db*

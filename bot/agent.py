@@ -14,16 +14,18 @@ from typing import Any
 
 import httpx2
 import openai
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, DefaultAioHttpClient
 from opentelemetry import trace
 
 from bot.settings import Settings
 from bot.tools import ToolError, ToolRegistry
 from telemetry import metrics
+from telemetry.logging import get_logger
 from telemetry.tracing import record_error
 
 PROVIDER = "openai"
 TOOL_TIMEOUT_S = 10.0
+_log = get_logger("wabot")
 
 
 class AgentError(Exception):
@@ -42,12 +44,19 @@ class AgentAnswer:
 
 
 def make_client(settings: Settings) -> AsyncOpenAI:
-    """An SDK client whose single attempt can never outlive the follow-up budget."""
+    """An SDK client whose single attempt can never outlive the follow-up budget.
+
+    Its HTTP layer is the SDK's aiohttp transport: with a thousand calls in flight the default httpx pool spent
+    more CPU managing connections than anything else in the process, delaying webhooks that were due
+    (profile in docs/reliability.md).
+    """
+    timeout = httpx2.Timeout(settings.followup_timeout, connect=5.0)
     return AsyncOpenAI(
         api_key=settings.secret("openai_api_key") or "unset",
         base_url=settings.openai_base_url,
-        timeout=httpx2.Timeout(settings.followup_timeout, connect=5.0),
+        timeout=timeout,
         max_retries=2,
+        http_client=DefaultAioHttpClient(timeout=timeout),
     )
 
 
@@ -224,18 +233,23 @@ class Agent:
                     raise ToolError("arguments must be a JSON object")
                 async with asyncio.timeout(TOOL_TIMEOUT_S):
                     result: Any = await tool.func(**arguments)
-                outcome = "ok"
+                # Inside the try: a result JSON cannot carry (a huge integer, an object) is the tool failing.
+                output = json.dumps(result)
+                error_type = None
             except (ToolError, TypeError, ValueError, TimeoutError) as exc:
                 # A failing tool is the model's problem to explain, not a failed run.
-                result = {"error": str(exc) or exc.__class__.__name__}
-                outcome = "error"
-                record_error(span, exc.__class__.__name__, str(exc))
+                output = json.dumps({"error": str(exc) or exc.__class__.__name__})
+                error_type = exc.__class__.__name__
+                record_error(span, error_type, str(exc))
             except Exception as exc:
-                result = {"error": "the tool failed unexpectedly"}
-                outcome = "error"
-                record_error(span, exc.__class__.__name__, str(exc))
-            metrics.TOOL_CALLS.labels(tool=label, outcome=outcome).inc()
-            return {"type": "function_call_output", "call_id": call.call_id, "output": json.dumps(result)}
+                output = json.dumps({"error": "the tool failed unexpectedly"})
+                error_type = exc.__class__.__name__
+                record_error(span, error_type, str(exc))
+            metrics.TOOL_CALLS.labels(tool=label, outcome="ok" if error_type is None else "error").inc()
+            if error_type is not None:
+                # The error text may quote the user's arguments, so only its type is logged (as for bodies).
+                _log.warning("tool_error", tool=label, error_type=error_type)
+            return {"type": "function_call_output", "call_id": call.call_id, "output": output}
 
 
 class _Usage:

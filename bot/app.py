@@ -4,33 +4,75 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from bot import __version__, health, webhook
+from bot.arrival import WabotApp
 from bot.services import Services
 from bot.settings import Settings
 from telemetry.tracing import setup_tracing
 
+if TYPE_CHECKING:
+    from bot.demo.runner import Demo
 
-def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -> FastAPI:
-    """Build the app. `span_exporter` replaces the OTLP exporter (tests read spans from memory)."""
+
+def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None, demo: Demo | None = None) -> FastAPI:
+    """Build the app. `span_exporter` replaces the OTLP exporter (tests read spans from memory).
+
+    `demo`, the running demo's simulator and sink, adds the chat page (/) and /status to this port; without it
+    neither exists here (in production /status is on the metrics port only, which is never public).
+    """
     tracing = setup_tracing(settings, span_exporter)
+    chat = None
+    if demo is not None:
+        from bot.demo.chat import ChatHub
+
+        chat = ChatHub(settings, demo)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = await Services.start(settings, tracing)
+        if chat is not None:
+            chat.start()
         try:
             yield
         finally:
+            if chat is not None:
+                await chat.stop()
             await app.state.services.stop()
 
-    app = FastAPI(
+    app = WabotApp(
         title="wabot", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
+    app.state.settings = settings
+    app.state.chat = chat
     app.include_router(webhook.router)
     app.include_router(health.router)
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=tracing.provider, excluded_urls="healthz,readyz")
+    if chat is not None:
+        from bot import status
+        from bot.demo import chat as chat_page
+
+        app.include_router(chat_page.router)
+        app.include_router(status.router)
+    # Patterns are searched in the full URL; the host part keeps "/status" from matching /whatsapp/status. The chat
+    # page and its event stream carry the user's phone number in the query string: no span may record it.
+    untraced = r"healthz,readyz,//[^/]+/status,//[^/]+/demo/(events|static),//[^/]+/(\?|$)"
+    # No spans per ASGI send/receive message: two or three more spans per webhook that say nothing the server
+    # span doesn't, and cost CPU exactly when a burst arrives.
+    if tracing.enabled:  # OTEL_SDK_DISABLED=true: no middleware at all, not one that makes no-op spans
+        FastAPIInstrumentor.instrument_app(
+            app, tracer_provider=tracing.provider, excluded_urls=untraced, exclude_spans=["receive", "send"]
+        )
     return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """A stop signal arrived: end the responses that never end by themselves (the chat page's event streams), so
+    uvicorn's graceful shutdown waits only for webhooks."""
+    chat = getattr(app.state, "chat", None)
+    if chat is not None:
+        chat.close_streams()

@@ -1,4 +1,4 @@
-"""The `wabot` command: serve the bot, send a signed test message, analyze logs."""
+"""The `wabot` command: serve the bot, send a signed test message, show its status, analyze logs."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def serve(
             raise typer.Exit(2)
     log.info("serving", port=port, metrics_port=metrics_port, reply_timeout_s=settings.reply_timeout)
     try:
-        run_server(settings, host=host, port=port, metrics_port=metrics_port, workers=workers)
+        run_server(settings, host=host, port=port, metrics_port=metrics_port, workers=workers, demo=demo_handle)
     finally:
         if demo_handle is not None:
             demo_handle.stop()
@@ -115,6 +115,30 @@ def send(
         typer.echo(f"(no reply, {elapsed:.2f} s)")
     for message in messages:
         typer.echo(f"[{elapsed:.2f} s] {message}")
+
+
+@app.command()
+def status(
+    url: Annotated[
+        str, typer.Option(help="The bot's metrics port (where /status is served).")
+    ] = "http://127.0.0.1:9464",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON as served.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 10.0,
+) -> None:
+    """Print the bot's status: the last 5 minutes of its process, and its alerts in Prometheus."""
+    import json
+
+    from bot.status import render_text
+
+    target = f"{url.rstrip('/')}/status?format=json"
+    try:
+        response = httpx2.get(target, timeout=timeout)
+        response.raise_for_status()
+        data = response.json()
+    except (httpx2.HTTPError, ValueError) as exc:
+        typer.echo(f"wabot status: could not read {target}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps(data, indent=2) if as_json else render_text(data))
 
 
 @app.command()

@@ -1,30 +1,116 @@
-"""Running the bot: the webhook app under uvicorn (one or several workers) and /metrics on its own port."""
+"""Running the bot: the webhook app under uvicorn (one or several workers), and /metrics + /status on their own port."""
 
 from __future__ import annotations
 
+import gc
 import signal
-from wsgiref.simple_server import WSGIServer
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import uvicorn
 from fastapi import FastAPI
-from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app, multiprocess
 
-from bot.app import create_app
+from bot import status
+from bot.app import begin_shutdown, create_app
 from bot.settings import Settings
+from telemetry.recent import RecentActivity
+
+if TYPE_CHECKING:
+    from bot.demo.runner import Demo
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
-def start_metrics_server(settings: Settings, port: int) -> WSGIServer:
-    """Serve /metrics on `port` (127.0.0.1 unless WABOT_METRICS_HOST says otherwise), in a thread.
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a stuck scrape must not keep the process from exiting
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log: Prometheus scrapes every 15 s."""
+
+
+def metrics_wsgi_app(registry: CollectorRegistry, status_data: Callable[[], dict[str, Any]]) -> WSGIApp:
+    """/status (and /status.json) from `status_data`; every other path is prometheus-client's exposition, as before
+    (it answers any GET path with the metrics and other methods with 405)."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path not in ("/status", "/status.json") or method not in ("GET", "HEAD"):
+            return metrics_app(environ, start_response)
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        body, content_type = status.render(status_data(), status.wants_json(path, query))
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
+        start_response("200 OK", headers)
+        return [body if method == "GET" else b""]
+
+    return app
+
+
+def start_metrics_server(
+    settings: Settings,
+    port: int,
+    *,
+    recent: Callable[[], RecentActivity | None] = lambda: None,
+    workers: int = 1,
+) -> WSGIServer:
+    """Serve /metrics and /status on `port` (127.0.0.1 unless WABOT_METRICS_HOST says otherwise), in a thread.
 
     prometheus-client picks OpenMetrics with exemplars when the scraper asks for it. With several workers
-    (PROMETHEUS_MULTIPROC_DIR) it aggregates their files instead; exemplars are then not available.
+    (PROMETHEUS_MULTIPROC_DIR) it aggregates their files instead; exemplars are then not available, and /status
+    says that the workers' 5-minute windows cannot be seen from here. `recent` returns the single process's window
+    (None until the app has started).
     """
     registry = REGISTRY
     if settings.prometheus_multiproc_dir:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    server, _thread = start_http_server(port, addr=settings.metrics_host, registry=registry)
+    app = metrics_wsgi_app(registry, lambda: status.collect(settings, recent(), workers=workers))
+    # Same address-family choice as prometheus_client.start_http_server, so WABOT_METRICS_HOST may be IPv6.
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        settings.metrics_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    server_class = type("MetricsServer", (_ThreadingWSGIServer,), {"address_family": family})
+    server = make_server(sockaddr[0], port, app, server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
     return server
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, telling the app a stop signal came before uvicorn waits for open responses to finish."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Without this, an open chat page (an endless event stream) would hold the shutdown for the whole grace time.
+        begin_shutdown(self._app)
+        super().handle_exit(sig, frame)
+
+
+def tune_gc() -> None:
+    """Keep the garbage collector's full passes from delaying replies that are due.
+
+    A full (generation 2) pass stops the event loop while it walks every tracked object; with a thousand runs in
+    flight that took 0.3-0.5 s here, and every holding reply due meanwhile left that late (docs/benchmarks.md).
+    Those passes found next to nothing: what the bot allocates is freed by reference counting. So they run ten
+    times less often, and the objects of start-up (imports, the app), which live as long as the process, are left
+    out of them for good.
+    """
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, 100)
+    gc.collect()
+    gc.freeze()
 
 
 def worker_app() -> FastAPI:
@@ -33,12 +119,36 @@ def worker_app() -> FastAPI:
 
     settings = Settings()
     setup_logging(settings.log_level)
-    return create_app(settings)
+    app = create_app(settings)
+    tune_gc()
+    return app
 
 
-def serve(settings: Settings, *, host: str, port: int, metrics_port: int, workers: int = 1) -> None:
-    """Serve until SIGTERM/SIGINT, then finish in-flight webhooks and leave owed replies journaled."""
-    metrics_server = start_metrics_server(settings, metrics_port)
+def _recent_of(app: FastAPI | None) -> Callable[[], RecentActivity | None]:
+    def recent() -> RecentActivity | None:
+        services = getattr(app.state, "services", None) if app is not None else None
+        return services.recent if services is not None else None
+
+    return recent
+
+
+def serve(
+    settings: Settings, *, host: str, port: int, metrics_port: int, workers: int = 1, demo: Demo | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT, then finish in-flight webhooks and leave owed replies journaled.
+
+    `demo` (a single worker only) adds the chat page: the demo's simulator and sink live in this process.
+    """
+    from telemetry.logging import get_logger
+
+    app = create_app(settings, demo=demo) if workers == 1 else None
+    if demo is not None:
+        log = get_logger("wabot")
+        if app is not None:
+            log.info("chat_page", url=f"{settings.public_url}/", status=f"{settings.public_url}/status")
+        else:
+            log.warning("chat_page_disabled", reason="the chat page needs --workers 1", workers=workers)
+    metrics_server = start_metrics_server(settings, metrics_port, recent=_recent_of(app), workers=workers)
     options = {
         "host": host,
         "port": port,
@@ -52,9 +162,11 @@ def serve(settings: Settings, *, host: str, port: int, metrics_port: int, worker
     # that re-raise is a no-op and the process exits 0, telling the supervisor the shutdown was clean.
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        if workers > 1:
+        if app is None:
             uvicorn.run("bot.server:worker_app", factory=True, workers=workers, **options)
         else:
-            uvicorn.Server(uvicorn.Config(create_app(settings), **options)).run()
+            tune_gc()
+            _Server(uvicorn.Config(app, **options), app).run()
     finally:
         metrics_server.shutdown()
+        metrics_server.server_close()

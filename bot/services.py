@@ -96,6 +96,7 @@ class Services:
             multiprocess.mark_process_dead(os.getpid())
 
 
-def get_services(request: Request) -> Services:
-    """FastAPI dependency: the running app's services."""
+async def get_services(request: Request) -> Services:
+    """FastAPI dependency: the running app's services (async: FastAPI runs a plain `def` dependency in a thread
+    pool, a thread hop per request for a dictionary lookup)."""
     return request.app.state.services

@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", validation_alias=_env("WABOT_LOG_LEVEL"))
     hash_key: SecretStr | None = Field(None, validation_alias=_env("WABOT_HASH_KEY"))
     prometheus_multiproc_dir: str | None = Field(None, validation_alias=_env("PROMETHEUS_MULTIPROC_DIR"))
+    prometheus_url: str | None = Field(None, validation_alias=_env("WABOT_PROMETHEUS_URL"))
     otel_service_name: str = Field("wabot", validation_alias=_env("OTEL_SERVICE_NAME"))
     otel_traces_exporter: str = Field("otlp", validation_alias=_env("OTEL_TRACES_EXPORTER"))
     otel_exporter_otlp_endpoint: str | None = Field(None, validation_alias=_env("OTEL_EXPORTER_OTLP_ENDPOINT"))
@@ -85,11 +86,13 @@ class Settings(BaseSettings):
     )
     otel_traces_sampler: str = Field("parentbased_always_on", validation_alias=_env("OTEL_TRACES_SAMPLER"))
     otel_traces_sampler_arg: float | None = Field(None, validation_alias=_env("OTEL_TRACES_SAMPLER_ARG"))
+    # The standard switch: "true" turns tracing into a no-op (no spans, no request middleware); metrics and logs stay.
+    otel_sdk_disabled: bool = Field(False, validation_alias=_env("OTEL_SDK_DISABLED"))
 
     # Demo
     demo_seed: int | None = Field(None, validation_alias=_env("WABOT_DEMO_SEED"))
 
-    @field_validator("twilio_api_url", "public_url", "openai_base_url")
+    @field_validator("twilio_api_url", "public_url", "openai_base_url", "prometheus_url")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import datetime as dt
+import math
 import operator
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -100,21 +101,37 @@ _OPERATORS: dict[type, Callable[..., Any]] = {
 }
 _MAX_EXPRESSION_CHARS = 200
 _MAX_EXPONENT = 100
+# Every intermediate integer stays under this many bits (about 1,200 digits). A bound on the exponent alone is not
+# enough: "(((10**100)**100)**100)**100" has only small exponents and would block the event loop (every user's
+# webhook) for minutes; and an integer over 4,300 digits cannot even be turned into the JSON the model gets back.
+_MAX_INT_BITS = 4096
+
+
+def _checked(value: float) -> float:
+    if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
+        raise ToolError("number too large")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ToolError("number too large")
+    return value
 
 
 def _evaluate(node: ast.AST) -> float:
     if isinstance(node, ast.Expression):
         return _evaluate(node.body)
     if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
-        return node.value
+        return _checked(node.value)
     if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        # An unbounded power would let one message burn the CPU for minutes.
-        if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
-            raise ToolError("exponent too large")
-        return _OPERATORS[type(node.op)](left, right)
+        if isinstance(node.op, ast.Pow):
+            # An unbounded power would let one message burn the CPU for minutes: check before computing.
+            if abs(right) > _MAX_EXPONENT:
+                raise ToolError("exponent too large")
+            exact = isinstance(left, int) and isinstance(right, int) and right > 0
+            if exact and left.bit_length() * right > _MAX_INT_BITS + right:
+                raise ToolError("number too large")
+        return _checked(_OPERATORS[type(node.op)](left, right))
     if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
-        return _OPERATORS[type(node.op)](_evaluate(node.operand))
+        return _checked(_OPERATORS[type(node.op)](_evaluate(node.operand)))
     raise ToolError("only numbers and + - * / // % ** are allowed")
 
 

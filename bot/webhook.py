@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse, Response
 
+from bot.arrival import ARRIVED
 from bot.inbound import InboundMessage, MalformedRequest, form_dict, parse_form
 from bot.replies import current_traceparent
 from bot.services import Services, get_services
@@ -139,7 +140,7 @@ async def _rate_limited(services: Services, request: Request, reply: PendingRepl
 @router.post("/whatsapp")
 async def inbound_message(request: Request, services: Services = Depends(get_services)) -> Response:
     """Answer an inbound WhatsApp message inline within the deadline, or hold and follow up."""
-    arrived = time.monotonic()
+    arrived = request.scope.get(ARRIVED, time.monotonic())
     try:
         form = form_dict(await _signed_form(request, services))
         message = InboundMessage.from_form(form)

@@ -97,6 +97,12 @@ MESSAGE_STATUS = Counter(
     "Twilio status callbacks for our outbound messages, by status and Twilio error code ('' when none).",
     ["status", "error_code"],
 )
+STORE_ERRORS = Counter(
+    "wabot_store_errors_total",
+    "Store operations that failed (SQLite locked or full, Redis unreachable), by operation. The bot keeps answering "
+    "without them; every one the reply path notices is also a `store_error` log event.",
+    ["op"],
+)
 BUILD_INFO = Gauge(
     "wabot_build_info",
     "Always 1; the version label says which build is running.",
@@ -115,6 +121,19 @@ FOLLOWUP_OUTCOMES = ("delivered", "failed")
 REJECTION_REASONS = ("signature", "malformed", "too_large", "duplicate", "rate_limited")
 AI_ERROR_PHASES = ("inline", "followup")
 AI_ERROR_TYPES = ("timeout", "rate_limited", "server_error", "connection_error", "tool_error", "empty", "other")
+STORE_OPS = (
+    "accept",
+    "drop",
+    "save_answer",
+    "mark_sent",
+    "count_message",
+    "get_conversation",
+    "set_conversation",
+    "claim_orphans",
+    "wait_turn",
+    "release_turn",
+    "renew_lease",
+)
 
 
 _multiprocess = False
@@ -151,6 +170,8 @@ def init(
     for phase in AI_ERROR_PHASES:
         for error_type in AI_ERROR_TYPES:
             AI_ERRORS.labels(phase=phase, error_type=error_type)
+    for op in STORE_OPS:
+        STORE_ERRORS.labels(op=op)
 
 
 def _exemplar() -> dict[str, str] | None:

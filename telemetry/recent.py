@@ -5,6 +5,7 @@ Exact over the window (every reply is kept until it ages out, bounded in count),
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import deque
@@ -14,6 +15,10 @@ from typing import Any
 from telemetry.metrics import SECONDS_BUCKETS
 
 WINDOW_S = 300.0
+TIMEOUT_RATIO_ALERT_LINE = 0.2  # WabotAITimeoutRatioHigh's threshold
+KNOWN_OUTCOMES = ("ok", "timeout", "error")
+# Outcomes whose user got a holding reply at once and the answer as a follow-up ("busy": every model slot taken).
+HOLDING_OUTCOMES = ("timeout", "busy")
 _MAX_EVENTS = 200_000  # bounds memory under a flood: ~10 MB at most
 
 
@@ -66,20 +71,21 @@ class RecentActivity:
             replies = list(self._replies)
             followups = [outcome for _, outcome in self._followups]
         totals = [r.total_s for r in replies]
-        by_outcome = {o: sum(1 for r in replies if r.outcome == o) for o in ("ok", "timeout", "error")}
-        edges = [*SECONDS_BUCKETS, float("inf")]
-        histogram = [
-            {"le": edge, "count": sum(1 for t in totals if (edges[i - 1] if i else 0.0) < t <= edge)}
-            for i, edge in enumerate(edges)
-        ]
+        # Counted generically: an outcome added to the webhook later still shows up under `outcomes`.
+        outcomes = dict.fromkeys(KNOWN_OUTCOMES, 0)
+        for reply in replies:
+            outcomes[reply.outcome] = outcomes.get(reply.outcome, 0) + 1
+        holding = sum(outcomes.get(o, 0) for o in HOLDING_OUTCOMES)
         return {
             "window_s": self.window_s,
             "messages": len(replies),
-            "answered_inline": by_outcome["ok"],
-            "holding_then_followup": by_outcome["timeout"],
-            "errors": by_outcome["error"],
-            "timeout_ratio": by_outcome["timeout"] / len(replies) if replies else 0.0,
-            "timeout_ratio_alert_line": 0.2,
+            "outcomes": outcomes,
+            "answered_inline": outcomes["ok"],
+            "holding_then_followup": holding,
+            "errors": outcomes["error"],
+            # The same ratio as the WabotAITimeoutRatioHigh rule (wabot:ai_timeout:ratio_rate5m): timeouts only.
+            "timeout_ratio": outcomes["timeout"] / len(replies) if replies else 0.0,
+            "timeout_ratio_alert_line": TIMEOUT_RATIO_ALERT_LINE,
             "total_time_p50_s": percentile(totals, 50),
             "total_time_p95_s": percentile(totals, 95),
             "total_time_p99_s": percentile(totals, 99),
@@ -89,5 +95,15 @@ class RecentActivity:
             "followups_failed": followups.count("failed"),
             "followups_pending": pending_followups,
             "deadline_s": deadline_s,
-            "histogram": histogram,
+            "histogram": histogram(totals),
         }
+
+
+def histogram(values: list[float]) -> list[dict[str, Any]]:
+    """Counts per bucket of the metrics' SECONDS_BUCKETS (not cumulative); the last bucket's `le` is "+Inf"
+    because JSON has no infinity."""
+    counts = [0] * (len(SECONDS_BUCKETS) + 1)
+    for value in values:
+        counts[bisect.bisect_left(SECONDS_BUCKETS, value)] += 1
+    edges: list[float | str] = [*SECONDS_BUCKETS, "+Inf"]
+    return [{"le": edge, "count": count} for edge, count in zip(edges, counts, strict=True)]

@@ -3,6 +3,10 @@
 The AI run span is ours, not an instrumentation library's: under a deadline race the run outlives the request
 that started it, and its span must end when the run really ends, with `error.type` set on failure
 (see shared/notes/openai-sdk.md).
+
+OTEL_SDK_DISABLED=true (the OpenTelemetry standard switch) makes tracing a no-op: the tracer creates no spans,
+`Tracing.enabled` is False so the app installs no request middleware, and trace ids in logs are null. Metrics and
+logs are not affected.
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ TRACER_NAME = "wabot"
 class Tracing:
     """A tracer provider of our own (not the global one, so several apps can live in one test process)."""
 
-    provider: TracerProvider
+    provider: trace.TracerProvider
     tracer: trace.Tracer
+    enabled: bool = True
 
     def shutdown(self) -> None:
         """Flush pending spans and stop the exporters."""
-        self.provider.force_flush(timeout_millis=5000)
-        self.provider.shutdown()
+        if isinstance(self.provider, TracerProvider):
+            self.provider.force_flush(timeout_millis=5000)
+            self.provider.shutdown()
 
 
 def _sampler(name: str, arg: float | None) -> Sampler:
@@ -78,8 +84,11 @@ def setup_tracing(settings: Settings, exporter: SpanExporter | None = None) -> T
     """Build the provider: OTLP (HTTP or gRPC) by default, `none` to disable, or a given exporter (tests).
 
     Without an OTLP endpoint configured nothing is exported, so a laptop run does not retry a collector that
-    is not there.
+    is not there. With OTEL_SDK_DISABLED=true there is no SDK at all: a no-op provider, `enabled` False.
     """
+    if settings.otel_sdk_disabled:
+        noop = trace.NoOpTracerProvider()
+        return Tracing(provider=noop, tracer=noop.get_tracer(TRACER_NAME, __version__), enabled=False)
     resource = Resource.create({"service.name": settings.otel_service_name, "service.version": __version__})
     provider = TracerProvider(
         resource=resource, sampler=_sampler(settings.otel_traces_sampler, settings.otel_traces_sampler_arg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -18,6 +17,7 @@ import pytest
 
 from bot.settings import DEFAULT_HOLDING_MESSAGE
 from tests.conftest import AUTH_TOKEN, Bot, free_port
+from tests.served import DemoProcess
 
 REPO = Path(__file__).resolve().parent.parent
 WABOT = [sys.executable, "-m", "bot"]
@@ -54,56 +54,19 @@ def test_restart_keeps_conversations_and_processed_ids(make_bot: Callable[..., B
     assert second.send("and now?", sender="+15550002424").messages == ["[turn 2] and now?"]
 
 
-class Served:
-    """A `wabot serve --demo` subprocess and its captured output."""
-
-    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
-        self.process, self.url, self.log = process, url, log
-
-    def events(self) -> list[dict[str, object]]:
-        lines = self.log.read_text(errors="replace").splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[Callable[..., Served]]:
-    processes: list[subprocess.Popen[bytes]] = []
+def served(tmp_path: Path) -> Iterator[Callable[..., DemoProcess]]:
+    """`wabot serve --demo` subprocesses on one journal file (tmp_path/served.db), stopped at the end."""
+    processes: list[DemoProcess] = []
 
-    def start(**env: str) -> Served:
-        port, log = free_port(), tmp_path / f"serve-{len(processes)}.log"
-        full_env = {
-            **os.environ,
-            "WABOT_STORE": f"sqlite:///{tmp_path}/served.db",
-            "OTEL_TRACES_EXPORTER": "none",
-            "WABOT_DEMO_SEED": "1",
-            **env,
-        }
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [*WABOT, "serve", "--demo", "--port", str(port), "--metrics-port", str(free_port())],
-                cwd=tmp_path,
-                env=full_env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx2.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    return Served(process, url, log)
-            except httpx2.HTTPError:
-                pass
-            assert process.poll() is None, log.read_text()
-            time.sleep(0.1)
-        raise TimeoutError(log.read_text())
+    def start(**env: str) -> DemoProcess:
+        env = {"WABOT_STORE": f"sqlite:///{tmp_path}/served.db", "WABOT_DEMO_SEED": "1", **env}
+        processes.append(DemoProcess(tmp_path, env))
+        return processes[-1].wait_ready(timeout=20)
 
     yield start
     for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+        process.stop()
 
 
 def _send(url: str, text: str, sender: str) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,8 @@ from bot.demo.runner import DEMO_AUTH_TOKEN
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from telemetry.privacy import UserHasher, text_fingerprint
 from tests.conftest import AUTH_TOKEN, Bot, LogLines
-from tests.test_metrics import ROOT, DemoProcess, json_lines
+from tests.served import ROOT, DemoProcess
+from tests.test_metrics import json_lines
 from tests.test_tracing import OtlpHttpReceiver, flatten
 
 REQUIRED_KEYS = {"event", "level", "timestamp", "trace_id", "span_id"}

@@ -6,13 +6,10 @@ fixes its outcome. Values are asserted exactly: they are what was sent.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,108 +21,14 @@ import httpx2
 import pytest
 from prometheus_client import multiprocess
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
-from prometheus_client.parser import text_string_to_metric_families as parse_text
 from twilio.request_validator import RequestValidator
 
-from bot.demo.inbound_form import inbound_form
-from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
+from bot.demo.runner import DEMO_AUTH_TOKEN
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from telemetry.metrics import SECONDS_BUCKETS, exposition
-from tests.conftest import free_port
+from tests.served import DemoProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 HOLDING = [DEFAULT_HOLDING_MESSAGE]
-
-
-class DemoProcess:
-    """`python -m bot serve --demo` in a subprocess of its own session, its stdout+stderr in a file."""
-
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None, workers: int = 1) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
-        self.output = tmp / "wabot-serve.log"
-        full_env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "WABOT_", "PROMETHEUS_"))},
-            "WABOT_STORE": f"sqlite:///{tmp}/x.db",
-            "OTEL_TRACES_EXPORTER": "none",
-            "PYTHONUNBUFFERED": "1",
-            **(env or {}),
-        }
-        command = [sys.executable, "-m", "bot", "serve", "--demo", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), "--metrics-port", str(self.metrics_port), "--workers", str(workers)]
-        with self.output.open("wb") as out:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.client = httpx2.Client(timeout=30.0)
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"wabot serve exited with {self.process.returncode}:\n{self.text()}")
-            try:
-                if self.client.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"wabot serve not healthy within {timeout} s:\n{self.text()}")
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL to the whole session (workers too) after a bounded wait."""
-        self.client.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
-
-    def text(self) -> str:
-        return self.output.read_text(encoding="utf-8", errors="replace")
-
-    def form(self, body: str, sender: str, sid: str | None = None) -> dict[str, str]:
-        return inbound_form(body, sender=sender, to=DEMO_FROM, account_sid=DEMO_ACCOUNT_SID, sid=sid)
-
-    def post(self, form: dict[str, str], *, signature: str | None = None, **kwargs: Any) -> httpx2.Response:
-        if signature is None:
-            signature = RequestValidator(DEMO_AUTH_TOKEN).compute_signature(f"{self.url}/whatsapp", form)
-        headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature}
-        return self.client.post(f"{self.url}/whatsapp", content=urlencode(form), headers=headers, **kwargs)
-
-    def send(self, body: str, sender: str) -> list[str]:
-        response = self.post(self.form(body, sender))
-        assert response.status_code == 200, response.text
-        return [m.text or "" for m in ElementTree.fromstring(response.text).iter("Message")]
-
-    def send_all(self, messages: list[tuple[str, str]]) -> list[list[str]]:
-        """Send (body, sender) pairs concurrently; the replies in the same order."""
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(messages)) as pool:
-            return list(pool.map(lambda m: self.send(*m), messages))
-
-    def scrape(self, accept: str | None = None) -> httpx2.Response:
-        response = self.client.get(f"{self.metrics_url}/metrics", headers={"Accept": accept} if accept else {})
-        assert response.status_code == 200
-        return response
-
-    def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """Every sample of a plain-text scrape, keyed by (name, sorted labels)."""
-        out = {}
-        for family in parse_text(self.scrape().text):
-            for sample in family.samples:
-                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-        return out
-
-    def wait_for_sample(self, name: str, labels: dict[str, str], value: float, timeout: float = 15.0) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        deadline = time.monotonic() + timeout
-        while (got := self.samples().get(key)) != value:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name}{labels} is {got}, not {value}, after {timeout} s")
-            time.sleep(0.05)
 
 
 def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
@@ -260,6 +163,27 @@ def test_metrics_and_webhook_ports_are_separate(demo: DemoProcess) -> None:
     assert "<Response>" not in response.text
     samples = demo.samples()
     assert sum(value(samples, "wabot_ai_runs_total", outcome=o) or 0 for o in ("ok", "timeout", "error")) == 0
+
+
+def _listening_on(port: int) -> set[str]:
+    """Local IPv4 addresses with a socket in LISTEN state on `port`, read from the kernel's /proc/net/tcp."""
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            addresses.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return addresses
+
+
+def test_metrics_port_listens_on_loopback_unless_configured(demo: DemoProcess, tmp_path: Path) -> None:
+    # The webhook must be reachable by Twilio; the metrics (and /status) only by the local Prometheus.
+    assert _listening_on(demo.metrics_port) == {"127.0.0.1"}
+    exposed = DemoProcess(tmp_path, env={"WABOT_METRICS_HOST": "0.0.0.0"}).wait_ready()
+    try:
+        assert _listening_on(exposed.metrics_port) == {"0.0.0.0"}
+    finally:
+        exposed.stop()
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

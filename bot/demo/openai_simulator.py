@@ -6,6 +6,10 @@ text, or globally, through a mode) to be slow, fail, hang, drop the connection o
 is logged so tests can assert on what the bot actually sent.
 
 Answers are deterministic: ``"[turn N] <user text>"``, where N counts the user turns of the conversation.
+
+Directives: ``[sim:delay=S]``, ``[sim:error=CODE]``, ``[sim:flaky=CODE:N]`` (the first N calls carrying this text
+fail), ``[sim:retry_after=S]`` (the Retry-After header of an error answer; a 429 says 1 s unless told),
+``[sim:hang]``, ``[sim:reset]``, ``[sim:tool=NAME:{json}]``, ``[sim:toolloop]``, ``[sim:long=N]``, ``[sim:empty]``.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class Directives:
     toolloop: bool = False
     long: int | None = None
     empty: bool = False
+    retry_after: float | None = None
     clean_text: str = ""
 
     @property
@@ -149,6 +154,13 @@ def _apply_directive(d: Directives, body: str) -> None:
             raise DirectiveError("[sim:long=N] needs a non-negative count")
     elif name == "empty" and not sep:
         d.empty = True
+    elif name == "retry_after":
+        try:
+            d.retry_after = float(value)
+        except ValueError:
+            raise DirectiveError(f"[sim:retry_after=S] needs seconds, got {value!r}") from None
+        if d.retry_after < 0:
+            raise DirectiveError("[sim:retry_after=S] needs a non-negative number of seconds")
     else:
         raise DirectiveError(f"unknown simulator directive [sim:{body}]")
 
@@ -352,11 +364,14 @@ def _error_response(
     type_: str | None = None,
     param: str | None = None,
     code: str | None = None,
+    retry_after: float | None = None,
 ) -> JSONResponse:
     default_type, default_code = _ERROR_TYPES.get(status, ("server_error", None))
     headers = {"x-request-id": _hex_id("req_")}
-    if status == 429:
-        headers["retry-after"] = "1"
+    if retry_after is None and status == 429:
+        retry_after = 1
+    if retry_after is not None:
+        headers["retry-after"] = f"{retry_after:g}"
     body = {
         "error": {
             "message": message or _ERROR_MESSAGES.get(status, f"Simulated error {status}."),
@@ -536,6 +551,7 @@ class OpenAISimulator:
             "tools": [],
             "status": None,
             "outcome": "error",
+            "at": time.monotonic(),
         }
 
         logged = False
@@ -578,7 +594,7 @@ class OpenAISimulator:
             self._log(entry, append=False, outcome="reset")
             return _DroppedConnection()
         if plan.error is not None:
-            return finish(_error_response(plan.error))
+            return finish(_error_response(plan.error, retry_after=plan.retry_after))
         assert plan.body is not None
         if plan.stored is not None:
             with self._lock:
@@ -769,6 +785,7 @@ class OpenAISimulator:
         """Decide latency and failure: directives first, then the Elon Musk case, then the mode."""
         if directives.delay is not None:
             plan.latency = directives.delay
+        plan.retry_after = directives.retry_after
         if directives.reset:
             plan.outcome = "reset"
             return
@@ -816,6 +833,7 @@ class _Plan:
     latency: float = 0.0
     outcome: str | None = None  # "hang" | "reset"
     error: int | None = None
+    retry_after: float | None = None  # seconds for the Retry-After header of an error answer
     body: dict[str, Any] | None = None
     stored: _Stored | None = None
 

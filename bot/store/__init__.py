@@ -2,11 +2,16 @@
 
 The store is a small interface with one implementation per backend (`sqlite:///path`, `redis://...`);
 `open_store(url)` picks it from `WABOT_STORE`.
+
+A SQLite URL may say how long a write waits for another process's lock before failing (the webhook then answers
+without deduplication or journal): `sqlite:///wabot.db?busy_timeout_ms=5000` (the default).
 """
 
 from __future__ import annotations
 
-from bot.store.base import PendingReply, Store, guarded
+from urllib.parse import parse_qsl
+
+from bot.store.base import PendingReply, Store, StoreUnavailable, guarded
 
 
 async def open_store(url: str, *, dedupe_ttl_s: float, lease_s: float = 10.0) -> Store:
@@ -14,7 +19,12 @@ async def open_store(url: str, *, dedupe_ttl_s: float, lease_s: float = 10.0) ->
     if url.startswith("sqlite://"):
         from bot.store.sqlite import SQLiteStore
 
-        return await SQLiteStore.open(url.removeprefix("sqlite://").removeprefix("/") or ":memory:", dedupe_ttl_s)
+        path, _, query = url.removeprefix("sqlite://").removeprefix("/").partition("?")
+        options = dict(parse_qsl(query, keep_blank_values=True))
+        busy_timeout = options.pop("busy_timeout_ms", "5000")
+        if options or not busy_timeout.isdigit():
+            raise ValueError(f"WABOT_STORE={url!r}: the only SQLite option is busy_timeout_ms=<milliseconds>")
+        return await SQLiteStore.open(path or ":memory:", dedupe_ttl_s, busy_timeout_ms=int(busy_timeout))
     if url.startswith(("redis://", "rediss://", "unix://")):
         from bot.store.redis import RedisStore
 
@@ -22,4 +32,4 @@ async def open_store(url: str, *, dedupe_ttl_s: float, lease_s: float = 10.0) ->
     raise ValueError(f"WABOT_STORE={url!r}: expected sqlite:///path/to/file.db or redis://host:port/db")
 
 
-__all__ = ["PendingReply", "Store", "guarded", "open_store"]
+__all__ = ["PendingReply", "Store", "StoreUnavailable", "guarded", "open_store"]

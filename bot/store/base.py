@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import functools
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from bot.ordering import Lanes
+from telemetry import metrics
+
+
+class StoreUnavailable(Exception):
+    """The store failed a moment ago and is not tried again yet, so callers do not queue up behind its waits."""
 
 
 @dataclass
@@ -88,6 +94,26 @@ class Store(Protocol):
 
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def counted(op: str) -> Callable[[Callable[P, Coroutine[Any, Any, T]]], Callable[P, Coroutine[Any, Any, T]]]:
+    """Count the failures of a store operation in `wabot_store_errors_total{op}` (and let them propagate)."""
+    if op not in metrics.STORE_OPS:
+        raise ValueError(f"{op!r} is not in telemetry.metrics.STORE_OPS")
+
+    def wrap(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        @functools.wraps(func)
+        async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+            try:
+                return await func(*args, **kwargs)
+            except Exception:
+                metrics.STORE_ERRORS.labels(op=op).inc()
+                raise
+
+        return run
+
+    return wrap
 
 
 async def guarded(operation: Awaitable[T], log: Any, op: str, message_sid: str) -> T | None:

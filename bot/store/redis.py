@@ -9,6 +9,12 @@
   A message's turn has come once the user's "served" number reaches the ticket before it; it waits for that
   with `BLPOP` on a per-ticket list its predecessor pushes to, so waiting costs no polling and crosses replicas.
   A reply resumed by another replica keeps its ticket, so the user's later messages still wait for it.
+- Outages: a command fails after one quick reconnect, not after redis-py's default ten tries. A message waiting
+  for its turn when Redis goes away goes ahead (answering out of order beats not answering). Journal entries that
+  could not be closed and turns that could not be handed on are written again as soon as Redis answers, so a
+  restart resends nothing and the user's next message does not wait for a turn the outage swallowed. After an
+  outage that made every lease lapse, a replica takes nothing over until one lease has passed since its own last
+  failed renewal: by then every live replica has renewed, so only the dead ones' replies change hands.
 """
 
 from __future__ import annotations
@@ -16,17 +22,61 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
 
-from bot.store.base import PendingReply
+from bot.store.base import PendingReply, counted
+from telemetry import metrics
+from telemetry.logging import get_logger
 
 _PREFIX = "wabot"
 _LINE_TTL_S = 24 * 3600
 _CONVERSATION_TTL_S = 30 * 24 * 3600
+# How often writes that failed during an outage are tried again.
+_RETRY_OWED_S = 0.5
+_log = get_logger("wabot")
+
+
+class _OwedWrites:
+    """Writes that must not be lost to an outage (closing a journal entry, handing on a turn), made again until
+    Redis takes them. Each is keyed, so owing the same write twice makes it once."""
+
+    def __init__(self) -> None:
+        self._writes: dict[tuple[str, ...], Callable[[], Awaitable[Any]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, key: tuple[str, ...], write: Callable[[], Awaitable[Any]]) -> None:
+        self._writes[key] = write
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._retry(), name="redis owed writes")
+
+    def __len__(self) -> int:
+        return len(self._writes)
+
+    async def pay(self) -> None:
+        """Make every owed write, in the order owed; stop at the first failure (Redis still away)."""
+        for key, write in list(self._writes.items()):
+            await write()
+            self._writes.pop(key, None)
+
+    async def _retry(self) -> None:
+        while self._writes:
+            await asyncio.sleep(_RETRY_OWED_S)
+            with contextlib.suppress(Exception):
+                await self.pay()
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
 
 # KEYS: seen keys..., pending hash, pending index, line counter, line served.
 # ARGV: dedupe ttl, score, owner, line ttl, then hash field/value pairs. Returns 0 (seen before) or the ticket.
@@ -81,12 +131,21 @@ class RedisStore:
         self.replica_id = uuid.uuid4().hex[:12]
         self._accept = client.register_script(_ACCEPT)
         self._claim = client.register_script(_CLAIM)
-        self._lanes = RedisLanes(client, blocking)
+        self._owed = _OwedWrites()
+        self._lanes = RedisLanes(client, blocking, self._owed)
         self._heartbeat: asyncio.Task[None] | None = None
+        self._renewal_failed_at = -math.inf
 
     @classmethod
     async def open(cls, url: str, dedupe_ttl_s: float, lease_s: float) -> RedisStore:
-        options: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": 5.0, "health_check_interval": 15}
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_connect_timeout": 5.0,
+            "health_check_interval": 15,
+            # One quick reconnect (after a Redis restart every pooled connection is dead), then fail: redis-py's
+            # default of ten tries with backoff kept each command of a webhook waiting seconds during an outage.
+            "retry": Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
+        }
         # BLPOP blocks for as long as a user's previous message takes: it gets its own connections with no socket
         # timeout, so a long wait is not mistaken for a dead server (and does not starve the other commands).
         store = cls(
@@ -110,9 +169,12 @@ class RedisStore:
             await asyncio.sleep(self._lease_s / 3)
             # A missed renewal (Redis restarting) is retried on the next beat; two misses in a row and the lease
             # lapses, which is the point: another replica may then take over.
-            with contextlib.suppress(Exception):
-                await self._renew_lease()
+            try:
+                await counted("renew_lease")(self._renew_lease)()
+            except Exception:
+                self._renewal_failed_at = time.monotonic()
 
+    @counted("accept")
     async def accept(self, reply: PendingReply, idempotency_token: str | None = None) -> bool:
         seen = [f"{_PREFIX}:seen:{reply.sid}"] + (
             [f"{_PREFIX}:seen-token:{idempotency_token}"] if idempotency_token else []
@@ -136,14 +198,25 @@ class RedisStore:
     def _pending_key(self, sid: str) -> str:
         return f"{_PREFIX}:pending:{sid}"
 
-    async def drop(self, sid: str) -> None:
+    async def _delete(self, sid: str) -> None:
         key = self._pending_key(sid)
         async with self._redis.pipeline(transaction=True) as pipe:
             await pipe.delete(key).zrem(f"{_PREFIX}:pending", key).execute()
 
+    @counted("drop")
+    async def drop(self, sid: str) -> None:
+        try:
+            await self._delete(sid)
+        except Exception:
+            # Left in the journal, the entry would be resumed (and its answer sent again) after a restart.
+            self._owed.add(("drop", sid), lambda: self._delete(sid))
+            raise
+
+    @counted("save_answer")
     async def save_answer(self, sid: str, parts: list[str], kind: str) -> None:
         await self._redis.hset(self._pending_key(sid), mapping={"answer_parts": json.dumps(parts), "kind": kind})
 
+    @counted("mark_sent")
     async def mark_sent(self, sid: str, parts_sent: int) -> None:
         await self._redis.hset(self._pending_key(sid), "parts_sent", str(parts_sent))
 
@@ -159,7 +232,12 @@ class RedisStore:
                 replies.append(_to_reply(entry))
         return replies
 
+    @counted("claim_orphans")
     async def claim_orphans(self) -> list[PendingReply]:
+        if time.monotonic() - self._renewal_failed_at < self._lease_s:
+            # Redis was just away: the other replicas' leases lapsed too, and they may not have renewed yet.
+            # Taking their replies now would answer them twice.
+            return []
         claimed = []
         for key in await self._redis.zrange(f"{_PREFIX}:pending", 0, -1):
             owner = await self._redis.hget(key, "owner")
@@ -174,15 +252,18 @@ class RedisStore:
     def lanes(self) -> RedisLanes:
         return self._lanes
 
+    @counted("count_message")
     async def count_message(self, user_key: str, window_s: int) -> int:
         key = f"{_PREFIX}:rate:{user_key}:{int(time.time() // window_s)}"
         async with self._redis.pipeline(transaction=True) as pipe:
             count, _ = await pipe.incr(key).expire(key, window_s * 2).execute()
         return int(count)
 
+    @counted("get_conversation")
     async def get_conversation(self, user_key: str) -> str | None:
         return await self._redis.get(f"{_PREFIX}:conversation:{user_key}")
 
+    @counted("set_conversation")
     async def set_conversation(self, user_key: str, response_id: str | None) -> None:
         key = f"{_PREFIX}:conversation:{user_key}"
         if response_id is None:
@@ -196,6 +277,9 @@ class RedisStore:
     async def close(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        self._owed.cancel()
+        with contextlib.suppress(Exception):
+            await self._owed.pay()  # a last try before the lease goes and others may take over what is left
         # A graceful stop hands this replica's owed replies to the others right away.
         with contextlib.suppress(Exception):
             await self._redis.delete(self._lease_key(self.replica_id))
@@ -230,6 +314,15 @@ class RedisTicket:
     async def wait_turn(self, timeout: float) -> bool:
         if self._number <= 1:
             return True
+        try:
+            return await self._wait_turn(timeout)
+        except (RedisError, OSError) as exc:
+            # Redis went away while this message waited: answering out of order beats not answering at all.
+            metrics.STORE_ERRORS.labels(op="wait_turn").inc()
+            _log.error("store_error", op="wait_turn", error_type=exc.__class__.__name__)
+            return True
+
+    async def _wait_turn(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         # Two looks at most: "served" answers at once when the turn already came (also for a resumed reply whose
         # "go" its first owner consumed); otherwise BLPOP sleeps until the predecessor pushes it.
@@ -244,18 +337,26 @@ class RedisTicket:
             await self._lanes.blocking.blpop([f"{self._line}:go:{self._number}"], timeout=max(remaining, 0.01))
         return False
 
+    @counted("release_turn")
     async def release(self) -> None:
         if self._number > 0:
             keys = [f"{self._line}:served", f"{self._line}:go:{self._number + 1}"]
-            await self._lanes.release(keys=keys, args=[self._number, _LINE_TTL_S])
+            args = [self._number, _LINE_TTL_S]
+            try:
+                await self._lanes.release(keys=keys, args=args)
+            except Exception:
+                # Lost, the turn would hold the user's next message back until its wait timed out (minutes).
+                self._lanes.owed.add(("release", *keys), lambda: self._lanes.release(keys=keys, args=args))
+                raise
 
 
 class RedisLanes:
     """Per-user lines on Redis; the ticket itself was drawn by the accept script."""
 
-    def __init__(self, client: aioredis.Redis, blocking: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, blocking: aioredis.Redis, owed: _OwedWrites) -> None:
         self.redis = client
         self.blocking = blocking
+        self.owed = owed
         self.release = client.register_script(_RELEASE)
 
     async def ticket_for(self, reply: PendingReply) -> RedisTicket:

@@ -1,18 +1,28 @@
-"""SQLite store through aiosqlite: one file, WAL mode, fine for a single bot process."""
+"""SQLite store through aiosqlite: one file, WAL mode, fine for a single bot process.
+
+When the file refuses a write (another process holds the lock past the busy timeout, the disk is full), the store
+fails every write at once for a short pause instead of letting each caller wait out its own busy timeout in turn:
+one connection serves every coroutine, so those waits would add up and hold webhooks past Twilio's 15 s. Journal
+entries that could not be closed then are closed as soon as the file takes writes again, so a restart does not
+send their answers a second time.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
+import sqlite3
 import time
 from pathlib import Path
 
 import aiosqlite
 
 from bot.ordering import UserLanes
-from bot.store.base import PendingReply
+from bot.store.base import PendingReply, StoreUnavailable, counted
+from telemetry.logging import get_logger
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS processed (key TEXT PRIMARY KEY, expires_at REAL NOT NULL);
@@ -31,6 +41,12 @@ CREATE TABLE IF NOT EXISTS pending (
 );
 """
 _PURGE_EVERY_S = 60.0
+_KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
+# After a refused write, how long writes fail at once before one of them tries (and maybe waits) again.
+_UNWRITABLE_PAUSE_S = 1.0
+# How often journal entries that could not be closed are tried again.
+_RETRY_OWED_S = 1.0
+_log = get_logger("wabot")
 
 
 class SQLiteStore:
@@ -49,16 +65,20 @@ class SQLiteStore:
         # One connection is shared by all coroutines: a statement issued while another coroutine holds a
         # transaction open would silently join (and maybe roll back with) it, so every call takes this lock.
         self._lock = asyncio.Lock()
+        self._accepts: list[tuple[PendingReply, str | None, asyncio.Future[bool]]] = []
+        self._unwritable_until = 0.0
+        self._owed_deletes: set[str] = set()
+        self._retry_owed_task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, path: str, dedupe_ttl_s: float) -> SQLiteStore:
+    async def open(cls, path: str, dedupe_ttl_s: float, *, busy_timeout_ms: int = 5000) -> SQLiteStore:
         if path != ":memory:":
             Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path, isolation_level=None, timeout=5.0)
+        db = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
         # WAL + NORMAL: a crash loses at most the last transaction's fsync, never corrupts; busy_timeout
         # makes a briefly locked file wait instead of failing the webhook.
         # busy_timeout first: several workers opening one file at once must wait for each other, not fail.
-        await db.execute("PRAGMA busy_timeout=5000")
+        await db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(_SCHEMA)
@@ -69,48 +89,130 @@ class SQLiteStore:
             self._last_purge = now
             await self._db.execute("DELETE FROM processed WHERE expires_at < ?", (now,))
 
-    async def accept(self, reply: PendingReply, idempotency_token: str | None = None) -> bool:
-        async with self._lock:
-            return await self._accept(reply, idempotency_token)
+    def _check_writable(self) -> None:
+        if time.monotonic() < self._unwritable_until:
+            raise StoreUnavailable("SQLite refused a write a moment ago (locked or full); not waiting on it yet")
 
-    async def _accept(self, reply: PendingReply, idempotency_token: str | None) -> bool:
+    def _write_failed(self, exc: BaseException) -> None:
+        # OperationalError is the file (locked, full, I/O), not the statement: spare the next callers the wait.
+        if isinstance(exc, sqlite3.OperationalError):
+            self._unwritable_until = time.monotonic() + _UNWRITABLE_PAUSE_S
+            # SQLite's own words ("database is locked", "database or disk is full") tell the operator which it is.
+            _log.error("store_unwritable", error=str(exc), pause_seconds=_UNWRITABLE_PAUSE_S)
+
+    async def _delete_owed(self) -> None:
+        """Close the journal entries whose deletion failed earlier (called with the lock held)."""
+        sids = sorted(self._owed_deletes)
+        for start in range(0, len(sids), _KEYS_PER_QUERY):
+            chunk = sids[start : start + _KEYS_PER_QUERY]
+            await self._db.execute(f"DELETE FROM pending WHERE sid IN ({','.join('?' * len(chunk))})", chunk)
+            self._owed_deletes.difference_update(chunk)
+
+    def _owe_delete(self, sid: str) -> None:
+        self._owed_deletes.add(sid)
+        if self._retry_owed_task is None or self._retry_owed_task.done():
+            self._retry_owed_task = asyncio.create_task(self._retry_owed(), name="sqlite owed deletes")
+
+    async def _retry_owed(self) -> None:
+        while self._owed_deletes:
+            await asyncio.sleep(_RETRY_OWED_S)
+            with contextlib.suppress(Exception):
+                await self._write(None)
+
+    @counted("accept")
+    async def accept(self, reply: PendingReply, idempotency_token: str | None = None) -> bool:
+        # Group commit: every accept queued while the connection is busy goes into the next transaction. A burst
+        # of a thousand webhooks then costs a handful of transactions instead of a thousand, each a series of
+        # hops to the connection's thread (one at a time had the last of 1,000 waiting over 2 s).
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._accepts.append((reply, idempotency_token, waiter))
+        async with self._lock:
+            if not waiter.done():
+                batch, self._accepts = self._accepts, []
+                try:
+                    self._check_writable()
+                    await self._delete_owed()
+                    results = await self._accept_batch(batch)
+                except BaseException as exc:
+                    self._write_failed(exc)
+                    failure = exc if isinstance(exc, Exception) else RuntimeError("accept batch interrupted")
+                    for _, _, other in batch:
+                        if other is not waiter and not other.done():
+                            other.set_exception(failure)
+                    raise
+                for (_, _, each), result in zip(batch, results, strict=True):
+                    each.set_result(result)
+        return waiter.result()
+
+    async def _accept_batch(self, batch: list[tuple[PendingReply, str | None, asyncio.Future[bool]]]) -> list[bool]:
         now = time.time()
         await self._purge_expired(now)
-        keys = [f"sid:{reply.sid}"] + ([f"tok:{idempotency_token}"] if idempotency_token else [])
+        keys_of = [[f"sid:{reply.sid}"] + ([f"tok:{token}"] if token else []) for reply, token, _ in batch]
+        all_keys = sorted({key for keys in keys_of for key in keys})
         await self._db.execute("BEGIN IMMEDIATE")
         try:
-            marks = ",".join("?" * len(keys))
-            async with self._db.execute(
-                f"SELECT 1 FROM processed WHERE key IN ({marks}) AND expires_at >= ?", (*keys, now)
-            ) as cur:
-                if await cur.fetchone():
-                    await self._db.execute("ROLLBACK")
-                    return False
-            await self._db.executemany(
-                "INSERT OR REPLACE INTO processed (key, expires_at) VALUES (?, ?)",
-                [(key, now + self._ttl) for key in keys],
-            )
-            await self._db.execute(
-                "INSERT OR REPLACE INTO pending (sid, to_addr, user_key, prompt, arrived_at, traceparent) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (reply.sid, reply.to, reply.user_key, reply.prompt, reply.arrived_at, reply.traceparent),
-            )
+            seen: set[str] = set()
+            for start in range(0, len(all_keys), _KEYS_PER_QUERY):
+                chunk = all_keys[start : start + _KEYS_PER_QUERY]
+                marks = ",".join("?" * len(chunk))
+                async with self._db.execute(
+                    f"SELECT key FROM processed WHERE key IN ({marks}) AND expires_at >= ?", (*chunk, now)
+                ) as cur:
+                    seen.update(row[0] for row in await cur.fetchall())
+            results, processed, pending = [], [], []
+            for (reply, _, _), keys in zip(batch, keys_of, strict=True):
+                new = not any(key in seen for key in keys)  # also catches a repeat within this batch
+                results.append(new)
+                if new:
+                    seen.update(keys)
+                    processed += [(key, now + self._ttl) for key in keys]
+                    pending.append(
+                        (reply.sid, reply.to, reply.user_key, reply.prompt, reply.arrived_at, reply.traceparent)
+                    )
+            if processed:
+                await self._db.executemany(
+                    "INSERT OR REPLACE INTO processed (key, expires_at) VALUES (?, ?)", processed
+                )
+                await self._db.executemany(
+                    "INSERT OR REPLACE INTO pending (sid, to_addr, user_key, prompt, arrived_at, traceparent) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    pending,
+                )
             await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
+        except BaseException as exc:
+            # After SQLITE_FULL or an I/O error SQLite has rolled back already: a second ROLLBACK would fail with
+            # "no transaction is active" and hide why. A cancelled statement may still be running: roll back after it.
+            if not isinstance(exc, sqlite3.Error) or self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
             raise
-        return True
+        return results
 
-    async def _write(self, sql: str, params: tuple[object, ...]) -> None:
+    async def _write(self, sql: str | None, params: tuple[object, ...] = ()) -> None:
+        """One write statement (None: only the owed journal deletes), failing at once while the file is unwritable."""
         async with self._lock:
-            await self._db.execute(sql, params)
+            self._check_writable()
+            try:
+                await self._delete_owed()
+                if sql is not None:
+                    await self._db.execute(sql, params)
+            except BaseException as exc:
+                self._write_failed(exc)
+                raise
 
+    @counted("drop")
     async def drop(self, sid: str) -> None:
-        await self._write("DELETE FROM pending WHERE sid = ?", (sid,))
+        try:
+            await self._write("DELETE FROM pending WHERE sid = ?", (sid,))
+        except Exception:
+            self._owe_delete(sid)
+            raise
 
+    @counted("save_answer")
     async def save_answer(self, sid: str, parts: list[str], kind: str) -> None:
         await self._write("UPDATE pending SET answer_parts = ?, kind = ? WHERE sid = ?", (json.dumps(parts), kind, sid))
 
+    @counted("mark_sent")
     async def mark_sent(self, sid: str, parts_sent: int) -> None:
         await self._write("UPDATE pending SET parts_sent = ? WHERE sid = ?", (parts_sent, sid))
 
@@ -147,11 +249,13 @@ class SQLiteStore:
         self._rate_counts[user_key] = self._rate_counts.get(user_key, 0) + 1
         return self._rate_counts[user_key]
 
+    @counted("get_conversation")
     async def get_conversation(self, user_key: str) -> str | None:
         async with self._db.execute("SELECT response_id FROM conversations WHERE user_key = ?", (user_key,)) as cur:
             row = await cur.fetchone()
         return row[0] if row else None
 
+    @counted("set_conversation")
     async def set_conversation(self, user_key: str, response_id: str | None) -> None:
         await self._write(
             "INSERT INTO conversations (user_key, response_id, updated_at) VALUES (?, ?, ?) "
@@ -160,6 +264,7 @@ class SQLiteStore:
             (user_key, response_id, time.time()),
         )
 
+    @counted("claim_orphans")
     async def claim_orphans(self) -> list[PendingReply]:
         # Only the first call of a process can find orphans: later entries belong to this process's own runs.
         # An advisory lock next to the database, held for the life of the process, makes exactly one of several
@@ -189,6 +294,10 @@ class SQLiteStore:
             await cur.fetchone()
 
     async def close(self) -> None:
+        if self._retry_owed_task is not None:
+            self._retry_owed_task.cancel()
+        with contextlib.suppress(Exception):
+            await self._write(None)  # a last try for journal entries still to close
         await self._db.close()
         if self._recovery_lock is not None:
             os.close(self._recovery_lock)

@@ -1,0 +1,184 @@
+"""The chat page and the status view in a real browser: Playwright for Python driving Debian's Chromium.
+
+One demo bot (simulator and sink in-process, as `wabot serve --demo` runs them) with a 1 s reply deadline and a 3 s
+follow-up budget serves every test here, so the timeout path takes seconds. The tests assert what a user sees: text
+on the page. Every wait is bounded (Playwright's expect with a timeout).
+
+No browser is downloaded: the tests launch /usr/bin/chromium (Debian's `chromium`, which `make test` installs) and
+fail, not skip, without it. Screenshots of both pages go to a temporary directory; with WABOT_UPDATE_SCREENSHOTS=1
+they replace docs/chat.png and docs/status.png (shown in the README).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+
+from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
+from tests.binaries import find_binary
+from tests.test_chat_page import DemoBot, start_demo_bot
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WAIT_MS = 10_000  # the longest path here (holding reply, then the apology at the 3 s budget) takes ~3 s
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    chromium = find_binary("chromium", "chromium", "/usr/bin/chromium")
+    with sync_playwright() as playwright:
+        # Playwright gives every launch a fresh temporary profile (user data dir) and removes it on close.
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoBot]:
+    bot = start_demo_bot(tmp_path_factory.mktemp("browser"))
+    yield bot
+    bot.stop()
+
+
+@pytest.fixture
+def context(browser: Browser, demo: DemoBot) -> Iterator[BrowserContext]:
+    demo.set_mode("instant")
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    yield context
+    context.close()  # before the bot stops: closes the pages' event streams
+
+
+def chat(context: BrowserContext, demo: DemoBot, user: str) -> Page:
+    page = context.new_page()
+    page.goto(f"{demo.url}/?user={quote(user)}")
+    expect(page.locator("#user")).to_have_value(user)
+    return page
+
+
+def send(page: Page, text: str) -> None:
+    page.fill("#text", text)
+    page.click("#send")
+
+
+def bubbles(page: Page, role: str) -> list[str]:
+    return page.locator(f".msg.{role} .text").all_inner_texts()
+
+
+def test_send_a_message_and_see_the_reply(context: BrowserContext, demo: DemoBot) -> None:
+    page = chat(context, demo, "+15550002001")
+    send(page, "Hello there")
+    expect(page.locator(".msg.user .text")).to_have_text(["Hello there"], timeout=WAIT_MS)
+    expect(page.locator(".msg.bot .text")).to_have_text(["[turn 1] Hello there"], timeout=WAIT_MS)
+    expect(page.locator(".msg.bot .meta")).to_have_text([re.compile(r"^answered inline in 0\.\d s$")])
+
+
+def test_slow_model_shows_the_holding_reply_then_the_follow_up_without_reloading(
+    context: BrowserContext, demo: DemoBot
+) -> None:
+    page = chat(context, demo, "+15550002002")
+    page.select_option("#mode", "slow")
+    expect(page.locator("#mode-status")).to_have_text("model is slow (for every user)", timeout=WAIT_MS)
+    page.evaluate("window.notReloaded = true")
+    send(page, "Are you there?")
+    bot = page.locator(".msg.bot")
+    expect(bot.locator(".text")).to_have_text([DEFAULT_HOLDING_MESSAGE], timeout=WAIT_MS)
+    expect(bot.locator(".meta")).to_have_text([re.compile(r"^holding reply at 1\.\d s$")])
+    # The model needs 12-25 s; at the 3 s follow-up budget the user gets the apology, pushed to the open page.
+    expect(bot.locator(".text")).to_have_text([DEFAULT_HOLDING_MESSAGE, DEFAULT_APOLOGY_MESSAGE], timeout=WAIT_MS)
+    expect(bot.nth(1).locator(".meta")).to_have_text(re.compile(r"^holding reply at 1\.\d s → apology at 3\.\d s$"))
+    assert page.evaluate("window.notReloaded") is True
+
+
+def test_a_late_answer_follows_the_holding_reply_in_its_split_parts(context: BrowserContext, demo: DemoBot) -> None:
+    page = chat(context, demo, "+15550002003")
+    send(page, "Tell me everything [sim:delay=1.5] [sim:long=3300]")
+    bot = page.locator(".msg.bot")
+    expect(bot).to_have_count(4, timeout=WAIT_MS)
+    expect(bot.nth(0).locator(".text")).to_have_text(DEFAULT_HOLDING_MESSAGE)
+    expect(bot.nth(1).locator(".text")).to_have_text(re.compile(r"^Sentence 1 of the long answer\."))
+    expect(bot.locator(".meta")).to_have_text(
+        [
+            re.compile(r"^holding reply at 1\.\d s$"),
+            re.compile(r"^holding reply at 1\.\d s → answer at (1\.[5-9]|2\.\d) s$"),
+            re.compile(r"^holding reply at 1\.\d s → answer at (1\.[5-9]|2\.\d) s · part 2$"),
+            re.compile(r"^holding reply at 1\.\d s → answer at (1\.[5-9]|2\.\d) s · part 3$"),
+        ]
+    )
+
+
+def test_two_users_in_two_tabs_stay_separate(context: BrowserContext, demo: DemoBot) -> None:
+    alice = chat(context, demo, "+15550002004")
+    bob = chat(context, demo, "+15550002005")
+    send(alice, "I am Alice")
+    send(bob, "I am Bob [sim:delay=1.2]")
+    send(alice, "Alice again")
+    expect(alice.locator(".msg.bot .text")).to_have_text(
+        ["[turn 1] I am Alice", "[turn 2] Alice again"], timeout=WAIT_MS
+    )
+    expect(bob.locator(".msg.bot .text")).to_have_text([DEFAULT_HOLDING_MESSAGE, "[turn 1] I am Bob"], timeout=WAIT_MS)
+    assert bubbles(alice, "user") == ["I am Alice", "Alice again"]
+    assert bubbles(bob, "user") == ["I am Bob [sim:delay=1.2]"]
+    # A second tab of the same user shows that user's conversation, not the other one's.
+    alice_again = chat(context, demo, "+15550002004")
+    expect(alice_again.locator(".msg.user .text")).to_have_text(["I am Alice", "Alice again"], timeout=WAIT_MS)
+
+
+def test_status_numbers_change_after_traffic(context: BrowserContext, demo: DemoBot) -> None:
+    status = context.new_page()
+    status.goto(f"{demo.url}/status")
+    expect(status.locator("h1")).to_have_text("wabot status")
+    expect(status.locator("#deadline")).to_have_text("1 s")
+    before = int(status.locator("#messages").inner_text())
+    holding_before = int(status.locator("#holding").inner_text())
+    page = chat(context, demo, "+15550002006")
+    send(page, "count me")
+    expect(page.locator(".msg.bot .text")).to_have_text(["[turn 1] count me"], timeout=WAIT_MS)
+    send(page, "count me slowly [sim:delay=1.2]")
+    expect(page.locator(".msg.bot .text")).to_have_count(3, timeout=WAIT_MS)
+    # The status page refreshes itself every 2 s: no reload here.
+    expect(status.locator("#messages")).to_have_text(str(before + 2), timeout=WAIT_MS)
+    expect(status.locator("#holding")).to_have_text(str(holding_before + 1), timeout=WAIT_MS)
+    expect(status.locator("#timeout-ratio-detail")).to_have_text("alert line 20.0 %")
+    expect(status.locator("#histogram rect")).to_have_count(15)
+
+
+def test_screenshots(context: BrowserContext, demo: DemoBot, tmp_path: Path) -> None:
+    """Both pages as a user sees them after a short conversation; WABOT_UPDATE_SCREENSHOTS=1 keeps them in docs/."""
+    page = chat(context, demo, "+15551234567")
+    send(page, "Hello! What can you do?")
+    expect(page.locator(".msg.bot")).to_have_count(1, timeout=WAIT_MS)
+    send(page, "Plan a week in Lisbon for me [sim:delay=2]")
+    expect(page.locator(".msg.bot")).to_have_count(3, timeout=WAIT_MS)
+    page.select_option("#mode", "failing")
+    expect(page.locator("#mode-status")).to_have_text("model is failing (for every user)", timeout=WAIT_MS)
+    send(page, "And the weather there?")
+    expect(page.locator(".msg.bot .text").last).to_have_text(DEFAULT_APOLOGY_MESSAGE, timeout=WAIT_MS)
+    page.select_option("#mode", "normal")
+    expect(page.locator("#mode-status")).to_have_text("model is normal (for every user)", timeout=WAIT_MS)
+    page.screenshot(path=tmp_path / "chat.png")
+
+    status = context.new_page()
+    status.goto(f"{demo.url}/status")
+    expect(status.locator("#histogram")).to_be_visible()
+    status.screenshot(path=tmp_path / "status.png", full_page=True)
+
+    for name in ("chat.png", "status.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if os.environ.get("WABOT_UPDATE_SCREENSHOTS") == "1":
+            shutil.copyfile(tmp_path / name, ROOT / "docs" / name)
