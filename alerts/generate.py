@@ -64,6 +64,7 @@ FOR = {
     "WabotMessageDeliveryFailing": "1m",
     "WabotSignatureRejections": "2m",
     "WabotRunsAtCapacity": "10m",
+    "WabotStoreErrors": "2m",
 }
 
 
@@ -222,6 +223,10 @@ def recording_rules() -> list[dict[str, Any]]:
             "expr": f"sum by (job, reason) (increase(wabot_webhook_rejections_total[{w}]))",
         },
         {
+            "record": f"wabot:store_errors:increase{w}",
+            "expr": f"sum by (job, op) (increase(wabot_store_errors_total[{w}]))",
+        },
+        {
             "record": f"wabot:model_calls:rate{w}",
             "expr": f"sum by (job, outcome) (rate(wabot_model_calls_total[{w}]))",
         },
@@ -378,6 +383,16 @@ def alert_rules() -> list[dict[str, Any]]:
             f"at least {MIN_MESSAGES} messages); their answers come later, as follow-ups. "
             "Log event: runs_at_capacity.",
             FOR["WabotRunsAtCapacity"],
+        ),
+        _alert(
+            "WabotStoreErrors",
+            f"wabot:store_errors:increase{w} > 0",
+            "warning",
+            "The store (SQLite or Redis) is failing: messages are answered without dedupe or journal.",
+            f"Store operations of {{{{ $labels.job }}}} that failed in the last {w}: {{{{ $value | humanize }}}} "
+            "(operation {{ $labels.op }}). The bot keeps answering, but while this lasts a crash loses what is owed "
+            "and a Twilio retry may be answered twice. Log events: store_error, store_unwritable.",
+            FOR["WabotStoreErrors"],
         ),
         _alert(
             "WabotSignatureRejections",

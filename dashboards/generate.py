@@ -424,7 +424,19 @@ def followup_panels() -> list[Any]:
         .with_target(target("A", f"sum by (reason) ({rate('wabot_webhook_rejections_total')})", "{{reason}}"))
         .override_by_name("signature", [fixed_color("red")])
     )
-    return [followups, latency, status, rejections]
+    store_errors = (
+        timeseries(
+            "Store errors",
+            "Failed store operations per second by operation (SQLite locked or full, Redis unreachable). The bot "
+            "keeps answering without dedupe and journal meanwhile: see the WabotStoreErrors runbook.",
+            "short",
+            span=24,
+            height=6,
+        )
+        .axis_label("errors/s")
+        .with_target(target("A", f"sum by (op) ({rate('wabot_store_errors_total')})", "{{op}}"))
+    )
+    return [followups, latency, status, rejections, store_errors]
 
 
 def model_panels() -> list[Any]:

@@ -49,6 +49,7 @@ EXPECTED_ALERTS = {
     "WabotMessageDeliveryFailing",
     "WabotSignatureRejections",
     "WabotRunsAtCapacity",
+    "WabotStoreErrors",
     "WabotReplySLOBurnRateHigh",
     "WabotDeliverySLOBurnRateHigh",
     "Watchdog",

@@ -37,6 +37,7 @@ REQUIRED_TITLES = (
     "Tokens",
     "Signature rejections",
     "Model slots",
+    "Store errors",
     "SLO error budget",
     "SLO burn rate",
     # top row of stats

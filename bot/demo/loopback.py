@@ -74,7 +74,9 @@ class LoopbackServer:
         if self._thread is not None:
             raise RuntimeError(f"loopback server {self._name!r} already started")
         # Bind the socket ourselves so the real port is known before the thread starts, even for port=0.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY on accepted connections only for sockets that say so,
+        # and without it every kept-alive request waited ~40 ms on Nagle and delayed ACKs.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self._host, self._port))
