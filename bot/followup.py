@@ -1,27 +1,45 @@
 """Follow-ups: delivering an answer (or apology) through Twilio's REST API after the webhook sent a holding reply.
 
 Progress is journaled part by part, so a restart resumes at the first part Twilio has not accepted.
+
+A Twilio outage longer than one round of retries (WABOT_TWILIO_MAX_ATTEMPTS) does not end the follow-up: rounds
+go on, further apart, until WABOT_FOLLOWUP_GIVE_UP seconds after the message arrived. A user who was promised an
+answer gets it when Twilio is back; only a refusal (a 4xx such as 63016) or the give-up time ends it unsent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
-from bot.outbound import DeliveryError, TwilioSender
+from bot.outbound import DeliveryError, Sent, TwilioSender
 from bot.store import PendingReply, Store, guarded
 from telemetry import metrics
 from telemetry.recent import RecentActivity
+
+# Between rounds of retries (each round is WABOT_TWILIO_MAX_ATTEMPTS attempts with its own backoff).
+_ROUND_PAUSE_BASE_S = 2.0
+_ROUND_PAUSE_MAX_S = 60.0
 
 
 class FollowupDelivery:
     """Sends the parts of a journaled reply in order and records the result."""
 
-    def __init__(self, store: Store, sender: TwilioSender, log: Any, recent: RecentActivity | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        sender: TwilioSender,
+        log: Any,
+        recent: RecentActivity | None = None,
+        *,
+        give_up_s: float = 900.0,
+    ) -> None:
         self._store = store
         self._sender = sender
         self._log = log
         self._recent = recent or RecentActivity()
+        self._give_up_s = give_up_s
 
     async def deliver(self, reply: PendingReply) -> bool:
         """Send what is left of `reply`; True when every part was accepted. The journal entry is closed either way."""
@@ -29,7 +47,7 @@ class FollowupDelivery:
         attempts = 0
         try:
             for index in range(reply.parts_sent, len(parts)):
-                sent = await self._sender.send(reply.to, parts[index])
+                sent = await self._send_until_given_up(reply, parts[index])
                 attempts += sent.attempts
                 reply.parts_sent = index + 1
                 await guarded(self._store.mark_sent(reply.sid, reply.parts_sent), self._log, "mark_sent", reply.sid)
@@ -62,3 +80,29 @@ class FollowupDelivery:
         )
         await guarded(self._store.finish(reply.sid), self._log, "finish", reply.sid)
         return True
+
+    async def _send_until_given_up(self, reply: PendingReply, part: str) -> Sent:
+        """One part, in rounds of retries until Twilio takes it, refuses it, or the give-up time has come.
+        `attempts` (of the result or of the raised DeliveryError) counts every attempt for this part."""
+        rounds_failed = attempts_so_far = 0
+        while True:
+            try:
+                sent = await self._sender.send(reply.to, part)
+            except DeliveryError as exc:
+                rounds_failed += 1
+                attempts_so_far += exc.attempts
+                pause = min(_ROUND_PAUSE_BASE_S * 2 ** (rounds_failed - 1), _ROUND_PAUSE_MAX_S)
+                if exc.error_type == "rejected" or time.time() + pause > reply.arrived_at + self._give_up_s:
+                    exc.attempts = attempts_so_far
+                    raise
+                self._log.warning(
+                    "followup_retry",
+                    message_sid=reply.sid,
+                    error_type=exc.error_type,
+                    twilio_code=exc.code,
+                    attempts=attempts_so_far,
+                    next_round_in_s=pause,
+                )
+                await asyncio.sleep(pause)
+                continue
+            return Sent(sid=sent.sid, attempts=attempts_so_far + sent.attempts)

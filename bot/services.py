@@ -58,7 +58,8 @@ class Services:
         sender = TwilioSender(settings, tracing.tracer)
         agent = Agent(client, settings, registry, tracing.tracer)
         recent = RecentActivity()
-        runner = ReplyRunner(settings, store, agent, FollowupDelivery(store, sender, log, recent), log)
+        followups = FollowupDelivery(store, sender, log, recent, give_up_s=settings.followup_give_up_s)
+        runner = ReplyRunner(settings, store, agent, followups, log)
         services = cls(
             settings=settings,
             tracing=tracing,

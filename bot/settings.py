@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     twilio_api_url: str = Field("https://api.twilio.com", validation_alias=_env("WABOT_TWILIO_API_URL"))
     twilio_call_timeout: float = Field(10.0, gt=0, validation_alias=_env("WABOT_TWILIO_CALL_TIMEOUT"))
     twilio_max_attempts: int = Field(5, ge=1, le=20, validation_alias=_env("WABOT_TWILIO_MAX_ATTEMPTS"))
+    followup_give_up_s: float = Field(900.0, gt=0, le=86_400, validation_alias=_env("WABOT_FOLLOWUP_GIVE_UP"))
     public_url: str | None = Field(None, validation_alias=_env("WABOT_PUBLIC_URL"))
     max_body_bytes: int = Field(64 * 1024, gt=0, validation_alias=_env("WABOT_MAX_BODY_BYTES"))
 

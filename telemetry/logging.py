@@ -1,9 +1,9 @@
 """Structured JSON logs: one line per event on stdout, each carrying the current trace and span ids.
 
 Event names are a contract with dashboards, habits and `wabot analyze`: `ai_processing_time`, `ai_timeout`,
-`ai_error_in_timeout`, `total_time`, `debug_response`, `followup_sent`, `followup_failed`, `webhook_rejected`
-(`reason` = signature, malformed, too_large, duplicate, rate_limited), `message_status`, `runs_at_capacity`,
-`tool_error`, `store_error` (with `op`), `store_unwritable`.
+`ai_error_in_timeout`, `total_time`, `debug_response`, `followup_sent`, `followup_retry`, `followup_failed`,
+`webhook_rejected` (`reason` = signature, malformed, too_large, duplicate, rate_limited), `message_status`,
+`runs_at_capacity`, `tool_error`, `store_error` (with `op`), `store_unwritable`.
 """
 
 from __future__ import annotations

@@ -264,7 +264,8 @@ def test_tool_that_raises_goes_back_to_the_model_not_to_the_user_as_a_failure(
 def test_twilio_5xx_burst_is_retried_and_a_longer_outage_is_a_failed_followup(
     make_bot: Callable[..., Bot], sim, sink, log_lines: LogLines
 ) -> None:
-    bot = make_bot(reply_timeout=0.5, twilio_max_attempts=3)
+    # Give up 2 s after arrival: the unlucky user's one round of 3 attempts is all there is.
+    bot = make_bot(reply_timeout=0.5, twilio_max_attempts=3, followup_give_up_s=2.0)
     counted = Metrics(
         ("wabot_followups_total", {"outcome": "delivered"}), ("wabot_followups_total", {"outcome": "failed"})
     )
@@ -289,6 +290,29 @@ def test_twilio_5xx_burst_is_retried_and_a_longer_outage_is_a_failed_followup(
     assert sent["attempts"] == 3
     [failed] = events(log_lines, mark, "followup_failed", message_sid=unlucky_form["MessageSid"])
     assert (failed["error_type"], failed["twilio_code"], failed["attempts"]) == ("twilio_server_error", 20500, 3)
+    still_serving(bot)
+
+
+def test_twilio_outage_longer_than_a_round_of_retries_is_delivered_when_twilio_is_back(
+    make_bot: Callable[..., Bot], sim, sink, log_lines: LogLines
+) -> None:
+    bot = make_bot(reply_timeout=0.5, twilio_max_attempts=2, followup_give_up_s=60.0)
+    counted = Metrics(("wabot_followups_total", {"outcome": "failed"}))
+    user = new_user()
+    sink.inject(status=503, count=3, to=f"whatsapp:{user}")  # one whole round of 2 attempts, and one more
+    mark = log_lines.mark()
+    form = bot.form("slow [sim:delay=0.6]", sender=user)
+    assert bot.post_form(form).messages == [DEFAULT_HOLDING_MESSAGE]
+    [delivered] = sink.wait_for_messages(1, to=f"whatsapp:{user}", timeout=15)
+    bot.wait_idle(timeout=15)
+
+    assert delivered["body"] == "[turn 1] slow"
+    assert [a["status"] for a in sink.attempts() if a["to"] == f"whatsapp:{user}"] == [503, 503, 503, 201]
+    [retry] = events(log_lines, mark, "followup_retry", message_sid=form["MessageSid"])
+    assert (retry["level"], retry["attempts"], retry["next_round_in_s"]) == ("warning", 2, 2.0)
+    [sent] = events(log_lines, mark, "followup_sent", message_sid=form["MessageSid"])
+    assert sent["attempts"] == 4
+    assert counted.delta("wabot_followups_total", outcome="failed") == 0
     still_serving(bot)
 
 
