@@ -122,19 +122,18 @@ async def _rate_limited(services: Services, request: Request, reply: PendingRepl
     if count <= limit:
         return None
     notice = count == limit + 1
-    metrics.REJECTIONS.labels(reason="rate_limited").inc()
-    services.log.warning(
-        "webhook_rejected",
-        reason="rate_limited",
-        status_code=200,
-        path=request.url.path,
-        message_sid=reply.sid,
-        user_hash=reply.user_key,
-        count=count,
-        limit=limit,
-        notice=notice,
-    )
+    fields = {"user_hash": reply.user_key, "count": count, "limit": limit, "notice": notice}
+    _not_answered(services, request, "rate_limited", reply.sid, services.log.warning, **fields)
     return twiml(split_message(services.settings.rate_limit_message) if notice else [])
+
+
+def _not_answered(
+    services: Services, request: Request, reason: str, message_sid: str, log_at: Any, **fields: Any
+) -> None:
+    """Count and log a signed message deliberately left to no model run. Its reply is a 200, so Twilio never
+    retries it."""
+    metrics.REJECTIONS.labels(reason=reason).inc()
+    log_at("webhook_rejected", reason=reason, status_code=200, path=request.url.path, message_sid=message_sid, **fields)
 
 
 @router.post("/whatsapp")
@@ -162,14 +161,7 @@ async def inbound_message(request: Request, services: Services = Depends(get_ser
     if limited is not None:
         return limited
     if not await _accept(services, reply, request.headers.get("i-twilio-idempotency-token")):
-        metrics.REJECTIONS.labels(reason="duplicate").inc()
-        services.log.info(
-            "webhook_rejected",
-            reason="duplicate",
-            status_code=200,
-            path=request.url.path,
-            message_sid=message.sid,
-        )
+        _not_answered(services, request, "duplicate", message.sid, services.log.info)
         return twiml([])
 
     result = await services.responder.respond(message, reply, arrived)
