@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import socket
 import threading
 import time
@@ -38,10 +39,24 @@ AUTH_TOKEN = "test-auth-token"
 BOT_NUMBER = "whatsapp:+14155238886"
 
 
+_PORTS = random.Random()  # its own generator: hypothesis and the tests' seeds must not make two runs pick alike
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free on 127.0.0.1 now, chosen below the kernel's ephemeral range (32768-60999 here).
+
+    Binding port 0 would pick from that range, where every outgoing connection of the suite also takes its local
+    port: one of them can grab the port between this check and the server's bind (seen in CI as EADDRINUSE).
+    """
+    for _ in range(200):
+        port = _PORTS.randrange(20_000, 32_000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000 on 127.0.0.1")
 
 
 new_sid = new_message_sid

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.binaries import find_binary
+from tests.conftest import free_port
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
@@ -24,12 +25,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
         time.sleep(interval)  # the poll interval of a bounded loop, not a wait for something
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class RedisServer:
     """One redis-server process. `durable=True`: append-only file fsynced on every write (`appendfsync always`),
     so a SIGKILL loses nothing Redis acknowledged, as with a production Redis configured for durability."""
@@ -38,7 +33,7 @@ class RedisServer:
         self.binary = find_binary("redis-server", "redis-server")
         self.workdir = workdir
         self.durable = durable
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
