@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.procs import VENV_BIN
@@ -81,15 +82,19 @@ def _package(frame: str) -> str | None:
     return None
 
 
+def _samples(path: Path) -> Iterator[tuple[str, int]]:
+    """(stack, sample count) of each line of a py-spy raw file: "frame;frame;...;leaf count"."""
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            yield stack, int(count_text)
+
+
 def by_package(path: Path) -> list[tuple[str, float]]:
     """Share of all samples charged to each package (see _PACKAGES), largest first."""
     counts: Counter[str] = Counter()
     total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
+    for stack, count in _samples(path):
         total += count
         frames = stack.split(";")
         # Frames up to the event loop's callback runner belong to whoever started the loop, not to the work.
@@ -120,11 +125,7 @@ def summarize(path: Path, top: int = 30) -> str:
     self_counts: Counter[str] = Counter()
     incl_counts: Counter[str] = Counter()
     total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
+    for stack, count in _samples(path):
         frames = _frames(stack)
         total += count
         self_counts[frames[-1]] += count

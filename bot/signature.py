@@ -35,10 +35,10 @@ class SignatureChecker:
         # Upper-cased as twilio's validator does, so the secret picked always matches the hash it computes.
         algorithm = get_signature_algorithm(headers.get("x-twilio-webhooks-signature-settings")).upper()
         validator = self._sha256 if algorithm == HMAC_SHA256 else self._sha1
-        return validator.validate(self.signed_url(url), _MultiParams(pairs), signature, algorithm=algorithm)
+        return validator.validate(self.signed_url(url), MultiParams(pairs), signature, algorithm=algorithm)
 
 
-class _MultiParams(dict[str, list[str]]):
+class MultiParams(dict[str, list[str]]):
     """The form as the validator reads it (through `getall`): every value of every field, blanks included."""
 
     def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:

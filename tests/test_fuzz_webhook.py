@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 
 from bot.demo.inbound_form import inbound_form, new_message_sid
+from bot.signature import MultiParams
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER, Bot, LogLines
 
 # WABOT_MAX_BODY_BYTES of the fuzzed bot: small, so the size boundary is cheap to reach, and just above what a
@@ -246,28 +247,14 @@ def target(make_bot: Callable[..., Bot]) -> Iterator[Target]:
     # No span kept in memory (the memory test measures the bot, not a test exporter); no per-user limit, so
     # signed forms from one sender keep reaching the model.
     bot = make_bot(max_body_bytes=LIMIT, memory_spans=False, user_rate_limit=0)
-    # A new connection per request: on a kept-alive loopback connection each response waits ~40 ms for a delayed
-    # ACK (the harness's socket misses TCP_NODELAY), which would make thousands of requests take minutes.
-    with httpx2.Client(timeout=30.0, limits=httpx2.Limits(max_keepalive_connections=0)) as client:
+    with httpx2.Client(timeout=30.0) as client:
         yield Target(bot, client)
-
-
-class _Multi(dict[str, list[str]]):
-    """A form with repeated fields, as twilio's validator reads it (`getall`)."""
-
-    def __init__(self, pairs: list[tuple[str, str]]) -> None:
-        super().__init__()
-        for key, value in pairs:
-            self.setdefault(key, []).append(value)
-
-    def getall(self, name: str) -> list[str]:
-        return self[name]
 
 
 def signed(bot: Bot, case: dict[str, Any]) -> dict[str, Any]:
     url = f"{bot.settings.public_url}{case['path']}"
     algorithm = "HMAC_SHA256" if case["sha256"] else None
-    signature = RequestValidator(AUTH_TOKEN).compute_signature(url, _Multi(case["form"]), algorithm=algorithm)
+    signature = RequestValidator(AUTH_TOKEN).compute_signature(url, MultiParams(case["form"]), algorithm=algorithm)
     headers = [("X-Twilio-Signature", signature.encode())]
     if case["sha256"]:
         headers.append(("X-Twilio-Webhooks-Signature-Settings", b"key=webhooks_key,algorithm=HMAC_SHA256"))
