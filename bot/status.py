@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -46,6 +50,7 @@ def collect(settings: Settings, recent: RecentActivity | None, *, workers: int =
         "note": None,
         "since_start": None,
         "prometheus": fetch_alerts(settings.prometheus_url) if settings.prometheus_url else None,
+        "process": process_snapshot(),
     }
     if workers > 1:
         registry = CollectorRegistry()
@@ -62,6 +67,27 @@ def collect(settings: Settings, recent: RecentActivity | None, *, workers: int =
         pending = int(REGISTRY.get_sample_value("wabot_followups_pending") or 0)
         data["window"] = recent.snapshot(deadline_s=settings.reply_timeout, pending_followups=pending)
     return data
+
+
+def process_snapshot() -> dict[str, Any]:
+    """This process's memory, for telling a leak from a burst: resident memory now and at its peak (from /proc,
+    None elsewhere) and the blocks Python's allocator holds, which fall back when the conversations in flight end
+    while resident memory often does not (freed arenas stay mapped)."""
+    memory: dict[str, float | None] = {"VmRSS": None, "VmHWM": None}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in memory:
+                memory[key] = int(value.split()[0]) / 1024
+    except OSError:
+        pass
+    return {
+        "pid": os.getpid(),
+        "rss_mib": memory["VmRSS"],
+        "peak_rss_mib": memory["VmHWM"],
+        "python_blocks": sys.getallocatedblocks(),
+        "threads": threading.active_count(),
+    }
 
 
 def _since_start(registry: CollectorRegistry) -> dict[str, Any]:
@@ -295,6 +321,7 @@ def render_html(data: dict[str, Any]) -> str:
         body.append(f'<dl class="tiles">{"".join(tiles)}</dl>')
     body.append("<h2>Alerts</h2>")
     body.append(_alerts_html(data["prometheus"]))
+    body.append(f'<p class="scope" id="process">{html.escape(_process_line(data["process"]))}</p>')
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>wabot status</title>'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
@@ -341,6 +368,7 @@ def render_text(data: dict[str, Any]) -> str:
             f"{s['followups_pending']} pending"
         )
     prometheus = data["prometheus"]
+    lines.append(_process_line(data["process"]))
     if prometheus is None:
         lines.append("alerts: WABOT_PROMETHEUS_URL is not set")
     elif not prometheus["reachable"]:
@@ -352,6 +380,16 @@ def render_text(data: dict[str, Any]) -> str:
         for alert in prometheus["alerts"]:
             lines.append(f"  {alert['state']:<8} {alert['name']} [{alert['severity']}] since {alert['active_at']}")
     return "\n".join(lines)
+
+
+def _process_line(process: dict[str, Any]) -> str:
+    memory = "memory unknown"
+    if process["rss_mib"] is not None:
+        memory = f"resident {process['rss_mib']:.0f} MiB (peak {process['peak_rss_mib']:.0f} MiB)"
+    return (
+        f"process {process['pid']}: {memory} · {process['python_blocks']:,} Python blocks · "
+        f"{process['threads']} threads"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- serving

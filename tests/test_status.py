@@ -145,6 +145,13 @@ def test_metrics_port_status_counts_the_traffic_and_wabot_status_prints_it(demo:
     ):
         assert line in printed.stdout.splitlines(), printed.stdout
     assert re.search(r"^\s+≤ [12] s  █+ 1$", printed.stdout, re.M), printed.stdout
+    # The process line: this bot's own memory, as /proc has it.
+    process = status_json(demo)["process"]
+    assert process["pid"] == demo.process.pid
+    assert process["rss_mib"] == pytest.approx(demo.memory_kib()["VmRSS"] / 1024, rel=0.2)
+    assert process["peak_rss_mib"] >= process["rss_mib"] > 20 and process["python_blocks"] > 10_000
+    assert re.search(r"^process \d+: resident \d+ MiB \(peak \d+ MiB\) · [\d,]+ Python blocks", printed.stdout, re.M)
+    assert 'id="process">process ' in page.text
     as_json = wabot("status", "--url", demo.metrics_url, "--json")
     assert json.loads(as_json.stdout)["window"]["messages"] == 5
 
