@@ -7,13 +7,13 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
-from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from bot import __version__, health, webhook
 from bot.arrival import WabotApp
 from bot.services import Services
 from bot.settings import Settings
+from telemetry.server_spans import ServerSpans
 from telemetry.tracing import setup_tracing
 
 if TYPE_CHECKING:
@@ -58,15 +58,8 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None,
 
         app.include_router(chat_page.router)
         app.include_router(status.router)
-    # Patterns are searched in the full URL; the host part keeps "/status" from matching /whatsapp/status. The chat
-    # page and its event stream carry the user's phone number in the query string: no span may record it.
-    untraced = r"healthz,readyz,//[^/]+/status,//[^/]+/demo/(events|static),//[^/]+/(\?|$)"
-    # No spans per ASGI send/receive message: two or three more spans per webhook that say nothing the server
-    # span doesn't, and cost CPU exactly when a burst arrives.
     if tracing.enabled:  # OTEL_SDK_DISABLED=true: no middleware at all, not one that makes no-op spans
-        FastAPIInstrumentor.instrument_app(
-            app, tracer_provider=tracing.provider, excluded_urls=untraced, exclude_spans=["receive", "send"]
-        )
+        app.add_middleware(ServerSpans, tracer=tracing.tracer)
     return app
 
 

@@ -230,7 +230,7 @@ def test_a_scripted_conversation_logs_the_seed_events_with_their_trace_ids(
     }
     for event in rejected:
         span = server_spans[(event["trace_id"], event["span_id"])]
-        assert span.attributes["http.status_code"] == event["status_code"]
+        assert span.attributes["http.response.status_code"] == event["status_code"]
 
     # No message body reaches the bot's log lines (the sink, standing in for Twilio, logs what it was sent).
     for line in lines:

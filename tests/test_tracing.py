@@ -89,7 +89,7 @@ def test_ok_run_is_one_trace_from_webhook_to_tool(make_bot: Callable[..., Bot], 
     assert server.kind == SpanKind.SERVER
     assert server.parent is None
     assert server.attributes["http.route"] == "/whatsapp"
-    assert server.attributes["http.status_code"] == 200
+    assert server.attributes["http.response.status_code"] == 200
 
     assert reply.kind == SpanKind.INTERNAL
     assert parent_id(reply) == server.context.span_id
@@ -427,3 +427,79 @@ def test_traces_exporter_none_exports_nothing(make_bot: Callable[..., Bot], sim,
     assert bot.send("hello nobody", sender="+15557654308").messages == ["[turn 1] hello nobody"]
     bot.stop()
     assert otlp_http.requests == []
+
+
+# ---------------------------------------------------------------------------------------------- the server span
+
+
+def test_server_span_continues_the_callers_trace_and_follows_http_conventions(
+    make_bot: Callable[..., Bot], sim
+) -> None:
+    """A caller's W3C `traceparent` (a load balancer or gateway in front of the bot) becomes the span's parent."""
+    bot = make_bot(reply_timeout=3.0)
+    caller_trace, caller_span = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
+    traceparent = f"00-{caller_trace:032x}-{caller_span:016x}-01"
+    posted = bot.post_form(bot.form("hi there", sender="+15557654310"), headers={"traceparent": traceparent})
+    assert posted.messages == ["[turn 1] hi there"]
+    spans = wait_for_spans(bot, "POST /whatsapp", "wabot.reply")
+    server = only(spans, "POST /whatsapp")
+    assert server.context.trace_id == caller_trace
+    assert server.parent is not None and server.parent.span_id == caller_span and server.parent.is_remote
+    assert parent_id(only(spans, "wabot.reply")) == server.context.span_id
+    port = int(bot.url.rsplit(":", 1)[1])
+    assert dict(server.attributes) == {
+        "http.request.method": "POST",
+        "url.scheme": "http",
+        "url.path": "/whatsapp",
+        "network.protocol.version": "1.1",
+        "server.address": "127.0.0.1",
+        "server.port": port,
+        "client.address": "127.0.0.1",
+        "user_agent.original": bot.client.headers["user-agent"],
+        "http.route": "/whatsapp",
+        "http.response.status_code": 200,
+    }
+    assert server.status.status_code == StatusCode.UNSET
+
+
+def test_rejected_webhook_is_traced_without_error_and_probes_are_not_traced(make_bot: Callable[..., Bot]) -> None:
+    bot = make_bot()
+    assert bot.post_form(bot.form("forged"), signature="bm90IGEgc2lnbmF0dXJl").status == 403
+    for probe in ("/healthz", "/readyz"):
+        assert bot.client.get(f"{bot.url}{probe}").status_code == 200
+    [server] = wait_for_spans(bot, "POST /whatsapp")
+    assert server.attributes["http.response.status_code"] == 403
+    # 4xx is the caller's error, not the server's: the span status stays unset (HTTP semantic conventions).
+    assert server.status.status_code == StatusCode.UNSET
+    assert [s.name for s in bot.spans.get_finished_spans()] == ["POST /whatsapp"]
+
+
+def test_an_exception_in_the_app_ends_the_server_span_in_error() -> None:
+    """The middleware on its own, around an app that fails: the span records the exception and the 500."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from telemetry.server_spans import ServerSpans
+
+    async def broken(request: Any) -> Any:
+        raise RuntimeError("boom")
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = Starlette(routes=[Route("/items/{item}", broken, methods=["POST"])])
+    app.add_middleware(ServerSpans, tracer=provider.get_tracer("test"))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/items/7?phone=%2B15550001111").status_code == 500
+    [span] = exporter.get_finished_spans()
+    assert span.name == "POST /items/{item}" and span.kind == SpanKind.SERVER
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes["error.type"] == "RuntimeError"
+    assert span.attributes["http.response.status_code"] == 500
+    assert span.attributes["url.path"] == "/items/7"
+    assert not any("15550001111" in str(v) for v in span.attributes.values())  # no query string recorded
+    assert [event.name for event in span.events] == ["exception"]
