@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace.sampling import (
 
 from bot import __version__
 from bot.settings import Settings
+from telemetry.otlp_export import HttpExporter, grpc_exporter_class
 
 TRACER_NAME = "wabot"
 
@@ -66,14 +67,10 @@ def _otlp_exporter(settings: Settings) -> SpanExporter:
     endpoint = settings.otel_exporter_otlp_traces_endpoint
     base = settings.otel_exporter_otlp_endpoint
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-
         # No `insecure=`: the exporter decides from the scheme (http:// is plaintext) and, for a bare host:port,
         # from OTEL_EXPORTER_OTLP_[TRACES_]INSECURE, which an explicit False would override.
-        return GrpcExporter(endpoint=endpoint or base)
+        return grpc_exporter_class()(endpoint=endpoint or base)
     if protocol in ("http/protobuf", "http"):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
         if not endpoint and base:
             endpoint = base.rstrip("/") + "/v1/traces"
         return HttpExporter(endpoint=endpoint)
