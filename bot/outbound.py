@@ -131,11 +131,9 @@ class TwilioSender:
                     if _transient(exc) and attempt < self._max_attempts:
                         await asyncio.sleep(_backoff(exc, attempt))
                         continue
-                    error = _delivery_error(exc, attempt)
-                    if error.code is not None:
-                        span.set_attribute("twilio.error_code", error.code)
-                    record_error(span, error.error_type, str(error))
-                    raise error from exc
+                    # Raised without a local name: this frame lives on in the error's traceback, and a local holding
+                    # the error would close a reference cycle, left for the garbage collector to find.
+                    raise _recorded(span, _delivery_error(exc, attempt)) from exc
                 span.set_attribute("twilio.message.sid", message.sid or "")
                 return Sent(sid=message.sid or "", attempts=attempt)
 
@@ -150,6 +148,14 @@ def _backoff(exc: Exception, attempt: int) -> float:
     if isinstance(exc, TwilioRestException) and exc.status in (429, 503) and retry_after is not None:
         delay = min(max(delay, retry_after), _RETRY_AFTER_MAX_S)
     return delay
+
+
+def _recorded(span: trace.Span, error: DeliveryError) -> DeliveryError:
+    """`error`, once the span says the call failed with it."""
+    if error.code is not None:
+        span.set_attribute("twilio.error_code", error.code)
+    record_error(span, error.error_type, str(error))
+    return error
 
 
 def _delivery_error(exc: Exception, attempts: int) -> DeliveryError:

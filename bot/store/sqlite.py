@@ -49,6 +49,13 @@ _RETRY_OWED_S = 1.0
 _log = get_logger("wabot")
 
 
+def _fail_waiters(waiters: list[asyncio.Future[bool]], exc: BaseException) -> None:
+    failure = exc if isinstance(exc, Exception) else RuntimeError("accept batch interrupted")
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(failure)
+
+
 class SQLiteStore:
     """The Store interface on one SQLite file."""
 
@@ -128,26 +135,37 @@ class SQLiteStore:
         self._accepts.append((reply, idempotency_token, waiter))
         async with self._lock:
             if not waiter.done():
-                batch, self._accepts = self._accepts, []
-                try:
-                    self._check_writable()
-                    await self._delete_owed()
-                    results = await self._accept_batch(batch)
-                except BaseException as exc:
-                    self._write_failed(exc)
-                    failure = exc if isinstance(exc, Exception) else RuntimeError("accept batch interrupted")
-                    for _, _, other in batch:
-                        if other is not waiter and not other.done():
-                            other.set_exception(failure)
-                    raise
-                for (_, _, each), result in zip(batch, results, strict=True):
-                    each.set_result(result)
-        return waiter.result()
+                await self._accept_queued(waiter)
+        try:
+            return waiter.result()
+        finally:
+            # A failed batch raises here too, and this frame lives on in the exception's traceback: still holding
+            # the future that holds the exception would make a reference cycle, left for the garbage collector.
+            del waiter
 
-    async def _accept_batch(self, batch: list[tuple[PendingReply, str | None, asyncio.Future[bool]]]) -> list[bool]:
+    async def _accept_queued(self, waiter: asyncio.Future[bool]) -> None:
+        """One transaction for every accept queued so far. A failure is raised to the caller that ran the batch
+        (`waiter`'s) and set on the futures of the others."""
+        batch, self._accepts = self._accepts, []
+        try:
+            self._check_writable()
+            await self._delete_owed()
+            # Without the futures: a loop variable of _accept_batch left on one would be the same cycle, for a
+            # statement failing after the loop (COMMIT on a full disk).
+            results = await self._accept_batch([(reply, token) for reply, token, _ in batch])
+        except BaseException as exc:
+            self._write_failed(exc)
+            _fail_waiters([other for _, _, other in batch if other is not waiter], exc)
+            # As in accept: the futures now hold the exception that is about to carry this frame in its traceback.
+            del batch
+            raise
+        for (_, _, each), result in zip(batch, results, strict=True):
+            each.set_result(result)
+
+    async def _accept_batch(self, batch: list[tuple[PendingReply, str | None]]) -> list[bool]:
         now = time.time()
         await self._purge_expired(now)
-        keys_of = [[f"sid:{reply.sid}"] + ([f"tok:{token}"] if token else []) for reply, token, _ in batch]
+        keys_of = [[f"sid:{reply.sid}"] + ([f"tok:{token}"] if token else []) for reply, token in batch]
         all_keys = sorted({key for keys in keys_of for key in keys})
         await self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -160,7 +178,7 @@ class SQLiteStore:
                 ) as cur:
                     seen.update(row[0] for row in await cur.fetchall())
             results, processed, pending = [], [], []
-            for (reply, _, _), keys in zip(batch, keys_of, strict=True):
+            for (reply, _), keys in zip(batch, keys_of, strict=True):
                 new = not any(key in seen for key in keys)  # also catches a repeat within this batch
                 results.append(new)
                 if new:
