@@ -91,7 +91,7 @@ def replica(simulator, sink_server, tmp_path: Path) -> Iterator[Callable[..., Se
     processes: list[ServedBot] = []
 
     def start(store: str, **env: str) -> ServedBot:
-        settings = bot_env(simulator[1], sink_server[1], WABOT_STORE=store, WABOT_REPLY_TIMEOUT="0.5", **env)
+        settings = bot_env(simulator[1], sink_server[1], **{"WABOT_STORE": store, "WABOT_REPLY_TIMEOUT": "0.5", **env})
         processes.append(ServedBot(tmp_path, settings))
         return processes[-1].wait_ready(timeout=20)
 
@@ -137,3 +137,31 @@ def test_sqlite_crash_and_restart_delivers_every_pending_answer_once(
     sink.wait_for_messages(len(users), timeout=30)
     wait_until(lambda: second.runs_in_flight() == 0, 30, "restarted bot still busy")
     assert sorted(m["to"] for m in sink.messages()) == sorted(f"whatsapp:{u}" for u in users)
+
+
+@pytest.mark.timeout(120)
+def test_a_burst_of_500_users_on_redis_is_answered_without_store_errors(
+    replica: Callable[..., ServedBot], redis_url: str, sim, sink
+) -> None:
+    """More webhooks at once than a Redis connection pool holds: commands wait for a free connection instead of
+    failing (redis-py's default pool raises MaxConnectionsError past 100), so the store never degrades."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER
+    from tests.served import ROOT
+
+    users = 500
+    bot = replica(redis_url, WABOT_REPLY_TIMEOUT="8", WABOT_MAX_CONCURRENT_RUNS=str(users))
+    sim.clear_calls()
+    command = [sys.executable, "-m", "tests.loadgen", "--url", bot.url, "--public-url", bot.url]
+    command += ["--auth-token", AUTH_TOKEN, "--account-sid", ACCOUNT_SID, "--to", BOT_NUMBER]
+    command += ["--users", str(users), "--body", "a burst [sim:delay=0.5]", "--timeout", "30"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)["results"]
+    assert [r["messages"] for r in results] == [["[turn 1] a burst"]] * users
+    assert len(sim.calls()) == users
+    assert sum(value for (name, _), value in bot.samples().items() if name == "wabot_store_errors_total") == 0
+    assert not [e for e in bot.events() if e.get("level") in ("error", "critical")][:3]

@@ -42,6 +42,9 @@ _LINE_TTL_S = 24 * 3600
 _CONVERSATION_TTL_S = 30 * 24 * 3600
 # How often writes that failed during an outage are tried again.
 _RETRY_OWED_S = 0.5
+_COMMAND_CONNECTIONS = 100
+_POOL_WAIT_S = 5.0  # as long as a command's own socket timeout
+_TURN_CONNECTIONS = 2000
 _log = get_logger("wabot")
 
 
@@ -148,12 +151,17 @@ class RedisStore:
         }
         # BLPOP blocks for as long as a user's previous message takes: it gets its own connections with no socket
         # timeout, so a long wait is not mistaken for a dead server (and does not starve the other commands).
-        store = cls(
-            aioredis.Redis.from_url(url, socket_timeout=5.0, **options),
-            aioredis.Redis.from_url(url, socket_timeout=None, **options),
-            dedupe_ttl_s,
-            lease_s,
+        # Blocking pools: past `max_connections`, a command waits for a free connection instead of failing (the
+        # default pool raises MaxConnectionsError, and a burst of 500 webhooks took every one of its 100).
+        # Commands take well under a millisecond, so a bounded wait is short; the BLPOP pool holds a connection per
+        # message waiting for its turn, so it is larger and its callers' own timeouts bound the wait.
+        commands = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=_COMMAND_CONNECTIONS, timeout=_POOL_WAIT_S, socket_timeout=5.0, **options
         )
+        turns = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=_TURN_CONNECTIONS, timeout=None, socket_timeout=None, **options
+        )
+        store = cls(aioredis.Redis.from_pool(commands), aioredis.Redis.from_pool(turns), dedupe_ttl_s, lease_s)
         await store._renew_lease()
         store._heartbeat = asyncio.create_task(store._keep_lease(), name="redis lease")
         return store
