@@ -1,4 +1,4 @@
-"""The FastAPI application: routes, lifespan, and tracing of every request."""
+"""The FastAPI application: routes, lifespan, and a server span for every traced request."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from bot import __version__, health, webhook
 from bot.arrival import WabotApp
 from bot.services import Services
 from bot.settings import Settings
-from telemetry.server_spans import ServerSpans
+from telemetry.server_spans import fastapi_telemetry
 from telemetry.tracing import setup_tracing
 
 if TYPE_CHECKING:
@@ -46,7 +46,13 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None,
             await app.state.services.stop()
 
     app = WabotApp(
-        title="wabot", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+        title="wabot",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        telemetry=fastapi_telemetry(tracing),
     )
     app.state.settings = settings
     app.state.chat = chat
@@ -58,8 +64,6 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None,
 
         app.include_router(chat_page.router)
         app.include_router(status.router)
-    if tracing.enabled:  # OTEL_SDK_DISABLED=true: no middleware at all, not one that makes no-op spans
-        app.add_middleware(ServerSpans, tracer=tracing.tracer)
     return app
 
 

@@ -155,7 +155,8 @@ def test_a_scripted_conversation_logs_the_seed_events_with_their_trace_ids(
         assert debug["total_time"] == event["total_time"]
         assert debug["reply_length"] == sum(len(m) for m in posted[name].messages)
         assert debug["tool_count"] == 0
-        assert abs(event["total_time"] - posted[name].elapsed) < 0.1
+        # The client's clock includes its own share (thread start, connect): up to ~0.15 s seen on a busy 2-core box.
+        assert -0.01 <= posted[name].elapsed - event["total_time"] < 0.3
     assert by_event["total_time"]["ok"]["outcome"] == "ok"
     assert by_event["total_time"]["error_inline"]["outcome"] == "error"
     assert by_event["total_time"]["timeout"]["outcome"] == "timeout"
