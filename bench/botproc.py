@@ -20,8 +20,11 @@ def start_bot(
     otlp: str | None,
     workers: int = 1,
     env: dict[str, str] | None = None,
+    wrapper: list[str] | None = None,
+    up_timeout: float = 60.0,
 ) -> Proc:
-    """Start `wabot serve` on free ports with a fresh SQLite store in `work`; return once /readyz answers."""
+    """Start `wabot serve` on free ports with a fresh SQLite store in `work`; return once /readyz answers.
+    `wrapper` runs it under another program (valgrind), as `python -m bot`, so the wrapper sees Python itself."""
     port, metrics_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     settings = {
@@ -42,8 +45,9 @@ def start_bot(
     if otlp:
         settings["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp
     settings.update(env or {})
+    command = [*wrapper, str(VENV_BIN / "python"), "-m", "bot"] if wrapper else [str(VENV_BIN / "wabot")]
     argv = [
-        str(VENV_BIN / "wabot"),
+        *command,
         "serve",
         "--host",
         "127.0.0.1",
@@ -63,7 +67,7 @@ def start_bot(
     proc.extra["metrics_url"] = f"http://127.0.0.1:{metrics_port}/metrics"
     proc.extra["settings"] = settings
     try:
-        wait_until_up(f"{url}/readyz", timeout=60)
+        wait_until_up(f"{url}/readyz", timeout=up_timeout)
     except TimeoutError:
         proc.stop()
         raise

@@ -24,6 +24,9 @@ class Sizes:
     drain_messages: int
     memory_conversations: tuple[int, ...]
     generator_seconds: float
+    instruction_messages: int  # messages counted per configuration under callgrind (whole span batches)
+    instruction_batch: int  # spans per OTLP export batch in that run
+    instruction_rounds: int
 
 
 FULL = Sizes(
@@ -38,6 +41,9 @@ FULL = Sizes(
     drain_messages=1000,
     memory_conversations=(1000, 3000),
     generator_seconds=10.0,
+    instruction_messages=256,
+    instruction_batch=512,
+    instruction_rounds=2,
 )
 
 QUICK = Sizes(
@@ -52,4 +58,7 @@ QUICK = Sizes(
     drain_messages=200,
     memory_conversations=(200,),
     generator_seconds=3.0,
+    instruction_messages=32,
+    instruction_batch=64,
+    instruction_rounds=1,
 )

@@ -253,6 +253,62 @@ def _fast(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _per_message(runs: list[dict[str, Any]]) -> float:
+    return median([r["instructions_per_message"] for r in runs])
+
+
+def _instructions(data: dict[str, Any]) -> str:
+    runs = data["runs"]
+    off = _per_message(runs["telemetry off"]) if runs.get("telemetry off") else None
+    rows = []
+    for key, series in runs.items():
+        if not series:
+            continue
+        per_message = _per_message(series)
+        rows.append(
+            [
+                key,
+                sum(r["messages"] for r in series),
+                f"{per_message / 1e6:.2f}",
+                " / ".join(f"{r['instructions_per_message'] / 1e6:.2f}" for r in series),
+                f"{per_message / off - 1:+.1%}" if off else "—",
+                sum(r["spans"] for r in series),
+                ", ".join(f"{k} {v}" for k, v in _sum_outcomes(series).items()),
+            ]
+        )
+    header = [
+        "configuration",
+        "messages",
+        "M instructions/msg",
+        "each round",
+        "vs telemetry off",
+        "spans exported",
+        "outcomes",
+    ]
+    batch = next((r["batch"] for series in runs.values() for r in series), None)
+    return "\n".join(
+        [
+            "## 2b. Telemetry cost in instructions",
+            "",
+            "The fast path of section 2 again, each configuration under `valgrind --tool=callgrind`: the instructions "
+            f"the bot's process executes per message ({data['concurrency']} messages in flight; every thread, the "
+            "span exporter's included; not the kernel's share), which unlike messages/s do not move with the "
+            f"machine's other load. Span export in full batches of {batch} spans, as at the fast path's rate "
+            "(bench/instructions.py says why).",
+            "",
+            _table(header, rows),
+        ]
+    )
+
+
+def _sum_outcomes(series: list[dict[str, Any]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for run in series:
+        for key, value in run.get("outcomes", {}).items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 def _drain(data: dict[str, Any]) -> str:
     rows = [
         [
@@ -361,6 +417,16 @@ def _targets(results: dict[str, Any]) -> str:
                 "met" if full >= (1 - TELEMETRY_TARGET) * off else "missed",
             ]
         )
+    counted = results.get("instructions", {}).get("runs", {})
+    if counted.get("full") and counted.get("telemetry off"):
+        full_i, off_i = _per_message(counted["full"]), _per_message(counted["telemetry off"])
+        rows.append(
+            [
+                f"full telemetry within {TELEMETRY_TARGET:.0%} of telemetry off, in instructions per message",
+                f"{full_i / 1e6:.2f} M vs {off_i / 1e6:.2f} M ({full_i / off_i - 1:+.1%})",
+                "met" if full_i <= (1 + TELEMETRY_TARGET) * off_i else "missed",
+            ]
+        )
     gen = results.get("generator")
     if gen and runs:
         top = max(median_run(series)["rps"] for key, series in runs.items() if key != "bare")
@@ -400,6 +466,7 @@ def render(results: dict[str, Any], started: float) -> str:
         "generator": _generator,
         "precision": _precision,
         "fast": _fast,
+        "instructions": _instructions,
         "drain": _drain,
         "memory": _memory,
         "scaling": _scaling,

@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen, report, scenarios
+from bench import instructions, loadgen, report, scenarios
 from bench.config import FULL, QUICK
 
 SCENARIOS = {
     "generator": scenarios.generator_alone,
     "precision": scenarios.precision,
     "fast": scenarios.fast_path,
+    "instructions": instructions.telemetry_cost,
     "drain": scenarios.drain,
     "memory": scenarios.memory,
     "scaling": scenarios.scaling,

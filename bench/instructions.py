@@ -1,0 +1,165 @@
+"""What telemetry costs per message, counted in CPU instructions rather than seconds.
+
+Throughput and CPU seconds on a shared 2-core VM move by 10-20 % from one round to the next, as much as the cost
+being measured. The number of instructions the bot executes for a message does not depend on what else runs on the
+machine: each configuration runs under `valgrind --tool=callgrind` with instrumentation off while it starts and
+warms up; then counting is switched on (`callgrind_control -i on`), a fixed set of messages goes through, the span
+exporter gets time to send what it holds, and the counter is read (`callgrind_control -e`). Every thread of the bot
+counts (the OTLP exporter's included); the kernel's share (system calls, the network stack) does not.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import procs
+from bench.bodies import new_run, signed_body
+from bench.botproc import scrape, start_bot
+from bench.burst import burst
+
+# The exporter's timer sends what it holds every 5 s; under callgrind, 50 times slower, that would be batches of
+# ~140 spans, where at the fast path's real rate (~1,000 spans/s) batches are full: the run keeps them full
+# (no timer, batches of `batch` spans) so that each HTTP request's cost is shared as it is at speed. Messages are
+# then counted in whole batches: with 4 spans per message, `batch / 4` messages fill one.
+_SPANS_PER_MESSAGE = 4
+# Eight messages in flight, as a share of the fast path's 32 connections: what is amortized over concurrent
+# messages there (the store's group commit, the event loop's wake-ups) is amortized here too.
+CONCURRENCY = 8
+_NO_TIMER_MS = "600000"
+_CONTROL_TIMEOUT_S = 60
+_THREAD_IR = re.compile(r"^\s*Th\s*\d+\s+([\d,]+)\s*$", re.M)
+
+
+class CallgrindMissing(RuntimeError):
+    """valgrind (with callgrind_control) is not installed."""
+
+
+def ensure_callgrind() -> None:
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        raise CallgrindMissing("valgrind is not installed: apt-get install valgrind")
+
+
+def _control(*args: str) -> str:
+    done = subprocess.run(
+        ["callgrind_control", *args], capture_output=True, text=True, timeout=_CONTROL_TIMEOUT_S, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"callgrind_control {' '.join(args)} failed: {done.stderr or done.stdout}")
+    return done.stdout
+
+
+def _instructions(pid: int) -> list[int]:
+    """Instructions executed since counting was switched on, per thread of the process (in callgrind's order)."""
+    out = _control("-e", "Ir", str(pid))
+    found = _THREAD_IR.findall(out)
+    if not found:
+        raise RuntimeError(f"no instruction count in callgrind_control's answer:\n{out}")
+    return [int(value.replace(",", "")) for value in found]
+
+
+def _send(bot: procs.Proc, count: int) -> int:
+    run = new_run()
+    result = burst(
+        f"{bot.url}/whatsapp", lambda i: signed_body(i, "hello", bot.url, run), count, concurrency=CONCURRENCY
+    )
+    return result.ok
+
+
+def _spans_received(otlp: procs.Proc) -> int:
+    return int(procs.http_json(f"{otlp.url}/_otlp/stats")["spans"])
+
+
+def _wait_spans(otlp: procs.Proc, count: int, timeout: float = 120.0) -> None:
+    """Until the receiver has `count` spans (bounded by `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while _spans_received(otlp) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{_spans_received(otlp)} spans exported, {count} expected, after {timeout:.0f} s")
+        time.sleep(0.2)  # poll interval of a bounded loop
+
+
+def count_one(work: Path, stubs: Any, env: dict[str, str], *, messages: int, batch: int) -> dict[str, Any]:
+    """Start the bot under callgrind with `env`, warm it up, count the instructions of `messages` messages."""
+    out_file = work / "callgrind.out.%p"
+    wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}"]
+    env = {**env, "OTEL_BSP_SCHEDULE_DELAY": _NO_TIMER_MS, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": str(batch)}
+    bot = start_bot(
+        work,
+        simulator=stubs.simulator.url,
+        sink=stubs.sink.url,
+        otlp=stubs.otlp.url,
+        env=env,
+        wrapper=wrapper,
+        up_timeout=300,
+    )
+    tracing = env.get("OTEL_SDK_DISABLED") != "true"
+    per_batch = batch // _SPANS_PER_MESSAGE
+    try:
+        # The warm-up runs instrumented too: callgrind translates code the first time it runs, and lazy imports
+        # and caches fill on the first messages; neither belongs to the steady cost of a message. It is one
+        # batch long, so its spans have left before counting starts.
+        _control("-i", "on", str(bot.pid))
+        spans_before = _spans_received(stubs.otlp)
+        warm_ok = _send(bot, per_batch)
+        if tracing:
+            _wait_spans(stubs.otlp, spans_before + batch)
+        before_metrics = scrape(bot)
+        spans_before = _spans_received(stubs.otlp)
+        before = sum(_instructions(bot.pid))
+        started = time.monotonic()
+        ok = _send(bot, messages)
+        sent_s = time.monotonic() - started
+        if tracing:
+            _wait_spans(stubs.otlp, spans_before + _SPANS_PER_MESSAGE * messages)
+        # Summed over the threads callgrind lists; one started meanwhile counts from zero.
+        after = sum(_instructions(bot.pid))
+        after_metrics = scrape(bot)
+        spans = _spans_received(stubs.otlp) - spans_before
+    finally:
+        bot.stop(timeout=120)
+    runs = {
+        key.split('"')[1]: int(after_metrics[key] - before_metrics.get(key, 0.0))
+        for key in after_metrics
+        if key.startswith("wabot_ai_runs_total{") and after_metrics[key] - before_metrics.get(key, 0.0)
+    }
+    return {
+        "messages": messages,
+        "ok": ok,
+        "warm_up_ok": warm_ok,
+        "instructions": after - before,
+        "instructions_per_message": round((after - before) / messages),
+        "spans": spans,
+        "batch": batch,
+        "seconds_under_callgrind": round(sent_s, 1),
+        "outcomes": runs,
+    }
+
+
+# Full telemetry against the two ways of switching it off (see bench/scenarios.py's FAST_CONFIGS). Head sampling
+# is left out: its batches would not fill, and its cost lies between these.
+CONFIGS = ("full", "tracing off", "telemetry off")
+
+
+def telemetry_cost(ctx: Any) -> dict[str, Any]:
+    """Instructions per fast-path message for each configuration, `rounds` times each, interleaved."""
+    from bench.scenarios import FAST_CONFIGS, stubs
+
+    ensure_callgrind()
+    sizes = ctx.sizes
+    results: dict[str, list[dict[str, Any]]] = {key: [] for key in CONFIGS}
+    with stubs(ctx, "instructions") as s:
+        for r in range(sizes.instruction_rounds):
+            for key in CONFIGS:
+                ctx.say(f"instructions: round {r + 1}/{sizes.instruction_rounds} {key} (under callgrind)")
+                work = ctx.dir(f"instructions-{r}-{key.replace(' ', '-')}")  # fresh store: no history carried over
+                results[key].append(
+                    count_one(
+                        work, s, FAST_CONFIGS[key], messages=sizes.instruction_messages, batch=sizes.instruction_batch
+                    )
+                )
+    return {"concurrency": CONCURRENCY, "runs": results}
