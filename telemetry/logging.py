@@ -49,8 +49,8 @@ def _drop_console_extras(_: Any, __: str, event_dict: dict[str, Any]) -> dict[st
 def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
     """Route structlog and the standard library's logging to one JSON-lines stream."""
     stream = stream or sys.stdout
+    # No merge_contextvars: nothing binds context variables, and it copies the whole context on every line.
     shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_trace_ids,
@@ -62,7 +62,8 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # WriteLogger: PrintLogger's output without print()'s overhead, still flushed line by line.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(stream)

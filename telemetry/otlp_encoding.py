@@ -117,11 +117,13 @@ def _attributes(key: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     return b"".join(out)
 
 
-def _flags(parent: Any) -> bytes:
-    flags = _FLAGS_HAS_IS_REMOTE
-    if parent is not None and parent.is_remote:
-        flags |= _FLAGS_IS_REMOTE
-    return _fixed32(flags)
+_LOCAL = _fixed32(_FLAGS_HAS_IS_REMOTE)
+_REMOTE = _fixed32(_FLAGS_HAS_IS_REMOTE | _FLAGS_IS_REMOTE)
+_EMPTY_STATUS = b"\x7a\x00"
+
+
+def _flags(context: Any) -> bytes:
+    return _REMOTE if context is not None and context.is_remote else _LOCAL
 
 
 def _trace_state(key: bytes, trace_state: Any) -> bytes:
@@ -135,40 +137,52 @@ def _count(key: bytes, value: int) -> bytes:
 
 
 def _span(span: ReadableSpan) -> bytes:
+    # Straight-line for the common span (no events, links, drops or trace state): this runs once per span.
     context = span.get_span_context()
     parent = span.parent
-    parts = [
-        b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
-        b"\x12\x08" + context.span_id.to_bytes(8, "big"),
-        _trace_state(b"\x1a", context.trace_state),
-        b"\x22\x08" + parent.span_id.to_bytes(8, "big") if parent is not None else b"",
-        _text(b"\x2a", span.name) if span.name else b"",
-        _KIND[span.kind],
-        b"\x39" + _fixed64(span.start_time) if span.start_time else b"",
-        b"\x41" + _fixed64(span.end_time) if span.end_time else b"",
-        _attributes(b"\x4a", span.attributes),
-        _count(b"\x50", span.dropped_attributes),
-    ]
-    for event in span.events:
+    out = b"\x0a\x10" + context.trace_id.to_bytes(16, "big") + b"\x12\x08" + context.span_id.to_bytes(8, "big")
+    if context.trace_state:
+        out += _trace_state(b"\x1a", context.trace_state)
+    if parent is not None:
+        out += b"\x22\x08" + parent.span_id.to_bytes(8, "big")
+    if span.name:
+        out += _text(b"\x2a", span.name)
+    out += _KIND[span.kind]
+    if span.start_time:
+        out += b"\x39" + _fixed64(span.start_time)
+    if span.end_time:
+        out += b"\x41" + _fixed64(span.end_time)
+    out += _attributes(b"\x4a", span.attributes) + _count(b"\x50", span.dropped_attributes)
+    events, links = span.events, span.links
+    if events or links or span.dropped_events or span.dropped_links:
+        out += _events_and_links(span, events, links)
+    status = span.status
+    if status.description or status.status_code.value:
+        status_body = (_text(b"\x12", status.description) if status.description else b"") + (
+            b"\x18" + _varint(status.status_code.value) if status.status_code.value else b""
+        )
+        out += _field(b"\x7a", status_body)
+    else:
+        out += _EMPTY_STATUS
+    return out + b"\x85\x01" + _flags(parent)
+
+
+def _events_and_links(span: ReadableSpan, events: Sequence[Any], links: Sequence[Any]) -> bytes:
+    parts = []
+    for event in events:
         body = (b"\x09" + _fixed64(event.timestamp) if event.timestamp else b"") + (
             _text(b"\x12", event.name) if event.name else b""
         )
         body += _attributes(b"\x1a", event.attributes) + _count(b"\x20", event.dropped_attributes)
         parts.append(_field(b"\x5a", body))
     parts.append(_count(b"\x60", span.dropped_events))
-    for link in span.links:
+    for link in links:
         body = b"\x0a\x10" + link.context.trace_id.to_bytes(16, "big") + b"\x12\x08"
         body += link.context.span_id.to_bytes(8, "big")
         body += _attributes(b"\x22", link.attributes) + _count(b"\x28", link.dropped_attributes)
         body += b"\x35" + _flags(link.context)
         parts.append(_field(b"\x6a", body))
     parts.append(_count(b"\x70", span.dropped_links))
-    status = span.status
-    status_body = (_text(b"\x12", status.description) if status.description else b"") + (
-        b"\x18" + _varint(status.status_code.value) if status.status_code.value else b""
-    )
-    parts.append(_field(b"\x7a", status_body))
-    parts.append(b"\x85\x01" + _flags(parent))
     return b"".join(parts)
 
 
