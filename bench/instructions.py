@@ -21,6 +21,7 @@ from bench import procs
 from bench.bodies import new_run, signed_body
 from bench.botproc import scrape, start_bot
 from bench.burst import burst
+from bench.loadgen import ensure_debian_tool
 
 # The exporter's timer sends what it holds every 5 s; under callgrind, 50 times slower, that would be batches of
 # ~140 spans, where at the fast path's real rate (~1,000 spans/s) batches are full: the run keeps them full
@@ -40,8 +41,12 @@ class CallgrindMissing(RuntimeError):
 
 
 def ensure_callgrind() -> None:
-    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
-        raise CallgrindMissing("valgrind is not installed: apt-get install valgrind")
+    """valgrind and callgrind_control, installed if missing and allowed (Debian package 'valgrind')."""
+    if not (ensure_debian_tool("callgrind_control", "valgrind") and shutil.which("valgrind")):
+        raise CallgrindMissing(
+            "bench: valgrind is not installed and could not be installed here. Install it (Debian/Ubuntu: "
+            "`sudo apt-get install valgrind`) and run `make bench` again, or leave it out: --only without instructions."
+        )
 
 
 def _control(*args: str) -> str:

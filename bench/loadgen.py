@@ -25,18 +25,24 @@ class GeneratorMissing(RuntimeError):
     pass
 
 
-def ensure_wrk() -> str:
-    """The path of wrk, installing Debian's package first if it is missing and we are allowed to."""
-    found = shutil.which("wrk")
+def ensure_debian_tool(command: str, package: str) -> str | None:
+    """The path of `command`, installing Debian's `package` first if it is missing and we are allowed to."""
+    found = shutil.which(command)
     if found:
         return found
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        print("bench: wrk not found, installing it with apt-get (Debian package 'wrk')", flush=True)
-        for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
+        print(f"bench: {command} not found, installing it with apt-get (Debian package '{package}')", flush=True)
+        for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
             subprocess.run(argv, check=False, stdout=subprocess.DEVNULL, timeout=600)
-        found = shutil.which("wrk")
-        if found:
-            return found
+        return shutil.which(command)
+    return None
+
+
+def ensure_wrk() -> str:
+    """The path of wrk, installed if missing and allowed."""
+    found = ensure_debian_tool("wrk", "wrk")
+    if found:
+        return found
     raise GeneratorMissing(
         "bench: the load generator wrk is not installed and could not be installed here. "
         "Install it (Debian/Ubuntu: `sudo apt-get install wrk`; macOS: `brew install wrk`) and run `make bench` again."

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         loadgen.ensure_wrk()
-    except loadgen.GeneratorMissing as exc:
+        if "instructions" in args.only:
+            instructions.ensure_callgrind()
+    except (loadgen.GeneratorMissing, instructions.CallgrindMissing) as exc:
         print(exc, file=sys.stderr)
         return 2
     sizes = QUICK if args.quick else FULL
