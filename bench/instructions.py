@@ -3,8 +3,8 @@
 Throughput and CPU seconds on a shared 2-core VM move by 10-20 % from one round to the next, as much as the cost
 being measured. The number of instructions the bot executes for a message does not depend on what else runs on the
 machine: each configuration runs under `valgrind --tool=callgrind` with instrumentation off while it starts and
-warms up; then counting is switched on (`callgrind_control -i on`), a fixed set of messages goes through, the span
-exporter gets time to send what it holds, and the counter is read (`callgrind_control -e`). Every thread of the bot
+warms up; then counting is switched on (`callgrind_control -i on`), a fixed set of messages goes through, and once
+the OTLP receiver has every span of them the counter is read (`callgrind_control -e`). Every thread of the bot
 counts (the OTLP exporter's included); the kernel's share (system calls, the network stack) does not.
 """
 
@@ -22,6 +22,7 @@ from bench.bodies import new_run, signed_body
 from bench.botproc import scrape, start_bot
 from bench.burst import burst
 from bench.loadgen import ensure_debian_tool
+from bench.scenarios import FAST_CONFIGS, _counter_delta, stubs
 
 # The exporter's timer sends what it holds every 5 s; under callgrind, 50 times slower, that would be batches of
 # ~140 spans, where at the fast path's real rate (~1,000 spans/s) batches are full: the run keeps them full
@@ -58,13 +59,14 @@ def _control(*args: str) -> str:
     return done.stdout
 
 
-def _instructions(pid: int) -> list[int]:
-    """Instructions executed since counting was switched on, per thread of the process (in callgrind's order)."""
+def _instructions(pid: int) -> int:
+    """Instructions executed since counting was switched on, summed over the threads callgrind lists (one started
+    meanwhile counts from zero)."""
     out = _control("-e", "Ir", str(pid))
     found = _THREAD_IR.findall(out)
     if not found:
         raise RuntimeError(f"no instruction count in callgrind_control's answer:\n{out}")
-    return [int(value.replace(",", "")) for value in found]
+    return sum(int(value.replace(",", "")) for value in found)
 
 
 def _send(bot: procs.Proc, count: int) -> int:
@@ -115,23 +117,17 @@ def count_one(work: Path, stubs: Any, env: dict[str, str], *, messages: int, bat
             _wait_spans(stubs.otlp, spans_before + batch)
         before_metrics = scrape(bot)
         spans_before = _spans_received(stubs.otlp)
-        before = sum(_instructions(bot.pid))
+        before = _instructions(bot.pid)
         started = time.monotonic()
         ok = _send(bot, messages)
         sent_s = time.monotonic() - started
         if tracing:
             _wait_spans(stubs.otlp, spans_before + _SPANS_PER_MESSAGE * messages)
-        # Summed over the threads callgrind lists; one started meanwhile counts from zero.
-        after = sum(_instructions(bot.pid))
+        after = _instructions(bot.pid)
         after_metrics = scrape(bot)
         spans = _spans_received(stubs.otlp) - spans_before
     finally:
         bot.stop(timeout=120)
-    runs = {
-        key.split('"')[1]: int(after_metrics[key] - before_metrics.get(key, 0.0))
-        for key in after_metrics
-        if key.startswith("wabot_ai_runs_total{") and after_metrics[key] - before_metrics.get(key, 0.0)
-    }
     return {
         "messages": messages,
         "ok": ok,
@@ -141,7 +137,7 @@ def count_one(work: Path, stubs: Any, env: dict[str, str], *, messages: int, bat
         "spans": spans,
         "batch": batch,
         "seconds_under_callgrind": round(sent_s, 1),
-        "outcomes": runs,
+        "outcomes": _counter_delta(before_metrics, after_metrics, "wabot_ai_runs_total"),
     }
 
 
@@ -152,8 +148,6 @@ CONFIGS = ("full", "tracing off", "telemetry off")
 
 def telemetry_cost(ctx: Any) -> dict[str, Any]:
     """Instructions per fast-path message for each configuration, `rounds` times each, interleaved."""
-    from bench.scenarios import FAST_CONFIGS, stubs
-
     ensure_callgrind()
     sizes = ctx.sizes
     results: dict[str, list[dict[str, Any]]] = {key: [] for key in CONFIGS}

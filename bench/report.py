@@ -273,7 +273,7 @@ def _instructions(data: dict[str, Any]) -> str:
                 " / ".join(f"{r['instructions_per_message'] / 1e6:.2f}" for r in series),
                 f"{per_message / off - 1:+.1%}" if off else "—",
                 sum(r["spans"] for r in series),
-                ", ".join(f"{k} {v}" for k, v in _sum_outcomes(series).items()),
+                _outcomes({"outcomes": _sum_outcomes(series)}),
             ]
         )
     header = [

@@ -1,9 +1,9 @@
 """The SERVER span of every HTTP request the bot serves, the root of a webhook's trace and parent of
-`wabot.reply`: FastAPI's own OpenTelemetry support (FastAPI >= 0.143), given our tracer provider.
+`wabot.reply`: FastAPI's own OpenTelemetry support, given our tracer provider (FastAPI >= 0.165, as tested).
 
 Chosen over opentelemetry-instrumentation-fastapi for cost: counted in instructions (`bench/instructions.py`), that
-middleware took 1.36 M instructions per webhook with its span's export, FastAPI's own 0.64 M (it does not record
-OTel HTTP metrics this bot never exports, nor match each request against every route a second time). The span
+middleware took 1.36 M instructions per webhook with its span's export, FastAPI's own about 0.64 M (it does not
+record OTel HTTP metrics this bot never exports, nor match each request against every route a second time). The span
 follows the stable HTTP semantic conventions: `{method} {route}`, `http.response.status_code`, ERROR on a 5xx.
 
 Only spans: FastAPI's HTTP metrics and logs stay off (metrics are Prometheus', logs are ours), and so does
