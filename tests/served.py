@@ -157,12 +157,6 @@ class ServedBot:
         assert response.status_code == 200
         return response
 
-    def process_stats(self) -> dict[str, object]:
-        """The bot's own account of its memory (the "process" block of /status.json on the metrics port)."""
-        response = self.client.get(f"{self.metrics_url}/status.json", timeout=5.0)
-        assert response.status_code == 200
-        return response.json()["process"]
-
     def samples(self) -> Samples:
         """Every sample of a plain-text scrape, keyed by (name, sorted labels)."""
         out = {}
