@@ -165,7 +165,7 @@ FAST_CONFIGS = {
     # The operator's lever: head sampling keeps one trace in ten (logs and metrics unchanged).
     "full, 10% of traces": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
     "tracing off": {"OTEL_SDK_DISABLED": "true"},
-    # No spans, no request middleware, no per-message log lines; metrics stay (no switch: alerts depend on them).
+    # No spans (server spans included), no per-message log lines; metrics stay (no switch: alerts depend on them).
     "telemetry off": {"OTEL_SDK_DISABLED": "true", "WABOT_LOG_LEVEL": "warning"},
 }
 

@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     )
     otel_traces_sampler: str = Field("parentbased_always_on", validation_alias=_env("OTEL_TRACES_SAMPLER"))
     otel_traces_sampler_arg: float | None = Field(None, validation_alias=_env("OTEL_TRACES_SAMPLER_ARG"))
-    # The standard switch: "true" turns tracing into a no-op (no spans, no request middleware); metrics and logs stay.
+    # The standard switch: "true" turns tracing into a no-op (no spans, server spans included); metrics and logs stay.
     otel_sdk_disabled: bool = Field(False, validation_alias=_env("OTEL_SDK_DISABLED"))
 
     # Demo

@@ -5,8 +5,8 @@ that started it, and its span must end when the run really ends, with `error.typ
 (see shared/notes/openai-sdk.md).
 
 OTEL_SDK_DISABLED=true (the OpenTelemetry standard switch) makes tracing a no-op: the tracer creates no spans,
-`Tracing.enabled` is False so the app installs no request middleware, and trace ids in logs are null. Metrics and
-logs are not affected.
+`Tracing.enabled` is False so the app's server spans are off too (telemetry/server_spans.py), and trace ids in logs
+are null. Metrics and logs are not affected.
 """
 
 from __future__ import annotations
