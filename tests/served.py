@@ -157,6 +157,17 @@ class ServedBot:
         assert response.status_code == 200
         return response
 
+    def load(self, body: str, users: int, first_number: int = 0) -> tuple[list[dict[str, Any]], float]:
+        """`users` users sending `body` at once, from a process of their own (tests/loadgen.py): each one's
+        result, and the generator's wall time."""
+        command = [sys.executable, "-m", "tests.loadgen", "--url", self.url, "--public-url", self.url]
+        command += ["--auth-token", AUTH_TOKEN, "--account-sid", ACCOUNT_SID, "--to", BOT_NUMBER]
+        command += ["--users", str(users), "--body", body, "--timeout", "30", "--first-number", str(first_number)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(done.stdout)
+        return report["results"], report["wall_s"]
+
     def samples(self) -> Samples:
         """Every sample of a plain-text scrape, keyed by (name, sorted labels)."""
         out = {}

@@ -7,17 +7,13 @@ load comes from a third process (tests/loadgen.py). Figures go to docs/reliabili
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from bot.settings import DEFAULT_BUSY_MESSAGE, DEFAULT_HOLDING_MESSAGE
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER
-from tests.served import ROOT, ServedBot, bot_env
+from tests.served import ServedBot, bot_env
 
 USERS = 1000
 DEADLINE_S = 8.0
@@ -31,22 +27,12 @@ def _bot_env(simulator_url: str, sink_url: str, **extra: str) -> dict[str, str]:
     return bot_env(simulator_url, sink_url, WABOT_REPLY_TIMEOUT=str(DEADLINE_S), WABOT_FOLLOWUP_TIMEOUT="120", **extra)
 
 
-def _load(bot: ServedBot, body: str, users: int, first_number: int = 0) -> tuple[list[dict[str, object]], float]:
-    command = [sys.executable, "-m", "tests.loadgen", "--url", bot.url, "--public-url", bot.url]
-    command += ["--auth-token", AUTH_TOKEN, "--account-sid", ACCOUNT_SID, "--to", BOT_NUMBER]
-    command += ["--users", str(users), "--body", body, "--timeout", "30", "--first-number", str(first_number)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
-    return report["results"], report["wall_s"]
-
-
 def _wave(bot: ServedBot, sink, sim, wave: int) -> dict[str, float]:
     """One thousand users at once; every check of the promise; the figures of the wave."""
     sim.clear_calls()
     sink.clear()
     mark = len(bot.events())
-    results, wall_s = _load(bot, f"a hard question [sim:delay={MODEL_S}]", USERS, first_number=wave * USERS)
+    results, wall_s = bot.load(f"a hard question [sim:delay={MODEL_S}]", USERS, first_number=wave * USERS)
 
     # Every webhook: a 200 with the holding reply, none early.
     assert Counter(r["status"] for r in results) == {200: USERS}, [r for r in results if r["status"] != 200][:3]
@@ -127,7 +113,7 @@ def test_thousand_users_over_the_concurrency_cap_all_answered(simulator, sink_se
     sink.clear()
     bot = ServedBot(tmp_path, _bot_env(sim_url, sink_url, WABOT_MAX_CONCURRENT_RUNS="500")).wait_ready()
     try:
-        results, _ = _load(bot, "a question [sim:delay=4]", USERS)
+        results, _ = bot.load("a question [sim:delay=4]", USERS)
         replies = Counter(tuple(r["messages"]) for r in results)
         assert replies == {("[turn 1] a question",): 500, (DEFAULT_BUSY_MESSAGE,): 500}
         busy = [r for r in results if r["messages"] == [DEFAULT_BUSY_MESSAGE]]

@@ -145,22 +145,10 @@ def test_a_burst_of_500_users_on_redis_is_answered_without_store_errors(
 ) -> None:
     """More webhooks at once than a Redis connection pool holds: commands wait for a free connection instead of
     failing (redis-py's default pool raises MaxConnectionsError past 100), so the store never degrades."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER
-    from tests.served import ROOT
-
     users = 500
     bot = replica(redis_url, WABOT_REPLY_TIMEOUT="8", WABOT_MAX_CONCURRENT_RUNS=str(users))
     sim.clear_calls()
-    command = [sys.executable, "-m", "tests.loadgen", "--url", bot.url, "--public-url", bot.url]
-    command += ["--auth-token", AUTH_TOKEN, "--account-sid", ACCOUNT_SID, "--to", BOT_NUMBER]
-    command += ["--users", str(users), "--body", "a burst [sim:delay=0.5]", "--timeout", "30"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout)["results"]
+    results, _ = bot.load("a burst [sim:delay=0.5]", users)
     assert [r["messages"] for r in results] == [["[turn 1] a burst"]] * users
     assert len(sim.calls()) == users
     assert sum(value for (name, _), value in bot.samples().items() if name == "wabot_store_errors_total") == 0
