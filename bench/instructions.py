@@ -104,7 +104,11 @@ def count_one(work: Path, stubs: Any, env: dict[str, str], *, messages: int, bat
         wrapper=wrapper,
         up_timeout=300,
     )
-    tracing = env.get("OTEL_SDK_DISABLED") != "true"
+    exports = (
+        env.get("OTEL_SDK_DISABLED") != "true"
+        and env.get("OTEL_TRACES_EXPORTER") != "none"
+        and env.get("OTEL_TRACES_SAMPLER") != "always_off"
+    )
     per_batch = batch // _SPANS_PER_MESSAGE
     try:
         # The warm-up runs instrumented too: callgrind translates code the first time it runs, and lazy imports
@@ -113,7 +117,7 @@ def count_one(work: Path, stubs: Any, env: dict[str, str], *, messages: int, bat
         _control("-i", "on", str(bot.pid))
         spans_before = _spans_received(stubs.otlp)
         warm_ok = _send(bot, per_batch)
-        if tracing:
+        if exports:
             _wait_spans(stubs.otlp, spans_before + batch)
         before_metrics = scrape(bot)
         spans_before = _spans_received(stubs.otlp)
@@ -121,7 +125,7 @@ def count_one(work: Path, stubs: Any, env: dict[str, str], *, messages: int, bat
         started = time.monotonic()
         ok = _send(bot, messages)
         sent_s = time.monotonic() - started
-        if tracing:
+        if exports:
             _wait_spans(stubs.otlp, spans_before + _SPANS_PER_MESSAGE * messages)
         after = _instructions(bot.pid)
         after_metrics = scrape(bot)
@@ -141,9 +145,17 @@ def count_one(work: Path, stubs: Any, env: dict[str, str], *, messages: int, bat
     }
 
 
-# Full telemetry against the two ways of switching it off (see bench/scenarios.py's FAST_CONFIGS). Head sampling
-# is left out: its batches would not fill, and its cost lies between these.
-CONFIGS = ("full", "tracing off", "telemetry off")
+# Full telemetry against the two ways of switching it off (see bench/scenarios.py's FAST_CONFIGS), and in between
+# full telemetry with one part of tracing taken away, which says where tracing's cost goes: its machinery alone
+# (spans started and made current, none recorded), recording spans, and exporting them. Head sampling is left out:
+# its batches would not fill, and its cost lies between these.
+CONFIGS = {
+    "full": FAST_CONFIGS["full"],
+    "full, spans not exported": {"OTEL_TRACES_EXPORTER": "none"},
+    "full, no span recorded": {"OTEL_TRACES_SAMPLER": "always_off"},
+    "tracing off": FAST_CONFIGS["tracing off"],
+    "telemetry off": FAST_CONFIGS["telemetry off"],
+}
 
 
 def telemetry_cost(ctx: Any) -> dict[str, Any]:
@@ -157,8 +169,6 @@ def telemetry_cost(ctx: Any) -> dict[str, Any]:
                 ctx.say(f"instructions: round {r + 1}/{sizes.instruction_rounds} {key} (under callgrind)")
                 work = ctx.dir(f"instructions-{r}-{key.replace(' ', '-')}")  # fresh store: no history carried over
                 results[key].append(
-                    count_one(
-                        work, s, FAST_CONFIGS[key], messages=sizes.instruction_messages, batch=sizes.instruction_batch
-                    )
+                    count_one(work, s, CONFIGS[key], messages=sizes.instruction_messages, batch=sizes.instruction_batch)
                 )
     return {"concurrency": CONCURRENCY, "runs": results}

@@ -288,17 +288,55 @@ def _instructions(data: dict[str, Any]) -> str:
     batch = next((r["batch"] for series in runs.values() for r in series), None)
     return "\n".join(
         [
-            "## 2b. Telemetry cost in instructions",
-            "",
-            "The fast path of section 2 again, each configuration under `valgrind --tool=callgrind`: the instructions "
-            f"the bot's process executes per message ({data['concurrency']} messages in flight; every thread, the "
-            "span exporter's included; not the kernel's share), which unlike messages/s do not move with the "
-            f"machine's other load. Span export in full batches of {batch} spans, as at the fast path's rate "
-            "(bench/instructions.py says why).",
-            "",
+            *_instructions_header(data, batch),
             _table(header, rows),
+            *_breakdown(runs),
         ]
     )
+
+
+# Where full telemetry's extra instructions go: each part is the step between two configurations.
+_STEPS = (
+    ("JSON logs (the per-message lines)", "tracing off", "telemetry off"),
+    ("tracing's machinery (spans started and made current, none recorded)", "full, no span recorded", "tracing off"),
+    ("recording the spans", "full, spans not exported", "full, no span recorded"),
+    (
+        "exporting them (encoding, the batch processor, the HTTP request shared by a batch)",
+        "full",
+        "full, spans not exported",
+    ),
+)
+
+
+def _breakdown(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    if not all(runs.get(key) for _, a, b in _STEPS for key in (a, b)):
+        return []
+    off = _per_message(runs["telemetry off"])
+    rows = []
+    for part, more, less in _STEPS:
+        step = _per_message(runs[more]) - _per_message(runs[less])
+        rows.append([part, f"{step / 1e6:.2f}", f"{step / off:+.1%}"])
+    total = _per_message(runs["full"]) - off
+    rows.append(["**all of it** (full − telemetry off)", f"{total / 1e6:.2f}", f"{total / off:+.1%}"])
+    return [
+        "",
+        "Where full telemetry's extra instructions go (medians):",
+        "",
+        _table(["part", "M instructions/msg", "of telemetry off"], rows),
+    ]
+
+
+def _instructions_header(data: dict[str, Any], batch: int | None) -> list[str]:
+    return [
+        "## 2b. Telemetry cost in instructions",
+        "",
+        "The fast path of section 2 again, each configuration under `valgrind --tool=callgrind`: the instructions "
+        f"the bot's process executes per message ({data['concurrency']} messages in flight; every thread, the "
+        "span exporter's included; not the kernel's share), which unlike messages/s do not move with the "
+        f"machine's other load. Span export in full batches of {batch} spans, as at the fast path's rate "
+        "(bench/instructions.py says why).",
+        "",
+    ]
 
 
 def _sum_outcomes(series: list[dict[str, Any]]) -> dict[str, int]:

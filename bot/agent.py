@@ -21,7 +21,7 @@ from bot.settings import Settings
 from bot.tools import ToolError, ToolRegistry
 from telemetry import metrics
 from telemetry.logging import get_logger
-from telemetry.tracing import record_error
+from telemetry.tracing import ActiveSpan, record_error
 
 PROVIDER = "openai"
 TOOL_TIMEOUT_S = 10.0
@@ -100,20 +100,16 @@ class Agent:
 
     async def run(self, prompt: str, previous_response_id: str | None, budget_s: float) -> AgentAnswer:
         """Answer `prompt` within `budget_s` seconds or raise AgentError."""
-        with self._tracer.start_as_current_span(
+        with ActiveSpan(
+            self._tracer,
             "invoke_agent",
-            kind=trace.SpanKind.INTERNAL,
-            record_exception=False,
-            set_status_on_exception=False,
+            attributes={
+                "gen_ai.operation.name": "invoke_agent",
+                "gen_ai.provider.name": PROVIDER,
+                "gen_ai.agent.name": "wabot",
+                "gen_ai.request.model": self._model,
+            },
         ) as span:
-            span.set_attributes(
-                {
-                    "gen_ai.operation.name": "invoke_agent",
-                    "gen_ai.provider.name": PROVIDER,
-                    "gen_ai.agent.name": "wabot",
-                    "gen_ai.request.model": self._model,
-                }
-            )
             usage = _Usage()
             try:
                 async with asyncio.timeout(budget_s) as usage.deadline:
@@ -131,8 +127,9 @@ class Agent:
                 record_error(span, exc.__class__.__name__, str(exc))
                 raise AgentError("other", str(exc)) from exc
             finally:
-                span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
-                span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
+                span.set_attributes(
+                    {"gen_ai.usage.input_tokens": usage.input_tokens, "gen_ai.usage.output_tokens": usage.output_tokens}
+                )
             return answer
 
     async def _loop(
@@ -149,9 +146,13 @@ class Agent:
             outputs = [await self._execute_tool(call) for call in calls]
             tool_count += len(calls)
             response = await self._call(outputs, response.id, usage)
-        span.set_attribute("gen_ai.response.id", response.id)
-        span.set_attribute("gen_ai.response.model", response.model)
-        span.set_attribute("wabot.agent.tool_count", tool_count)
+        span.set_attributes(
+            {
+                "gen_ai.response.id": response.id,
+                "gen_ai.response.model": response.model,
+                "wabot.agent.tool_count": tool_count,
+            }
+        )
         text = (response.output_text or "").strip()
         if not text:
             raise AgentError("empty", "the model answered with no text")
@@ -168,19 +169,16 @@ class Agent:
             raise
 
     async def _call(self, input_: Any, previous_response_id: str | None, usage: _Usage) -> Any:
-        with self._tracer.start_as_current_span(
+        with ActiveSpan(
+            self._tracer,
             f"chat {self._model}",
             kind=trace.SpanKind.CLIENT,
-            record_exception=False,
-            set_status_on_exception=False,
+            attributes={
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": PROVIDER,
+                "gen_ai.request.model": self._model,
+            },
         ) as span:
-            span.set_attributes(
-                {
-                    "gen_ai.operation.name": "chat",
-                    "gen_ai.provider.name": PROVIDER,
-                    "gen_ai.request.model": self._model,
-                }
-            )
             try:
                 response = await self._client.responses.create(
                     model=self._model,
@@ -201,30 +199,26 @@ class Agent:
                     raise AgentError(outcome, str(exc)) from exc
                 raise
             metrics.MODEL_CALLS.labels(outcome="ok").inc()
-            span.set_attribute("gen_ai.response.id", response.id)
-            span.set_attribute("gen_ai.response.model", response.model)
+            done: dict[str, Any] = {"gen_ai.response.id": response.id, "gen_ai.response.model": response.model}
             if response.usage is not None:
                 usage.add(response.usage.input_tokens, response.usage.output_tokens)
-                span.set_attribute("gen_ai.usage.input_tokens", response.usage.input_tokens)
-                span.set_attribute("gen_ai.usage.output_tokens", response.usage.output_tokens)
+                done["gen_ai.usage.input_tokens"] = response.usage.input_tokens
+                done["gen_ai.usage.output_tokens"] = response.usage.output_tokens
+            span.set_attributes(done)
             return response
 
     async def _execute_tool(self, call: Any) -> dict[str, str]:
         tool = self._tools.get(call.name)
         label = tool.name if tool else "unknown"
-        with self._tracer.start_as_current_span(
+        with ActiveSpan(
+            self._tracer,
             f"execute_tool {label}",
-            kind=trace.SpanKind.INTERNAL,
-            record_exception=False,
-            set_status_on_exception=False,
+            attributes={
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": label,
+                "gen_ai.tool.call.id": call.call_id,
+            },
         ) as span:
-            span.set_attributes(
-                {
-                    "gen_ai.operation.name": "execute_tool",
-                    "gen_ai.tool.name": label,
-                    "gen_ai.tool.call.id": call.call_id,
-                }
-            )
             try:
                 if tool is None:
                     raise ToolError(f"there is no tool named {call.name!r}")

@@ -24,6 +24,7 @@ from bot.splitting import split_message
 from bot.store import PendingReply
 from telemetry import metrics
 from telemetry.privacy import text_fingerprint
+from telemetry.tracing import ActiveSpan
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,12 @@ class DeadlineResponder:
 
     async def respond(self, message: InboundMessage, reply: PendingReply, arrived: float) -> Reply:
         """Race the run against the deadline (counted from `arrived`, a time.monotonic() stamp)."""
-        with self._tracer.start_as_current_span("wabot.reply") as span:
-            span.set_attributes({"wabot.reply.timeout_s": self._timeout, "wabot.user.hash": reply.user_key})
+        with ActiveSpan(
+            self._tracer,
+            "wabot.reply",
+            attributes={"wabot.reply.timeout_s": self._timeout, "wabot.user.hash": reply.user_key},
+            record_exception=True,
+        ) as span:
             handoff = Handoff()
             if not await self._runner.start(reply, handoff):
                 handoff.close()

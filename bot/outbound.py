@@ -25,7 +25,7 @@ from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 
 from bot.settings import Settings
-from telemetry.tracing import record_error
+from telemetry.tracing import ActiveSpan, record_error
 
 _BACKOFF_BASE_S = 0.5
 _BACKOFF_MAX_S = 8.0
@@ -104,19 +104,16 @@ class TwilioSender:
 
     async def send(self, to: str, body: str) -> Sent:
         """Send one message; retry transient failures; raise DeliveryError when Twilio will not take it."""
-        with self._tracer.start_as_current_span(
+        with ActiveSpan(
+            self._tracer,
             "twilio.messages.create",
             kind=trace.SpanKind.CLIENT,
-            record_exception=False,
-            set_status_on_exception=False,
+            attributes={
+                "http.request.method": "POST",
+                "server.address": self._server,
+                "wabot.message.length": len(body),
+            },
         ) as span:
-            span.set_attributes(
-                {
-                    "http.request.method": "POST",
-                    "server.address": self._server,
-                    "wabot.message.length": len(body),
-                }
-            )
             attempt = 0
             while True:
                 attempt += 1

@@ -1,12 +1,14 @@
 """Finished spans to the bytes of an OTLP `ExportTraceServiceRequest`, written straight in protobuf's wire format.
 
 The exporters of opentelemetry-exporter-otlp build a protobuf object per span, attribute and value and then
-serialize it: about 35 µs per span here, the largest single cost of tracing (counted in instructions,
-`bench/instructions.py`: 0.35 M instructions per span exported, more than recording the span). Writing the same
-bytes directly takes about a fifth of that. The output is the library's own encoding, field for field: tests decode
-both with opentelemetry-proto and compare them over generated spans of every shape (all attribute types, events,
-links, status, remote parents, trace state, dropped counts), so any divergence fails the suite before it reaches a
-collector. `bot`'s exporters (telemetry/otlp_export.py) use it for OTLP over HTTP and gRPC alike.
+serialize it: about 290 k instructions per span of this bot (counted under callgrind; 0.35 M with the export's
+HTTP share in `bench/instructions.py`), more than recording the span. Writing the same bytes directly takes about
+63 k: the SDK's spans are read through their fields, not the properties that copy them, and the common case (a
+string attribute, a one-byte length) is written without a call per field. The output is the library's own
+encoding, field for field: tests decode both with opentelemetry-proto and compare them over generated spans of every
+shape (all attribute types, events, links, status, remote parents, trace state, dropped counts, spans read through
+their public properties only), so any divergence fails the suite before it reaches a collector. `bot`'s exporters
+(telemetry/otlp_export.py) use it for OTLP over HTTP and gRPC alike.
 
 Wire format reference: https://protobuf.dev/programming-guides/encoding/ and opentelemetry-proto's trace.proto.
 """
@@ -41,12 +43,17 @@ _fixed32 = struct.Struct("<I").pack
 # Encoded attributes of repeated (key, value) pairs: most attribute values of this bot's spans are the same from
 # one span to the next (operation names, model, route). Bounded; cleared when full.
 _CACHE_LIMIT = 4096
-_key_value_cache: dict[tuple[str, type, Any], bytes] = {}
+_key_value_cache: dict[tuple[bytes, str, type, Any], bytes] = {}
+_CACHEABLE = frozenset({str, bool, int})
+_names: dict[str, bytes] = {}  # attribute keys, encoded as a KeyValue's first field
+
+
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
 
 
 def _varint(value: int) -> bytes:
     if value < 0x80:
-        return bytes((value,))
+        return _ONE_BYTE[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -57,7 +64,8 @@ def _varint(value: int) -> bytes:
 
 def _field(key: bytes, payload: bytes) -> bytes:
     """A length-delimited field: key, length, payload."""
-    return key + _varint(len(payload)) + payload
+    size = len(payload)
+    return key + (_ONE_BYTE[size] if size < 0x80 else _varint(size)) + payload
 
 
 def _text(key: bytes, text: str) -> bytes:
@@ -89,7 +97,17 @@ def _any_value(value: Any) -> bytes:
 
 
 def _key_value(key: str, value: Any) -> bytes:
-    return _text(b"\x0a", key) + _field(b"\x12", _any_value(value))
+    name = _names.get(key)
+    if name is None:
+        name = _text(b"\x0a", key)
+        if len(_names) < _CACHE_LIMIT:
+            _names[key] = name
+    if type(value) is str:  # most values; the same bytes as _any_value's, with two calls fewer
+        encoded = value.encode("utf-8")
+        size = len(encoded)
+        if size < 0x7E:  # the AnyValue (tag, length, text) stays under 128 bytes: one-byte lengths
+            return name + b"\x12" + _ONE_BYTE[size + 2] + b"\x0a" + _ONE_BYTE[size] + encoded
+    return name + _field(b"\x12", _any_value(value))
 
 
 def _attributes(key: bytes, attributes: Mapping[str, Any] | None) -> bytes:
@@ -98,28 +116,37 @@ def _attributes(key: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         return b""
     out = []
     for name, value in attributes.items():
-        cacheable = type(value) in (str, bool, int)
+        kind = type(value)
+        cacheable = kind in _CACHEABLE
         if cacheable:
-            hit = _key_value_cache.get((name, type(value), value))
+            hit = _key_value_cache.get((key, name, kind, value))
             if hit is not None:
-                out.append(key + hit)
+                out.append(hit)
                 continue
         try:
-            encoded = _field(b"", _key_value(name, value))
+            encoded = key + _field(b"", _key_value(name, value))
         except (TypeError, ValueError) as exc:
             _log.error("Failed to encode key %s: %s", name, exc)
             continue
         if cacheable:
             if len(_key_value_cache) >= _CACHE_LIMIT:
                 _key_value_cache.clear()
-            _key_value_cache[(name, type(value), value)] = encoded
-        out.append(key + encoded)
+            _key_value_cache[(key, name, kind, value)] = encoded
+        out.append(encoded)
     return b"".join(out)
+
+
+def _plain(attributes: Any) -> Any:
+    # The SDK's BoundedAttributes is a MutableMapping: iterating its items calls __getitem__ once per key, a
+    # third of the encoding's time. The dict it keeps them in gives the same pairs in the same order.
+    inner = getattr(attributes, "_dict", None)
+    return inner if type(inner) is dict else attributes
 
 
 _LOCAL = _fixed32(_FLAGS_HAS_IS_REMOTE)
 _REMOTE = _fixed32(_FLAGS_HAS_IS_REMOTE | _FLAGS_IS_REMOTE)
 _EMPTY_STATUS = b"\x7a\x00"
+_MISSING = object()
 
 
 def _flags(context: Any) -> bytes:
@@ -137,34 +164,48 @@ def _count(key: bytes, value: int) -> bytes:
 
 
 def _span(span: ReadableSpan) -> bytes:
-    # Straight-line for the common span (no events, links, drops or trace state): this runs once per span.
-    context = span.get_span_context()
+    # Straight-line for the common span (no events, links, drops or trace state): this runs once per span. The
+    # SDK's own ReadableSpan is read through its fields where its properties would copy them (attributes, events,
+    # links); any other ReadableSpan through the properties.
+    context = span.context
     parent = span.parent
-    out = b"\x0a\x10" + context.trace_id.to_bytes(16, "big") + b"\x12\x08" + context.span_id.to_bytes(8, "big")
+    parts = [b"\x0a\x10", context.trace_id.to_bytes(16, "big"), b"\x12\x08", context.span_id.to_bytes(8, "big")]
     if context.trace_state:
-        out += _trace_state(b"\x1a", context.trace_state)
+        parts.append(_trace_state(b"\x1a", context.trace_state))
     if parent is not None:
-        out += b"\x22\x08" + parent.span_id.to_bytes(8, "big")
+        parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
     if span.name:
-        out += _text(b"\x2a", span.name)
-    out += _KIND[span.kind]
+        parts.append(_text(b"\x2a", span.name))
+    parts.append(_KIND[span.kind])
     if span.start_time:
-        out += b"\x39" + _fixed64(span.start_time)
+        parts += (b"\x39", _fixed64(span.start_time))
     if span.end_time:
-        out += b"\x41" + _fixed64(span.end_time)
-    out += _attributes(b"\x4a", span.attributes) + _count(b"\x50", span.dropped_attributes)
-    events, links = span.events, span.links
-    if events or links or span.dropped_events or span.dropped_links:
-        out += _events_and_links(span, events, links)
+        parts += (b"\x41", _fixed64(span.end_time))
+    attributes = getattr(span, "_attributes", _MISSING)
+    if attributes is _MISSING:
+        parts += (_attributes(b"\x4a", span.attributes), _count(b"\x50", span.dropped_attributes))
+    else:
+        parts += (_attributes(b"\x4a", _plain(attributes)), _count(b"\x50", getattr(attributes, "dropped", 0)))
+    events, links = getattr(span, "_events", _MISSING), getattr(span, "_links", _MISSING)
+    if (
+        events is _MISSING
+        or links is _MISSING
+        or events
+        or links
+        or getattr(events, "dropped", 0)
+        or getattr(links, "dropped", 0)
+    ):
+        parts.append(_events_and_links(span, span.events, span.links))
     status = span.status
     if status.description or status.status_code.value:
         status_body = (_text(b"\x12", status.description) if status.description else b"") + (
             b"\x18" + _varint(status.status_code.value) if status.status_code.value else b""
         )
-        out += _field(b"\x7a", status_body)
+        parts.append(_field(b"\x7a", status_body))
     else:
-        out += _EMPTY_STATUS
-    return out + b"\x85\x01" + _flags(parent)
+        parts.append(_EMPTY_STATUS)
+    parts += (b"\x85\x01", _REMOTE if parent is not None and parent.is_remote else _LOCAL)
+    return b"".join(parts)
 
 
 def _events_and_links(span: ReadableSpan, events: Sequence[Any], links: Sequence[Any]) -> bytes:

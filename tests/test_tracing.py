@@ -6,6 +6,7 @@ Span trees are read from each bot's in-memory exporter; OTLP export is checked e
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import threading
 import time
@@ -16,12 +17,19 @@ from typing import Any
 
 import grpc
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
+from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE, Settings
 from telemetry.privacy import UserHasher
+from telemetry.server_spans import fastapi_telemetry
+from telemetry.tracing import ActiveSpan, Tracing, setup_tracing
 from tests.conftest import AUTH_TOKEN, Bot, free_port, metric
 
 TOOL_MESSAGE = 'what is 6*7 [sim:tool=calculate:{"expression":"6*7"}]'
@@ -474,15 +482,6 @@ def test_rejected_webhook_is_traced_without_error_and_probes_are_not_traced(make
 
 def test_an_exception_in_the_app_ends_the_server_span_in_error() -> None:
     """The app's telemetry settings on their own, around an endpoint that fails: the span records the 500."""
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from telemetry.server_spans import fastapi_telemetry
-    from telemetry.tracing import Tracing
-
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -510,17 +509,6 @@ def test_an_exception_in_the_app_ends_the_server_span_in_error() -> None:
 def test_with_tracing_off_the_app_makes_no_spans_even_with_a_global_provider(monkeypatch) -> None:
     """OTEL_SDK_DISABLED=true means no server spans, even when some library has set a global tracer provider
     (FastAPI would otherwise trace on it by default)."""
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from bot.settings import Settings
-    from telemetry.server_spans import fastapi_telemetry
-    from telemetry.tracing import setup_tracing
-
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -535,3 +523,40 @@ def test_with_tracing_off_the_app_makes_no_spans_even_with_a_global_provider(mon
     with TestClient(app) as client:
         assert client.get("/ping").status_code == 200
     assert exporter.get_finished_spans() == ()
+
+
+def _provider() -> tuple[trace.Tracer, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("test"), exporter
+
+
+def test_active_span_is_current_in_its_block_and_ends_with_it() -> None:
+    tracer, exporter = _provider()
+    before = trace.get_current_span()
+    with ActiveSpan(tracer, "outer", attributes={"a": 1}) as outer:
+        assert trace.get_current_span() is outer
+        with ActiveSpan(tracer, "inner", kind=SpanKind.CLIENT) as inner:
+            assert trace.get_current_span() is inner
+        assert trace.get_current_span() is outer
+    assert trace.get_current_span() is before
+    inner_span, outer_span = exporter.get_finished_spans()
+    assert (inner_span.name, outer_span.name) == ("inner", "outer")
+    assert inner_span.kind is SpanKind.CLIENT and inner_span.parent.span_id == outer_span.context.span_id
+    assert outer_span.attributes == {"a": 1}
+    assert outer_span.status.status_code is StatusCode.UNSET
+
+
+def test_active_span_records_an_escaping_exception_only_when_asked_and_never_a_cancellation() -> None:
+    tracer, exporter = _provider()
+    before = trace.get_current_span()
+    for record, error in ((True, ValueError("boom")), (False, ValueError("quiet")), (True, asyncio.CancelledError())):
+        with pytest.raises(type(error)), ActiveSpan(tracer, f"s-{record}-{error!r}", record_exception=record):
+            raise error
+        assert trace.get_current_span() is before  # the context is restored however the block ends
+    loud, quiet, cancelled = exporter.get_finished_spans()
+    assert loud.status.status_code is StatusCode.ERROR and loud.status.description == "ValueError: boom"
+    assert [event.name for event in loud.events] == ["exception"]
+    assert quiet.status.status_code is StatusCode.UNSET and not quiet.events
+    assert cancelled.status.status_code is StatusCode.UNSET and not cancelled.events
