@@ -40,7 +40,7 @@ test: install system-deps lint
 	$(BIN)/pytest
 
 # Speed, not behaviour: runs the bot, stubs and wrk (installed from Debian's package if missing) on 127.0.0.1 for
-# about 15 minutes and rewrites docs/benchmarks.md. BENCH_QUICK=1 makes it a one-minute smoke run.
+# about 25 minutes and rewrites docs/benchmarks.md. BENCH_QUICK=1 makes it a three-minute smoke run.
 bench: install
 	$(BIN)/python -m bench.run
 
