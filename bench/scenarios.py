@@ -164,6 +164,9 @@ FAST_CONFIGS = {
     "full": {},
     # The operator's lever: head sampling keeps one trace in ten (logs and metrics unchanged).
     "full, 10% of traces": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+    # The other lever: every span recorded, every trace that went wrong exported, and one in ten of the rest
+    # (telemetry/trace_keeping.py). On the fast path every message is answered, so one trace in ten leaves.
+    "full, 10% of answered traces": {"WABOT_TRACES_KEEP_OK": "0.1"},
     "tracing off": {"OTEL_SDK_DISABLED": "true"},
     # No spans (server spans included), no per-message log lines; metrics stay (no switch: alerts depend on them).
     "telemetry off": {"OTEL_SDK_DISABLED": "true", "WABOT_LOG_LEVEL": "warning"},

@@ -30,6 +30,7 @@ from opentelemetry.util.types import Attributes
 from bot import __version__
 from bot.settings import Settings
 from telemetry.otlp_export import HttpExporter, grpc_exporter_class
+from telemetry.trace_keeping import KeepWhatMatters
 
 TRACER_NAME = "wabot"
 
@@ -105,6 +106,8 @@ def setup_tracing(settings: Settings, exporter: SpanExporter | None = None) -> T
         processor = BatchSpanProcessor(_otlp_exporter(settings))
     elif settings.otel_traces_exporter not in ("none", "otlp"):
         raise ValueError(f"OTEL_TRACES_EXPORTER={settings.otel_traces_exporter!r} is not otlp, console or none")
+    if processor is not None and settings.traces_keep_ok < 1.0:
+        processor = KeepWhatMatters(processor, settings.traces_keep_ok)
     if processor is not None:
         provider.add_span_processor(processor)
     return Tracing(provider=provider, tracer=provider.get_tracer(TRACER_NAME, __version__))
