@@ -6,7 +6,7 @@ when the trace's local root ends (the webhook's server span, or the first span o
 from everything its spans say by then:
 
 - kept: any span in ERROR, a `wabot.reply.outcome` other than `ok` (timeout, error, busy), an HTTP status of 400 or
-  more (a rejected webhook);
+  more (a rejected webhook), a run resumed after a restart;
 - otherwise kept with probability `keep_ok` (WABOT_TRACES_KEEP_OK), decided from the trace id as the ratio sampler
   does, so every process keeps the same traces.
 
@@ -33,6 +33,13 @@ _TRACE_ID_LOW = (1 << 64) - 1
 def _local_root(span: ReadableSpan) -> bool:
     parent = span.parent
     return parent is None or parent.is_remote
+
+
+def _resumed(span: ReadableSpan) -> bool:
+    # A run resumed after a restart continues its message's trace from the journaled traceparent: a local root
+    # with a remote parent that is not a server span. Its webhook's part was a timeout (it was kept); the rest of
+    # it is kept too, or the trace would arrive without its end.
+    return span.parent is not None and span.kind is not SpanKind.SERVER
 
 
 def _went_wrong(span: ReadableSpan) -> bool:
@@ -85,7 +92,7 @@ class KeepWhatMatters(SpanProcessor):
         if not _local_root(span):
             self._pending[trace_id] = waiting
             return self._overflow()
-        keep = any(_went_wrong(s) for s in waiting) or (trace_id & _TRACE_ID_LOW) < self._bound
+        keep = _resumed(span) or any(_went_wrong(s) for s in waiting) or (trace_id & _TRACE_ID_LOW) < self._bound
         self._decided[trace_id] = keep
         self._decided.move_to_end(trace_id)
         while len(self._decided) > self._max_decided:

@@ -13,7 +13,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from bot.settings import DEFAULT_HOLDING_MESSAGE
 from telemetry.trace_keeping import KeepWhatMatters
@@ -57,6 +57,14 @@ def test_answered_messages_are_dropped_and_every_kind_of_trouble_is_kept() -> No
     with ActiveSpan(tracer, "POST /whatsapp", kind=SpanKind.SERVER) as rejected:
         rejected.set_attribute("http.response.status_code", 403)
     assert names(exporter) == ["POST /whatsapp"]
+    exporter.clear()
+    # A run resumed after a restart joins its message's trace through the journaled traceparent.
+    journaled = SpanContext(0x5B, 0x7C, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    with ActiveSpan(tracer, "POST /whatsapp", kind=SpanKind.SERVER):  # an answered webhook, for contrast
+        pass
+    with trace.use_span(NonRecordingSpan(journaled)), ActiveSpan(tracer, "invoke_agent"):
+        tracer.start_span("chat sim-model").end()
+    assert names(exporter) == ["chat sim-model", "invoke_agent"]
 
 
 def test_spans_ending_after_the_root_follow_its_decision() -> None:
