@@ -25,9 +25,8 @@ from collections import OrderedDict
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
-
-_TRACE_ID_LOW = (1 << 64) - 1
 
 
 def _local_root(span: ReadableSpan) -> bool:
@@ -65,7 +64,8 @@ class KeepWhatMatters(SpanProcessor):
         if not 0.0 <= keep_ok <= 1.0:
             raise ValueError(f"keep_ok={keep_ok} is not between 0 and 1")
         self._exporting = exporting
-        self._bound = round(keep_ok * (1 << 64))
+        # The ratio sampler's own rule, so a trace kept here is one it would have kept at the same rate.
+        self._bound = TraceIdRatioBased.get_bound_for_rate(keep_ok)
         self._max_pending = max_pending
         self._max_decided = max_decided
         self._pending: OrderedDict[int, list[ReadableSpan]] = OrderedDict()
@@ -92,7 +92,11 @@ class KeepWhatMatters(SpanProcessor):
         if not _local_root(span):
             self._pending[trace_id] = waiting
             return self._overflow()
-        keep = _resumed(span) or any(_went_wrong(s) for s in waiting) or (trace_id & _TRACE_ID_LOW) < self._bound
+        keep = (
+            _resumed(span)
+            or any(_went_wrong(s) for s in waiting)
+            or (trace_id & TraceIdRatioBased.TRACE_ID_LIMIT) < self._bound
+        )
         self._decided[trace_id] = keep
         self._decided.move_to_end(trace_id)
         while len(self._decided) > self._max_decided:
