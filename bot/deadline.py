@@ -3,7 +3,8 @@
 The webhook and the run meet at a `Handoff`. If the run offers its answer before the deadline, the webhook
 returns it as TwiML. At the deadline the webhook closes the handoff and returns the holding message; the run
 (never cancelled by this) then delivers its answer as a follow-up. Whichever happens first wins; the event
-loop runs one of them at a time, so there is no window in which an answer could be taken by neither.
+loop runs one of them at a time, so there is no window in which an answer could be taken by neither. A webhook
+cancelled after the answer was offered (the server stopping) gives it back, and the run sends it as a follow-up.
 
 When every model slot is taken (WABOT_MAX_CONCURRENT_RUNS), the run is queued and the webhook does not wait
 for a deadline it cannot meet: the user gets the busy holding reply at once and the answer follows.
@@ -38,35 +39,58 @@ class Answer:
 
 
 class Handoff:
-    """Where a run hands its answer to the webhook that is waiting for it, if it still is."""
+    """Where a run hands its answer to the webhook that is waiting for it, if it still is.
+
+    Two steps, so an answer cannot fall between them: the run offers its answer, then waits to learn whether the
+    webhook took it (it goes back as TwiML) or gave it back (the webhook was cancelled before it could return it,
+    e.g. at shutdown), in which case the run delivers it as a follow-up. The webhook settles it without awaiting
+    anything, so the run waits at most one turn of the event loop.
+    """
 
     def __init__(self) -> None:
-        self._answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._answer: asyncio.Future[Answer] = loop.create_future()
+        self._taken: asyncio.Future[bool] = loop.create_future()
         self._closed = False
 
     def offer(self, answer: Answer) -> bool:
-        """Called by the run. True: the webhook takes the answer inline. False: deliver it as a follow-up."""
+        """Called by the run. True: the webhook is waiting and returns the answer inline, unless it gives it back
+        (`taken` says which). False: nobody waits; deliver it as a follow-up."""
         if self._closed:
             return False
         self._answer.set_result(answer)
         return True
 
+    async def taken(self) -> bool:
+        """After an accepted `offer`: True once the webhook took the answer, False if it gave it back."""
+        return await self._taken
+
     def close(self) -> Answer | None:
-        """Called by the webhook when it stops waiting. Returns an answer that arrived just in time, if any;
-        otherwise the run now owes a follow-up."""
+        """Called by the webhook when it stops waiting. Takes an answer that arrived in time, if any; otherwise
+        the run now owes a follow-up."""
+        if self._closed:
+            return None
+        self._closed = True
         if self._answer.done():
+            if not self._taken.done():  # done already if the run was cancelled while it waited
+                self._taken.set_result(True)
             return self._answer.result()
-        if not self._closed:
-            self._closed = True
-            metrics.FOLLOWUPS_PENDING.inc()
+        metrics.FOLLOWUPS_PENDING.inc()
         return None
 
-    async def wait(self, timeout: float) -> Answer | None:
-        """The answer, if it comes within `timeout` seconds."""
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._answer), max(timeout, 0.0))
-        except TimeoutError:
-            return None
+    def give_back(self) -> None:
+        """Called by a webhook that is cancelled: nobody returns an answer inline, not even one already offered."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._answer.done() and not self._taken.done():
+            self._taken.set_result(False)
+        metrics.FOLLOWUPS_PENDING.inc()
+
+    async def wait(self, timeout: float) -> None:
+        """Until the answer is offered or `timeout` seconds have passed; `close` then says which."""
+        if timeout > 0:
+            await asyncio.wait((self._answer,), timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -97,17 +121,19 @@ class DeadlineResponder:
             record_exception=True,
         ) as span:
             handoff = Handoff()
-            if not await self._runner.start(reply, handoff):
-                handoff.close()
+            try:
+                started = await self._runner.start(reply, handoff)
+                if started:
+                    await handoff.wait(arrived + self._timeout - time.monotonic())
+            except BaseException:
+                # Cancelled (the server stops, or Twilio hung up): the run must deliver its answer itself.
+                handoff.give_back()
+                raise
+            answer = handoff.close()
+            if not started:
                 result = self._busy_reply(message)
                 span.set_attributes({"wabot.reply.outcome": result.outcome, "wabot.reply.parts": len(result.parts)})
                 return result
-            answer: Answer | None = None
-            try:
-                answer = await handoff.wait(arrived + self._timeout - time.monotonic())
-            finally:
-                # Also on cancellation (Twilio hung up): the run must know nobody takes its answer inline.
-                answer = answer or handoff.close()
             elapsed = time.monotonic() - arrived
             result = self._settle(message, answer, elapsed)
             span.set_attributes(

@@ -41,14 +41,21 @@ class FollowupDelivery:
         self._recent = recent or RecentActivity()
         self._give_up_s = give_up_s
 
-    async def deliver(self, reply: PendingReply) -> bool:
-        """Send what is left of `reply`; True when every part was accepted. The journal entry is closed either way."""
+    async def deliver(self, reply: PendingReply, *, resumed: bool = False) -> bool:
+        """Send what is left of `reply`; True when every part was accepted. The journal entry is closed either way.
+
+        `resumed`: an earlier process journaled this answer and may have crashed while Twilio took its next part,
+        so that part is looked up at Twilio before it is sent.
+        """
         parts = reply.answer_parts or []
         attempts = 0
+        recovered = False
         try:
             for index in range(reply.parts_sent, len(parts)):
-                sent = await self._send_until_given_up(reply, parts[index])
+                maybe_sent_since = reply.arrived_at if resumed and index == reply.parts_sent else None
+                sent = await self._send_until_given_up(reply, parts[index], maybe_sent_since)
                 attempts += sent.attempts
+                recovered = recovered or sent.recovered
                 reply.parts_sent = index + 1
                 await guarded(self._store.mark_sent(reply.sid, reply.parts_sent), self._log, "mark_sent", reply.sid)
         except DeliveryError as exc:
@@ -70,6 +77,7 @@ class FollowupDelivery:
         metrics.FOLLOWUPS.labels(outcome="delivered").inc()
         self._recent.record_followup("delivered")
         metrics.observe(metrics.FOLLOWUP_SECONDS, elapsed)
+        # recovered: a call to Twilio failed without an answer, and the lookup found that Twilio had taken the part.
         self._log.info(
             "followup_sent",
             message_sid=reply.sid,
@@ -77,17 +85,18 @@ class FollowupDelivery:
             parts=len(parts),
             kind=reply.kind,
             attempts=attempts,
+            **({"recovered": True} if recovered else {}),
         )
         await guarded(self._store.finish(reply.sid), self._log, "finish", reply.sid)
         return True
 
-    async def _send_until_given_up(self, reply: PendingReply, part: str) -> Sent:
+    async def _send_until_given_up(self, reply: PendingReply, part: str, maybe_sent_since: float | None) -> Sent:
         """One part, in rounds of retries until Twilio takes it, refuses it, or the give-up time has come.
         `attempts` (of the result or of the raised DeliveryError) counts every attempt for this part."""
         rounds_failed = attempts_so_far = 0
         while True:
             try:
-                sent = await self._sender.send(reply.to, part)
+                sent = await self._sender.send(reply.to, part, maybe_sent_since=maybe_sent_since)
             except DeliveryError as exc:
                 rounds_failed += 1
                 attempts_so_far += exc.attempts
@@ -105,4 +114,4 @@ class FollowupDelivery:
                 )
                 await asyncio.sleep(pause)
                 continue
-            return Sent(sid=sent.sid, attempts=attempts_so_far + sent.attempts)
+            return Sent(sid=sent.sid, attempts=attempts_so_far + sent.attempts, recovered=sent.recovered)

@@ -4,9 +4,23 @@ twilio-python's async client ignores its timeout setting, so every call is bound
 Transient failures (5xx, 429, timeouts, connection errors) are retried with exponential backoff, or after the
 Retry-After Twilio asks for when it is longer; a 4xx such as 63016 (outside WhatsApp's 24-hour window) is final.
 
-Delivery is at least once, not exactly once: Twilio's Messages API has no idempotency key, so when a call times out
-or its connection drops after Twilio took the message, the retry sends it a second time. Timeouts are generous
-(`WABOT_TWILIO_CALL_TIMEOUT`, 10 s) to make that rare; a lost answer would be worse than a repeated one.
+Twilio's Messages API has no idempotency key: when a call times out, or its connection drops, the bot cannot tell
+whether Twilio took the message. Before retrying such an ambiguous failure (never a 4xx, 429 or 5xx: Twilio answered
+those, it did not create the message) the bot looks it up: it lists the latest messages to the same user from the
+same sender, and a message with exactly the same body created since the send began (less `_CLOCK_SLACK_S` for
+Twilio's whole-second timestamps and clock skew) is taken as this one: the send is done (`Sent.recovered`), nothing
+is sent twice. The lookup runs after the backoff, giving Twilio time to finish the request, and also after the last
+attempt, since the follow-up's next round would otherwise send the message again.
+
+What is guaranteed: a message Twilio took and listed before the lookup is not sent again. What is not:
+- a lookup that fails or times out, or a message Twilio creates (or lists) only after the lookup, is retried,
+  and the user gets it twice: a lost answer would be worse than a repeated one;
+- after a crash between Twilio taking a message and the journal recording it, the resumed follow-up looks the
+  message up before sending it (`maybe_sent_since`, the user's message's arrival); a lookup that fails there
+  sends it again;
+- another message with exactly the same text to the same user, created within `_CLOCK_SLACK_S` before this send
+  began, is mistaken for this one, which is then not sent again (the user already has that text).
+Timeouts are generous (`WABOT_TWILIO_CALL_TIMEOUT`, 10 s) to make all of these rare.
 """
 
 from __future__ import annotations
@@ -16,6 +30,7 @@ import email.utils
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -31,6 +46,10 @@ _BACKOFF_BASE_S = 0.5
 _BACKOFF_MAX_S = 8.0
 # A Retry-After above this is not waited for in full: the answer is already late.
 _RETRY_AFTER_MAX_S = 30.0
+# After an ambiguous failure: how many of the latest messages to the user are looked at, and how much earlier than
+# the send's start one may have been created (Twilio's timestamps are whole seconds, its clock is not ours).
+_LOOKUP_LIMIT = 20
+_CLOCK_SLACK_S = 2.0
 
 # The Retry-After of the last Twilio answer in this task (the run's task sends its own messages one by one).
 _retry_after: ContextVar[float | None] = ContextVar("twilio_retry_after", default=None)
@@ -74,13 +93,21 @@ class DeliveryError(Exception):
 
 @dataclass(frozen=True)
 class Sent:
+    """A message Twilio took. `recovered`: a call failed ambiguously and the lookup found the message it had sent."""
+
     sid: str
     attempts: int
+    recovered: bool = False
 
 
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, TwilioRestException):
         return exc.status >= 500 or exc.status == 429
+    return _ambiguous(exc)
+
+
+def _ambiguous(exc: BaseException) -> bool:
+    """No answer from Twilio (our timeout, a connection error): it may or may not have taken the message."""
     return isinstance(exc, TimeoutError | aiohttp.ClientError | OSError)
 
 
@@ -102,8 +129,13 @@ class TwilioSender:
         self._server = settings.twilio_api_url.split("://", 1)[-1].split("/", 1)[0]
         self._tracer = tracer
 
-    async def send(self, to: str, body: str) -> Sent:
-        """Send one message; retry transient failures; raise DeliveryError when Twilio will not take it."""
+    async def send(self, to: str, body: str, *, maybe_sent_since: float | None = None) -> Sent:
+        """Send one message; retry transient failures, after looking the message up when Twilio may have taken it;
+        raise DeliveryError when Twilio will not take it.
+
+        `maybe_sent_since` (a time.time() stamp): an earlier process may have sent this message since then (it
+        crashed before journaling that Twilio took it); it is looked up first and sent only when it is not there.
+        """
         with ActiveSpan(
             self._tracer,
             "twilio.messages.create",
@@ -114,7 +146,14 @@ class TwilioSender:
                 "wabot.message.length": len(body),
             },
         ) as span:
+            # Wall-clock time, to compare with Twilio's date_created.
+            started = time.time()
             attempt = 0
+            if maybe_sent_since is not None:
+                sid = await self._find_taken(span, to, body, maybe_sent_since, attempt)
+                if sid is not None:
+                    span.set_attribute("twilio.message.sid", sid)
+                    return Sent(sid=sid, attempts=0, recovered=True)
             while True:
                 attempt += 1
                 span.set_attribute("wabot.delivery.attempts", attempt)
@@ -125,8 +164,15 @@ class TwilioSender:
                             to=to, from_=self._from, body=body, status_callback=self._status_callback
                         )
                 except Exception as exc:
-                    if _transient(exc) and attempt < self._max_attempts:
+                    retry = _transient(exc) and attempt < self._max_attempts
+                    if retry:
                         await asyncio.sleep(_backoff(exc, attempt))
+                    if _ambiguous(exc):
+                        sid = await self._find_taken(span, to, body, started, attempt)
+                        if sid is not None:
+                            span.set_attribute("twilio.message.sid", sid)
+                            return Sent(sid=sid, attempts=attempt, recovered=True)
+                    if retry:
                         continue
                     # Raised without a local name: this frame lives on in the error's traceback, and a local holding
                     # the error would close a reference cycle, left for the garbage collector to find.
@@ -134,8 +180,46 @@ class TwilioSender:
                 span.set_attribute("twilio.message.sid", message.sid or "")
                 return Sent(sid=message.sid or "", attempts=attempt)
 
+    async def _find_taken(self, span: trace.Span, to: str, body: str, started: float, attempt: int) -> str | None:
+        """The sid of a message Twilio holds to `to` with exactly `body`, created since `started`; None when the
+        latest messages hold none, or the lookup failed (then the caller retries: a duplicate beats a lost answer).
+
+        Sets `wabot.delivery.recovered` on the span, and adds an event per lookup saying how it went.
+        """
+        event = {"wabot.delivery.attempts": attempt}
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                listed = await self._client.messages.list_async(to=to, from_=self._from, limit=_LOOKUP_LIMIT)
+        except Exception as exc:
+            # Only the error's name is kept: a local holding the error would close a reference cycle (see send).
+            span.add_event("twilio.messages.list", {**event, "error.type": _lookup_error_type(exc)})
+            span.set_attribute("wabot.delivery.recovered", False)
+            return None
+        earliest = started - _CLOCK_SLACK_S
+        sid = next((m.sid for m in listed if m.body == body and _created_since(m.date_created, earliest)), None)
+        span.add_event(
+            "twilio.messages.list",
+            {**event, "wabot.delivery.listed": len(listed), "wabot.delivery.found": sid is not None},
+        )
+        span.set_attribute("wabot.delivery.recovered", sid is not None)
+        return sid
+
     async def close(self) -> None:
         await self._http.close()
+
+
+def _created_since(created: object, earliest: float) -> bool:
+    return isinstance(created, datetime) and created.timestamp() >= earliest
+
+
+def _lookup_error_type(exc: Exception) -> str:
+    """The error type of a failed lookup, in `_delivery_error`'s terms."""
+    # A page Twilio refuses raises a bare TwilioException("Unable to fetch page", response), not a TwilioRestException.
+    response = exc.args[1] if isinstance(exc, TwilioException) and len(exc.args) > 1 else None
+    status = getattr(response, "status_code", None)
+    if isinstance(status, int) and not isinstance(exc, TwilioRestException):
+        return "twilio_server_error" if status >= 500 else "rate_limited" if status == 429 else "rejected"
+    return _delivery_error(exc, 1).error_type
 
 
 def _backoff(exc: Exception, attempt: int) -> float:

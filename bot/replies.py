@@ -129,20 +129,25 @@ class ReplyRunner:
         try:
             if ticket is not None and not await ticket.wait_turn(self._budget + _ORDER_WAIT_SLACK_S):
                 self._log.warning("order_wait_timeout", message_sid=reply.sid)
+            # An answer journaled by an earlier process: it may have died while Twilio was taking a part of it.
+            journaled = reply.answer_parts is not None
             if reply.answer_parts is None:
                 slot_taken, has_slot = has_slot, False  # from here on _answer_in_slot releases it
                 answer = await self._answer_in_slot(reply, resumed=handoff is None, has_slot=slot_taken)
                 if handoff is not None and handoff.offer(answer):
                     self._log_answer(reply, answer, phase="inline")
-                    await guarded(self._store.drop(reply.sid), self._log, "drop", reply.sid)
-                    return
-                self._log_answer(reply, answer, phase="followup")
+                    if await handoff.taken():
+                        await guarded(self._store.drop(reply.sid), self._log, "drop", reply.sid)
+                        return
+                    # The webhook was cancelled before it could return the answer: it follows up instead.
+                else:
+                    self._log_answer(reply, answer, phase="followup")
                 reply.answer_parts, reply.kind = answer.parts, answer.kind
                 await guarded(
                     self._store.save_answer(reply.sid, answer.parts, answer.kind), self._log, "save", reply.sid
                 )
             try:
-                await self._followups.deliver(reply)
+                await self._followups.deliver(reply, resumed=journaled)
             finally:
                 metrics.FOLLOWUPS_PENDING.dec()
         except asyncio.CancelledError:

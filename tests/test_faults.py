@@ -350,32 +350,104 @@ def test_twilio_timeout_before_it_took_the_message_is_retried_and_delivered_once
     wait_until(lambda: len(sink.attempts()) == 2, 5, "the timed-out request never finished at the sink")
     assert sorted(a["status"] for a in sink.attempts()) == [201, 500]
     assert [m["body"] for m in sink.messages(to=f"whatsapp:{user}")] == ["[turn 1] slow"]
+    # The bot looked before retrying, and Twilio had nothing.
+    assert [(q["to"], q["status"], q["listed"]) for q in sink.lookups()] == [(f"whatsapp:{user}", 200, 0)]
     [sent] = events(log_lines, mark, "followup_sent", message_sid=form["MessageSid"])
-    assert sent["attempts"] == 2
+    assert sent["attempts"] == 2 and "recovered" not in sent
     still_serving(bot)
 
 
-def test_twilio_timeout_after_it_took_the_message_sends_it_twice(
-    make_bot: Callable[..., Bot], sim, sink, log_lines: LogLines
-) -> None:
-    """KNOWN LIMIT, tested as it is: Twilio's Messages API has no idempotency key.
+def send_span(bot: Bot) -> Any:
+    """The one `twilio.messages.create` span of the bot (bounded poll: it ends before the bot is idle)."""
+    wait_until(
+        lambda: any(s.name == "twilio.messages.create" for s in bot.spans.get_finished_spans()), 5, "no send span"
+    )
+    [span] = [s for s in bot.spans.get_finished_spans() if s.name == "twilio.messages.create"]
+    return span
 
-    Twilio takes the message but answers after the bot's call timeout; the bot cannot tell this from a request
-    that never arrived, retries, and the user gets the answer twice. The bot counts one delivered follow-up.
-    """
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param({"delay": 1.5}, id="answered-after-the-call-timeout"),
+        pytest.param({"reset": True}, id="connection-dropped-after-it-took-it"),
+    ],
+)
+def test_twilio_took_the_message_but_the_bot_had_no_answer_it_is_found_and_not_sent_again(
+    make_bot: Callable[..., Bot], sim, sink, log_lines: LogLines, fault: dict[str, Any]
+) -> None:
+    """Twilio takes the message, then answers after the bot's call timeout (or the connection drops): the bot cannot
+    tell this from a request that never arrived, so before retrying it lists the user's latest messages, finds this
+    one (same body, created since the send began) and counts it as sent. The user gets the answer once."""
+    bot = make_bot(reply_timeout=0.5, twilio_call_timeout=0.5)
+    user = new_user()
+    sink.inject(status=201, to=f"whatsapp:{user}", **fault)
+    counted = Metrics(("wabot_followups_total", {"outcome": "delivered"}))
+    mark = log_lines.mark()
+    form = bot.form("slow [sim:delay=0.8]", sender=user)
+    assert bot.post_form(form).messages == [DEFAULT_HOLDING_MESSAGE]
+    [taken] = sink.wait_for_messages(1, to=f"whatsapp:{user}", timeout=15)
+    bot.wait_idle()
+
+    assert [m["body"] for m in sink.messages(to=f"whatsapp:{user}")] == ["[turn 1] slow"]
+    assert [a["outcome"] for a in sink.attempts() if a["to"] == f"whatsapp:{user}"] == ["accepted"]
+    [lookup] = sink.lookups()
+    assert (lookup["to"], lookup["from"], lookup["page_size"], lookup["status"]) == (
+        f"whatsapp:{user}",
+        BOT_NUMBER,
+        20,
+        200,
+    )
+    assert counted.delta("wabot_followups_total", outcome="delivered") == 1
+    [sent] = events(log_lines, mark, "followup_sent", message_sid=form["MessageSid"])
+    assert (sent["attempts"], sent["recovered"]) == (1, True)
+    span = send_span(bot)
+    assert span.attributes["wabot.delivery.recovered"] is True
+    assert span.attributes["twilio.message.sid"] == taken["sid"]
+    assert "error.type" not in span.attributes
+    [listed] = [e for e in span.events if e.name == "twilio.messages.list"]
+    assert dict(listed.attributes) == {
+        "wabot.delivery.attempts": 1,
+        "wabot.delivery.listed": 1,
+        "wabot.delivery.found": True,
+    }
+    still_serving(bot)
+
+
+@pytest.mark.parametrize(
+    ("list_fault", "error_type"),
+    [
+        pytest.param({"status": 500}, "twilio_server_error", id="lookup-500"),
+        pytest.param({"status": 200, "delay": 1.5}, "timeout", id="lookup-hangs"),
+    ],
+)
+def test_twilio_took_the_message_and_the_lookup_fails_it_is_sent_again_not_lost(
+    make_bot: Callable[..., Bot], sim, sink, log_lines: LogLines, list_fault: dict[str, Any], error_type: str
+) -> None:
+    """KNOWN LIMIT, tested as it is: when the lookup cannot tell (Twilio answers it with an error, or not in time),
+    the bot retries, and the user gets the answer twice. A repeated answer is better than a lost one."""
     bot = make_bot(reply_timeout=0.5, twilio_call_timeout=0.5)
     user = new_user()
     sink.inject(status=201, delay=1.5, to=f"whatsapp:{user}")
+    sink.inject_list(to=f"whatsapp:{user}", **list_fault)
     counted = Metrics(("wabot_followups_total", {"outcome": "delivered"}))
     mark = log_lines.mark()
     form = bot.form("slow [sim:delay=0.8]", sender=user)
     assert bot.post_form(form).messages == [DEFAULT_HOLDING_MESSAGE]
     twice = sink.wait_for_messages(2, to=f"whatsapp:{user}", timeout=15)
     bot.wait_idle()
+
     assert [m["body"] for m in twice] == ["[turn 1] slow", "[turn 1] slow"]
+    [lookup] = sink.wait_for_lookups(1, timeout=5)  # a hung lookup is recorded when the sink finally answers it
+    assert (lookup["to"], lookup["status"]) == (f"whatsapp:{user}", list_fault["status"])
     assert counted.delta("wabot_followups_total", outcome="delivered") == 1
     [sent] = events(log_lines, mark, "followup_sent", message_sid=form["MessageSid"])
-    assert sent["attempts"] == 2
+    assert sent["attempts"] == 2 and "recovered" not in sent
+    span = send_span(bot)
+    assert span.attributes["wabot.delivery.recovered"] is False
+    assert span.attributes["twilio.message.sid"] == twice[1]["sid"]
+    [failed] = [e for e in span.events if e.name == "twilio.messages.list"]
+    assert dict(failed.attributes) == {"wabot.delivery.attempts": 1, "error.type": error_type}
     still_serving(bot)
 
 

@@ -139,6 +139,32 @@ def test_sqlite_crash_and_restart_delivers_every_pending_answer_once(
     assert sorted(m["to"] for m in sink.messages()) == sorted(f"whatsapp:{u}" for u in users)
 
 
+def test_crash_after_twilio_took_a_followup_does_not_send_it_again(
+    replica: Callable[..., ServedBot], tmp_path: Path, sim, sink
+) -> None:
+    """Killed while Twilio had taken the answer but not yet said so: the journal still owes it, and the restarted bot
+    finds it at Twilio instead of sending it a second time."""
+    store = f"sqlite:///{tmp_path}/taken.db"
+    user = "+15550610001"
+    first = replica(store, WABOT_TWILIO_CALL_TIMEOUT="60")
+    sink.inject(status=201, delay=60, to=f"whatsapp:{user}")  # taken at once, answered a minute later
+    assert first.send("taken, then crash [sim:delay=1]", user) == [DEFAULT_HOLDING_MESSAGE]
+    sink.wait_for_messages(1, to=f"whatsapp:{user}", timeout=15)  # taken; the bot still waits for Twilio's answer
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(5)
+    lookups_before = len(sink.lookups())
+
+    second = replica(store)
+
+    def resumed() -> bool:  # looked up (the fix) or sent again (the bug)
+        return len(sink.lookups()) > lookups_before or len(sink.messages(to=f"whatsapp:{user}")) > 1
+
+    wait_until(lambda: resumed() and second.runs_in_flight() == 0, 30, "the owed answer was not resumed")
+    assert [m["body"] for m in sink.messages(to=f"whatsapp:{user}")] == ["[turn 1] taken, then crash"]
+    [lookup] = sink.lookups()[lookups_before:]
+    assert lookup["to"] == f"whatsapp:{user}" and lookup["outcome"] == "listed"
+
+
 @pytest.mark.timeout(120)
 def test_a_burst_of_500_users_on_redis_is_answered_without_store_errors(
     replica: Callable[..., ServedBot], redis_url: str, sim, sink

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ import aiohttp
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from twilio.base.exceptions import TwilioRestException
+from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
@@ -205,6 +206,174 @@ async def test_reset_is_an_unwrapped_network_error(sink: TwilioSink, client: Cli
     assert sink.messages() == []
 
 
+async def test_message_taken_but_answered_late_is_listed_before_the_answer(sink: TwilioSink, client: Client) -> None:
+    sink.inject(status=201, delay=1.0)
+    pending = asyncio.create_task(client.messages.create_async(to=USER, from_=BOT, body="taken, answered late"))
+    [taken] = await asyncio.to_thread(sink.wait_for_messages, 1, to=USER, timeout=5.0)
+    [listed] = await client.messages.list_async(to=USER, from_=BOT, limit=20)
+    assert not pending.done()  # Twilio has the message; its caller does not know yet
+    assert (listed.sid, listed.body, listed.status) == (taken["sid"], "taken, answered late", "queued")
+    assert (await pending).sid == taken["sid"]
+    assert [(a["status"], a["outcome"]) for a in sink.attempts()] == [(201, "accepted")]
+
+
+async def test_message_taken_then_connection_dropped(sink: TwilioSink, client: Client) -> None:
+    sink.inject(status=201, reset=True)
+    with pytest.raises(aiohttp.ClientError):
+        await client.messages.create_async(to=USER, from_=BOT, body="taken, then dropped")
+    [taken] = sink.messages(to=USER)
+    assert [(a["status"], a["outcome"]) for a in sink.attempts()] == [(None, "accepted")]
+    [listed] = await client.messages.list_async(to=USER, limit=20)
+    assert (listed.sid, listed.body) == (taken["sid"], "taken, then dropped")
+
+
+async def test_list_filters_by_to_and_from_newest_first(sink: TwilioSink, client: Client) -> None:
+    other_sender = "whatsapp:+15005550006"
+    for to, from_, body in [
+        (USER, BOT, "one"),
+        (OTHER, BOT, "to someone else"),
+        (USER, BOT, "two"),
+        (USER, other_sender, "from another number"),
+        (USER, BOT, "three"),
+    ]:
+        await client.messages.create_async(to=to, from_=from_, body=body)
+
+    mine = await client.messages.list_async(to=USER, from_=BOT, limit=20)
+    assert [m.body for m in mine] == ["three", "two", "one"]
+    assert [m.sid for m in mine] == [m["sid"] for m in reversed(sink.messages(to=USER)) if m["from"] == BOT]
+    first = mine[0]
+    assert (first.to, first.from_, first.status, first.direction) == (USER, BOT, "queued", "outbound-api")
+    assert first.account_sid == SID and first.uri == f"/2010-04-01/Accounts/{SID}/Messages/{first.sid}.json"
+    assert isinstance(first.date_created, datetime) and first.date_created.tzinfo is not None
+    assert abs(first.date_created.timestamp() - time.time()) < 5
+    assert [m.body for m in await client.messages.list_async(to=USER, limit=20)] == [
+        "three",
+        "from another number",
+        "two",
+        "one",
+    ]
+    assert [m.body for m in await client.messages.list_async(to=OTHER)] == ["to someone else"]
+    assert [m.body for m in await client.messages.list_async(from_=other_sender)] == ["from another number"]
+    assert await client.messages.list_async(to="whatsapp:+15550000000") == []
+    assert len(await client.messages.list_async()) == 5
+    # limit=20 asks for one page of 20; no limit, for Twilio's default page of 50.
+    assert [(q["to"], q["from"], q["page_size"], q["status"], q["listed"]) for q in sink.lookups()] == [
+        (USER, BOT, 20, 200, 3),
+        (USER, None, 20, 200, 4),
+        (OTHER, None, None, 200, 1),
+        (None, other_sender, None, 200, 1),
+        ("whatsapp:+15550000000", None, None, 200, 0),
+        (None, None, None, 200, 5),
+    ]
+
+
+async def test_list_pages_through_next_page_uri(sink: TwilioSink, client: Client) -> None:
+    for body in ("a", "b", "c", "d", "e"):
+        await client.messages.create_async(to=USER, from_=BOT, body=body)
+    # A message arriving between two pages does not shift the next one: the page token names the last one seen.
+    pages = await client.messages.page_async(to=USER, page_size=2)
+    assert [m.body for m in pages] == ["e", "d"]
+    await client.messages.create_async(to=USER, from_=BOT, body="f")
+    second = await pages.next_page_async()
+    assert second is not None and [m.body for m in second] == ["c", "b"]
+    third = await second.next_page_async()
+    assert third is not None and [m.body for m in third] == ["a"]
+    assert third.next_page_url is None and await third.next_page_async() is None
+
+    assert [m.body for m in await client.messages.list_async(to=USER, page_size=4)] == ["f", "e", "d", "c", "b", "a"]
+    assert [m.body for m in await client.messages.list_async(to=USER, limit=3)] == ["f", "e", "d"]
+
+
+async def test_list_page_has_twilios_shape(sink: TwilioSink, sink_server: tuple[TwilioSink, str]) -> None:
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{SID}:{TOKEN}".encode()).decode()}
+    uri = f"/2010-04-01/Accounts/{SID}/Messages.json"
+    async with aiohttp.ClientSession(base_url=sink_server[1], headers=auth) as http:
+        created = await (await http.post(uri, data={"To": USER, "From": BOT, "Body": "shape"})).json()
+        reply = await http.get(uri, params={"To": USER, "PageSize": "20"})
+        assert reply.status == 200
+        page = await reply.json()
+        assert page == {
+            "messages": [created],  # each message exactly as the create call answered it
+            "end": 0,
+            "first_page_uri": f"{uri}?To=whatsapp%3A%2B15551234567&PageSize=20&Page=0",
+            "next_page_uri": None,
+            "page": 0,
+            "page_size": 20,
+            "previous_page_uri": None,
+            "start": 0,
+            "uri": f"{uri}?To=whatsapp%3A%2B15551234567&PageSize=20&Page=0",
+        }
+        for bad in ("0", "1001", "many"):
+            refused = await http.get(uri, params={"PageSize": bad})
+            assert refused.status == 400 and (await refused.json())["code"] == 20001
+
+
+async def test_list_shows_the_status_the_callbacks_reported(
+    sink: TwilioSink, client: Client, receiver_server: tuple[CallbackReceiver, str]
+) -> None:
+    receiver, callback_url = receiver_server
+    sink.fail_delivery(to=USER, status="undelivered")
+    message = await client.messages.create_async(to=USER, from_=BOT, body="late news", status_callback=callback_url)
+    await asyncio.to_thread(receiver.wait_for, 2, message.sid)
+    [listed] = await client.messages.list_async(to=USER)
+    assert (listed.sid, listed.status, listed.error_code) == (message.sid, "undelivered", 63016)
+    assert isinstance(listed.date_sent, datetime)
+
+
+async def test_list_with_wrong_credentials_is_401(
+    sink: TwilioSink, client: Client, sink_server: tuple[TwilioSink, str]
+) -> None:
+    await client.messages.create_async(to=USER, from_=BOT, body="exists")
+    for sid, token in ((SID, "wrong"), ("AC" + "f" * 32, TOKEN)):
+        bad = make_client(sink_server[1], sid=sid, token=token)
+        try:
+            with pytest.raises(TwilioException) as refused:
+                await bad.messages.list_async(to=USER, limit=20)
+        finally:
+            await bad.http_client.close()
+        # The SDK raises a bare TwilioException for a page it could not fetch, with the response.
+        response = refused.value.args[1]
+        assert response.status_code == 401 and json.loads(response.text)["code"] == 20003
+    assert [(q["status"], q["outcome"], q["listed"]) for q in sink.lookups()] == [(401, "error", 0)] * 2
+
+
+async def test_list_faults(sink: TwilioSink, client: Client) -> None:
+    await client.messages.create_async(to=USER, from_=BOT, body="exists")
+    sink.inject_list(status=500, to=OTHER)  # skipped by a lookup for USER
+    sink.inject_list(status=503)
+    with pytest.raises(TwilioException) as failed:
+        await client.messages.list_async(to=USER, limit=20)
+    assert failed.value.args[1].status_code == 503
+    assert [m.body for m in await client.messages.list_async(to=USER, limit=20)] == ["exists"]
+    with pytest.raises(TwilioException):
+        await client.messages.list_async(to=OTHER, limit=20)
+
+    sink.inject_list(reset=True)
+    with pytest.raises(aiohttp.ClientError):
+        await client.messages.list_async(to=USER, limit=20)
+
+    sink.inject_list(status=200, delay=0.3)  # slow (a hang, to a caller with a shorter timeout)
+    started = time.monotonic()
+    assert len(await client.messages.list_async(to=USER, limit=20)) == 1
+    assert time.monotonic() - started >= 0.3
+    sink.inject_list(status=200, delay=0.6)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await client.messages.list_async(to=USER, limit=20)
+    # The sink answers the abandoned request when its delay is over.
+    lookups = await asyncio.to_thread(sink.wait_for_lookups, 6, timeout=5.0)
+    assert [(q["to"], q["status"], q["outcome"]) for q in lookups] == [
+        (USER, 503, "error"),
+        (USER, 200, "listed"),
+        (OTHER, 500, "error"),
+        (USER, None, "reset"),
+        (USER, 200, "listed"),
+        (USER, 200, "listed"),
+    ]
+    assert lookups[-1]["at"] - lookups[-2]["at"] >= 0.6
+    assert sink.attempts() == [a for a in sink.attempts() if a["body"] == "exists"]  # lookups are not attempts
+
+
 async def test_status_callbacks_are_signed_and_in_order(
     sink: TwilioSink, client: Client, receiver_server: tuple[CallbackReceiver, str]
 ) -> None:
@@ -287,6 +456,7 @@ async def test_http_inspection_endpoints(sink: TwilioSink, client: Client, sink_
     async with aiohttp.ClientSession(base_url=sink_server[1]) as http:
         listed = await (await http.get("/_sink/messages")).json()
         assert [m["body"] for m in listed] == ["inspect me"]
+        assert await (await http.get("/_sink/lookups")).json() == []
         filtered = await (await http.get("/_sink/messages", params={"to": OTHER})).json()
         assert filtered == []
         assert (await http.delete("/_sink/messages")).status == 204

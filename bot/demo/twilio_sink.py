@@ -1,8 +1,10 @@
 """Twilio's REST Messages API on loopback: where the demo, tests and benchmarks send the bot's replies.
 
 It accepts what `twilio.rest.Client(...).messages.create[_async]` sends once ``client.api.base_url``
-points here, answers with a message resource the SDK parses, records every message, can inject faults
-(errors, latency, dropped connections, failed deliveries) and posts signed status callbacks like Twilio.
+points here, answers with a message resource the SDK parses, records every message, lists them as
+`messages.list[_async]` reads them (newest first, filtered by To and From, paged), can inject faults (errors,
+latency, dropped connections, a message taken but answered late or not at all, failed deliveries, a failing
+list call) and posts signed status callbacks like Twilio.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from fastapi import FastAPI, Request
@@ -33,9 +36,12 @@ logger = logging.getLogger("wabot.demo.sink")
 
 API_VERSION = "2010-04-01"
 MAX_BODY_CHARS = 1600
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
 CALLBACK_TIMEOUT_S = 5.0
 
 _ERROR_MESSAGES = {
+    20001: "Invalid paging parameter",
     20003: "Authenticate",
     20429: "Too Many Requests",
     20500: "An internal server error has occurred",
@@ -142,9 +148,13 @@ class TwilioSink:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._messages: list[dict[str, Any]] = []
+        # The message resources as the API shows them, by sid (their status follows the callbacks).
+        self._resources: dict[str, dict[str, Any]] = {}
         self._attempts: list[dict[str, Any]] = []
+        self._lookups: list[dict[str, Any]] = []
         self._typing: list[dict[str, Any]] = []
         self._faults: list[_Fault] = []
+        self._list_faults: list[_Fault] = []
         self._delivery_faults: list[_DeliveryFault] = []
         self._callback_tasks: set[asyncio.Task[None]] = set()
         self._app = self._build_app()
@@ -161,13 +171,22 @@ class TwilioSink:
             return copy.deepcopy([m for m in self._messages if to is None or m["to"] == to])
 
     def attempts(self) -> list[dict[str, Any]]:
-        """Every Messages request, accepted or not: ``to, from, body, status, outcome, at``.
+        """Every create-message request, accepted or not: ``to, from, body, status, outcome, at``.
 
-        `status` is the HTTP status answered (None for a dropped connection); `outcome` is
-        accepted, error or reset.
+        `status` is the HTTP status answered (None for a dropped connection); `outcome` is accepted (the message
+        was taken, whatever the caller then got), error or reset.
         """
         with self._lock:
             return copy.deepcopy(self._attempts)
+
+    def lookups(self) -> list[dict[str, Any]]:
+        """Every list-messages request: ``to, from, page_size, status, outcome, listed, at``.
+
+        `to` and `from` are the filters asked for (None when absent); `status` is the HTTP status answered (None for
+        a dropped connection); `outcome` is listed, error or reset; `listed` is the number of messages answered.
+        """
+        with self._lock:
+            return copy.deepcopy(self._lookups)
 
     def typing_indicators(self) -> list[dict[str, Any]]:
         """Typing indicators received (``POST /v2/Indicators/Typing.json``): ``message_id, channel, at``."""
@@ -175,15 +194,18 @@ class TwilioSink:
             return copy.deepcopy(self._typing)
 
     def clear(self) -> None:
-        """Forget recorded messages, attempts and typing indicators (queued faults stay queued)."""
+        """Forget recorded messages, attempts, lookups and typing indicators (queued faults stay queued)."""
         with self._lock:
             self._messages.clear()
+            self._resources.clear()
             self._attempts.clear()
+            self._lookups.clear()
             self._typing.clear()
 
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._list_faults.clear()
             self._delivery_faults.clear()
 
     def wait_for_messages(self, n: int, *, to: str | None = None, timeout: float = 30.0) -> list[dict[str, Any]]:
@@ -204,6 +226,13 @@ class TwilioSink:
                 )
             return copy.deepcopy(matching())
 
+    def wait_for_lookups(self, n: int, *, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Block until at least `n` list-messages requests have been answered (or dropped), and return them all."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self._lookups) >= n, timeout):
+                raise TimeoutError(f"expected {n} lookup(s) within {timeout}s, got {len(self._lookups)}")
+            return copy.deepcopy(self._lookups)
+
     def inject(
         self,
         *,
@@ -215,11 +244,13 @@ class TwilioSink:
         retry_after: float | None = None,
         to: str | None = None,
     ) -> None:
-        """Queue a fault for the next `count` Messages requests (to `to`, if given); faults apply FIFO.
+        """Queue a fault for the next `count` create-message requests (to `to`, if given); faults apply FIFO.
 
-        The delay comes first; then the connection is dropped (`reset`), or `status` is answered with a Twilio
-        error body (`code` defaults to 20429 for 429 and 20500 otherwise), or, for status 201, the message
-        is accepted normally.
+        For an error status the message is not taken: the delay comes first, then the connection is dropped
+        (`reset`), or `status` is answered with a Twilio error body (`code` defaults to 20429 for 429 and 20500
+        otherwise). For status 201 Twilio takes the message first (it is recorded, listed and its status callbacks
+        run), then the answer comes after the delay, or the connection is dropped instead (`reset`): a caller that
+        gives up waiting, or loses the connection, cannot tell that the message was sent.
         """
         if count < 1:
             raise ValueError("count must be >= 1")
@@ -227,6 +258,29 @@ class TwilioSink:
             code = 20429 if status == 429 else 20500
         with self._lock:
             self._faults.append(_Fault(status, code, count, delay, reset, retry_after, to))
+
+    def inject_list(
+        self,
+        *,
+        status: int = 500,
+        code: int | None = None,
+        count: int = 1,
+        delay: float = 0.0,
+        reset: bool = False,
+        to: str | None = None,
+    ) -> None:
+        """Queue a fault for the next `count` list-messages requests (filtered on To `to`, if given), FIFO.
+
+        The delay comes first (longer than the caller's timeout, it is a hang); then the connection is dropped
+        (`reset`), or `status` is answered with a Twilio error body (`code` as for `inject`), or, for status
+        200, the page is answered normally.
+        """
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        if code is None and status != 200:
+            code = 20429 if status == 429 else 20500
+        with self._lock:
+            self._list_faults.append(_Fault(status, code, count, delay, reset, None, to))
 
     def fail_delivery(
         self, *, to: str | None = None, status: str = "undelivered", code: int = 63016, count: int = 1
@@ -247,6 +301,10 @@ class TwilioSink:
         @app.post(f"/{API_VERSION}/Accounts/{{account_sid}}/Messages.json")
         async def create_message(account_sid: str, request: Request) -> Response:
             return await self._create_message(account_sid, request)
+
+        @app.get(f"/{API_VERSION}/Accounts/{{account_sid}}/Messages.json")
+        async def list_messages(account_sid: str, request: Request) -> Response:
+            return await self._list_messages(account_sid, request)
 
         @app.post("/v2/Indicators/Typing.json")
         async def typing_indicator(request: Request) -> Response:
@@ -277,6 +335,10 @@ class TwilioSink:
         async def get_attempts() -> list[dict[str, Any]]:
             return self.attempts()
 
+        @app.get("/_sink/lookups")
+        async def get_lookups() -> list[dict[str, Any]]:
+            return self.lookups()
+
         return app
 
     def _authorized(self, request: Request, path_sid: str | None = None) -> bool:
@@ -291,13 +353,14 @@ class TwilioSink:
             return False
         return user == self.account_sid and password == self._auth_token
 
-    def _take_fault(self, to: str) -> _Fault | None:
+    def _take_fault(self, to: str, faults: list[_Fault] | None = None) -> _Fault | None:
         with self._lock:
-            for fault in self._faults:
+            queue = self._faults if faults is None else faults
+            for fault in queue:
                 if fault.to is None or fault.to == to:
                     fault.remaining -= 1
                     if fault.remaining == 0:
-                        self._faults.remove(fault)
+                        queue.remove(fault)
                     return fault
         return None
 
@@ -335,17 +398,17 @@ class TwilioSink:
         if not self._authorized(request, account_sid):
             return refuse(_twilio_error(401, 20003))
         fault = self._take_fault(form.get("To", ""))
-        if fault is not None:
+        # A 201 fault takes the message first and is answered late (or not at all) after: see below.
+        if fault is not None and fault.status != 201:
             if fault.delay > 0:
                 # This sleep IS the simulated Twilio latency, not a wait for some condition.
                 await asyncio.sleep(fault.delay)
             if fault.reset:
                 self._record_attempt(form, None, "reset")
                 return _DroppedConnection()
-            if fault.status != 201:
-                headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
-                assert fault.code is not None
-                return refuse(_twilio_error(fault.status, fault.code, headers=headers))
+            headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
+            assert fault.code is not None
+            return refuse(_twilio_error(fault.status, fault.code, headers=headers))
 
         to, from_, body = form.get("To"), form.get("From"), form.get("Body")
         if not to:
@@ -393,14 +456,16 @@ class TwilioSink:
             "at": time.monotonic(),
         }
         delivery_fault = self._take_delivery_fault(to)
+        dropped = fault is not None and fault.reset
         with self._changed:
             self._messages.append(record)
+            self._resources[sid] = resource
             self._attempts.append(
                 {
                     "to": to,
                     "from": from_,
                     "body": body,
-                    "status": 201,
+                    "status": None if dropped else 201,
                     "outcome": "accepted",
                     "at": record["at"],
                 }
@@ -418,7 +483,87 @@ class TwilioSink:
             # Keep a reference: the event loop only holds weak references to tasks.
             self._callback_tasks.add(task)
             task.add_done_callback(self._callback_tasks.discard)
+        if fault is not None:
+            # Taken, and answered late: this sleep IS the simulated Twilio latency.
+            if fault.delay > 0:
+                await asyncio.sleep(fault.delay)
+            if fault.reset:
+                return _DroppedConnection()
         return JSONResponse(resource, status_code=201)
+
+    async def _list_messages(self, account_sid: str, request: Request) -> Response:
+        query = request.query_params
+        to, from_ = query.get("To"), query.get("From")
+        size = query.get("PageSize")
+        lookup: dict[str, Any] = {"to": to, "from": from_, "page_size": int(size) if size and size.isdigit() else size}
+
+        def answer(response: Response, outcome: str, listed: int = 0) -> Response:
+            status = None if isinstance(response, _DroppedConnection) else response.status_code
+            with self._changed:
+                self._lookups.append(
+                    {**lookup, "status": status, "outcome": outcome, "listed": listed, "at": time.monotonic()}
+                )
+                self._changed.notify_all()
+            return response
+
+        if not self._authorized(request, account_sid):
+            return answer(_twilio_error(401, 20003), "error")
+        fault = self._take_fault(to or "", self._list_faults)
+        if fault is not None:
+            if fault.delay > 0:
+                # This sleep IS the simulated Twilio latency (or hang), not a wait for some condition.
+                await asyncio.sleep(fault.delay)
+            if fault.reset:
+                return answer(_DroppedConnection(), "reset")
+            if fault.status != 200:
+                assert fault.code is not None
+                return answer(_twilio_error(fault.status, fault.code), "error")
+        try:
+            page_size = int(query.get("PageSize") or DEFAULT_PAGE_SIZE)
+            page = int(query.get("Page") or 0)
+        except ValueError:
+            return answer(_twilio_error(400, 20001), "error")
+        if not 1 <= page_size <= MAX_PAGE_SIZE or page < 0:
+            return answer(_twilio_error(400, 20001), "error")
+
+        with self._lock:
+            # Newest first, as Twilio lists them.
+            matching = [
+                copy.deepcopy(self._resources[m["sid"]])
+                for m in reversed(self._messages)
+                if (to is None or m["to"] == to) and (from_ is None or m["from"] == from_)
+            ]
+        start = page * page_size
+        token = query.get("PageToken")
+        if token:
+            # Twilio's page token names the last message of the page before ("PA" + its sid): the next page
+            # starts right after it even when newer messages have come in since.
+            sids = [m["sid"] for m in matching]
+            start = sids.index(token[2:]) + 1 if token[2:] in sids else len(matching)
+        messages = matching[start : start + page_size]
+
+        base = f"/{API_VERSION}/Accounts/{self.account_sid}/Messages.json"
+        filters = {key: value for key, value in (("To", to), ("From", from_)) if value is not None}
+
+        def page_uri(number: int, page_token: str | None = None) -> str:
+            params = {**filters, "PageSize": page_size, "Page": number}
+            if page_token:
+                params["PageToken"] = page_token
+            return f"{base}?{urlencode(params)}"
+
+        more = start + page_size < len(matching)
+        body = {
+            "messages": messages,
+            "end": start + len(messages) - 1 if messages else start,
+            "first_page_uri": page_uri(0),
+            "next_page_uri": page_uri(page + 1, "PA" + messages[-1]["sid"]) if more and messages else None,
+            "page": page,
+            "page_size": page_size,
+            "previous_page_uri": page_uri(page - 1) if page > 0 else None,
+            "start": start,
+            "uri": page_uri(page, token),
+        }
+        return answer(JSONResponse(body), "listed", len(messages))
 
     async def _send_callbacks(self, url: str, record: dict[str, Any], statuses: list[tuple[str, int | None]]) -> None:
         timeout = aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT_S)
@@ -441,6 +586,14 @@ class TwilioSink:
                     params["ErrorCode"] = str(error_code)
                 with self._lock:
                     record["status"] = status  # the very dict kept in self._messages
+                    resource = self._resources.get(record["sid"])
+                    if resource is not None:
+                        now = _rfc2822(datetime.now(UTC))
+                        resource.update(status=status, date_updated=now, error_code=error_code)
+                        if status == "sent":
+                            resource["date_sent"] = now
+                        if error_code is not None:
+                            resource["error_message"] = _ERROR_MESSAGES.get(error_code)
                 headers = {
                     "X-Twilio-Signature": self._validator.compute_signature(url, params),
                     "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
