@@ -126,7 +126,7 @@ class DeadlineResponder:
                 if started:
                     await handoff.wait(arrived + self._timeout - time.monotonic())
             except BaseException:
-                # Cancelled (the server stops, or Twilio hung up): the run must deliver its answer itself.
+                # Cancelled (the server stopping): the run must deliver its answer itself.
                 handoff.give_back()
                 raise
             answer = handoff.close()

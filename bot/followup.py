@@ -50,9 +50,10 @@ class FollowupDelivery:
         parts = reply.answer_parts or []
         attempts = 0
         recovered = False
+        first_unsent = reply.parts_sent
         try:
-            for index in range(reply.parts_sent, len(parts)):
-                maybe_sent_since = reply.arrived_at if resumed and index == reply.parts_sent else None
+            for index in range(first_unsent, len(parts)):
+                maybe_sent_since = reply.arrived_at if resumed and index == first_unsent else None
                 sent = await self._send_until_given_up(reply, parts[index], maybe_sent_since)
                 attempts += sent.attempts
                 recovered = recovered or sent.recovered

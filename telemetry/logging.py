@@ -64,6 +64,8 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         # WriteLogger: PrintLogger's output without print()'s overhead, still flushed line by line.
         logger_factory=structlog.WriteLoggerFactory(file=stream),
+        # Through the lazy proxy every call (filtered-out debug lines too) built a new bound logger. Safe to cache:
+        # this runs once per process, before the first log line.
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(stream)

@@ -139,30 +139,30 @@ def test_sqlite_crash_and_restart_delivers_every_pending_answer_once(
     assert sorted(m["to"] for m in sink.messages()) == sorted(f"whatsapp:{u}" for u in users)
 
 
-def test_crash_after_twilio_took_a_followup_does_not_send_it_again(
+def test_crash_after_twilio_took_a_followup_part_does_not_send_it_again(
     replica: Callable[..., ServedBot], tmp_path: Path, sim, sink
 ) -> None:
-    """Killed while Twilio had taken the answer but not yet said so: the journal still owes it, and the restarted bot
-    finds it at Twilio instead of sending it a second time."""
+    """Killed while Twilio had taken the first part of a three-part answer but not yet said so: the journal still
+    owes all three, and the restarted bot finds the first at Twilio instead of sending it again, then sends the
+    other two without looking them up."""
     store = f"sqlite:///{tmp_path}/taken.db"
     user = "+15550610001"
+    to = f"whatsapp:{user}"
     first = replica(store, WABOT_TWILIO_CALL_TIMEOUT="60")
-    sink.inject(status=201, delay=60, to=f"whatsapp:{user}")  # taken at once, answered a minute later
-    assert first.send("taken, then crash [sim:delay=1]", user) == [DEFAULT_HOLDING_MESSAGE]
-    sink.wait_for_messages(1, to=f"whatsapp:{user}", timeout=15)  # taken; the bot still waits for Twilio's answer
+    sink.inject(status=201, delay=60, to=to)  # taken at once, answered a minute later
+    assert first.send("taken, then crash [sim:long=3300] [sim:delay=1]", user) == [DEFAULT_HOLDING_MESSAGE]
+    [taken] = sink.wait_for_messages(1, to=to, timeout=15)  # the bot still waits for Twilio's answer
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(5)
     lookups_before = len(sink.lookups())
 
     second = replica(store)
-
-    def resumed() -> bool:  # looked up (the fix) or sent again (the bug)
-        return len(sink.lookups()) > lookups_before or len(sink.messages(to=f"whatsapp:{user}")) > 1
-
-    wait_until(lambda: resumed() and second.runs_in_flight() == 0, 30, "the owed answer was not resumed")
-    assert [m["body"] for m in sink.messages(to=f"whatsapp:{user}")] == ["[turn 1] taken, then crash"]
-    [lookup] = sink.lookups()[lookups_before:]
-    assert lookup["to"] == f"whatsapp:{user}" and lookup["outcome"] == "listed"
+    wait_until(lambda: len(sink.messages(to=to)) >= 3 and second.runs_in_flight() == 0, 30, "answer not resumed")
+    bodies = [m["body"] for m in sink.messages(to=to)]
+    assert len(bodies) == 3 and len(set(bodies)) == 3, bodies  # each part once (the first was sent twice before)
+    assert bodies[0] == taken["body"] and " ".join(bodies).startswith("Sentence 1 of the long answer.")
+    [lookup] = sink.lookups()[lookups_before:]  # the first unsent part only
+    assert lookup["to"] == to and lookup["outcome"] == "listed"
 
 
 @pytest.mark.timeout(120)
