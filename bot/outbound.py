@@ -149,11 +149,8 @@ class TwilioSender:
             # Wall-clock time, to compare with Twilio's date_created.
             started = time.time()
             attempt = 0
-            if maybe_sent_since is not None:
-                sid = await self._find_taken(span, to, body, maybe_sent_since, attempt)
-                if sid is not None:
-                    span.set_attribute("twilio.message.sid", sid)
-                    return Sent(sid=sid, attempts=0, recovered=True)
+            if maybe_sent_since is not None and (found := await self._find_sent(span, to, body, maybe_sent_since, 0)):
+                return found
             while True:
                 attempt += 1
                 span.set_attribute("wabot.delivery.attempts", attempt)
@@ -167,11 +164,8 @@ class TwilioSender:
                     retry = _transient(exc) and attempt < self._max_attempts
                     if retry:
                         await asyncio.sleep(_backoff(exc, attempt))
-                    if _ambiguous(exc):
-                        sid = await self._find_taken(span, to, body, started, attempt)
-                        if sid is not None:
-                            span.set_attribute("twilio.message.sid", sid)
-                            return Sent(sid=sid, attempts=attempt, recovered=True)
+                    if _ambiguous(exc) and (found := await self._find_sent(span, to, body, started, attempt)):
+                        return found
                     if retry:
                         continue
                     # Raised without a local name: this frame lives on in the error's traceback, and a local holding
@@ -180,9 +174,10 @@ class TwilioSender:
                 span.set_attribute("twilio.message.sid", message.sid or "")
                 return Sent(sid=message.sid or "", attempts=attempt)
 
-    async def _find_taken(self, span: trace.Span, to: str, body: str, started: float, attempt: int) -> str | None:
-        """The sid of a message Twilio holds to `to` with exactly `body`, created since `started`; None when the
-        latest messages hold none, or the lookup failed (then the caller retries: a duplicate beats a lost answer).
+    async def _find_sent(self, span: trace.Span, to: str, body: str, started: float, attempt: int) -> Sent | None:
+        """The message Twilio holds to `to` with exactly `body`, created since `started`, as sent after `attempt`
+        attempts; None when the latest messages hold none, or the lookup failed (then the caller retries: a
+        duplicate beats a lost answer).
 
         Sets `wabot.delivery.recovered` on the span, and adds an event per lookup saying how it went.
         """
@@ -202,7 +197,10 @@ class TwilioSender:
             {**event, "wabot.delivery.listed": len(listed), "wabot.delivery.found": sid is not None},
         )
         span.set_attribute("wabot.delivery.recovered", sid is not None)
-        return sid
+        if sid is None:
+            return None
+        span.set_attribute("twilio.message.sid", sid)
+        return Sent(sid=sid, attempts=attempt, recovered=True)
 
     async def close(self) -> None:
         await self._http.close()

@@ -102,6 +102,26 @@ class _Fault:
     retry_after: float | None
     to: str | None
 
+    @classmethod
+    def of(
+        cls,
+        *,
+        ok: int,
+        status: int,
+        code: int | None,
+        count: int,
+        delay: float,
+        reset: bool,
+        to: str | None,
+        retry_after: float | None = None,
+    ) -> _Fault:
+        """A fault for `count` requests; an error `status` (not `ok`) without `code` gets Twilio's usual one."""
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        if code is None and status != ok:
+            code = 20429 if status == 429 else 20500
+        return cls(status, code, count, delay, reset, retry_after, to)
+
 
 @dataclass
 class _DeliveryFault:
@@ -252,12 +272,11 @@ class TwilioSink:
         run), then the answer comes after the delay, or the connection is dropped instead (`reset`): a caller that
         gives up waiting, or loses the connection, cannot tell that the message was sent.
         """
-        if count < 1:
-            raise ValueError("count must be >= 1")
-        if code is None and status != 201:
-            code = 20429 if status == 429 else 20500
+        fault = _Fault.of(
+            ok=201, status=status, code=code, count=count, delay=delay, reset=reset, retry_after=retry_after, to=to
+        )
         with self._lock:
-            self._faults.append(_Fault(status, code, count, delay, reset, retry_after, to))
+            self._faults.append(fault)
 
     def inject_list(
         self,
@@ -275,12 +294,9 @@ class TwilioSink:
         (`reset`), or `status` is answered with a Twilio error body (`code` as for `inject`), or, for status
         200, the page is answered normally.
         """
-        if count < 1:
-            raise ValueError("count must be >= 1")
-        if code is None and status != 200:
-            code = 20429 if status == 429 else 20500
+        fault = _Fault.of(ok=200, status=status, code=code, count=count, delay=delay, reset=reset, to=to)
         with self._lock:
-            self._list_faults.append(_Fault(status, code, count, delay, reset, None, to))
+            self._list_faults.append(fault)
 
     def fail_delivery(
         self, *, to: str | None = None, status: str = "undelivered", code: int = 63016, count: int = 1
@@ -526,21 +542,20 @@ class TwilioSink:
         if not 1 <= page_size <= MAX_PAGE_SIZE or page < 0:
             return answer(_twilio_error(400, 20001), "error")
 
+        start = page * page_size
+        token = query.get("PageToken")
         with self._lock:
             # Newest first, as Twilio lists them.
-            matching = [
-                copy.deepcopy(self._resources[m["sid"]])
+            sids = [
+                m["sid"]
                 for m in reversed(self._messages)
                 if (to is None or m["to"] == to) and (from_ is None or m["from"] == from_)
             ]
-        start = page * page_size
-        token = query.get("PageToken")
-        if token:
-            # Twilio's page token names the last message of the page before ("PA" + its sid): the next page
-            # starts right after it even when newer messages have come in since.
-            sids = [m["sid"] for m in matching]
-            start = sids.index(token[2:]) + 1 if token[2:] in sids else len(matching)
-        messages = matching[start : start + page_size]
+            if token:
+                # Twilio's page token names the last message of the page before ("PA" + its sid): the next page
+                # starts right after it even when newer messages have come in since.
+                start = sids.index(token[2:]) + 1 if token[2:] in sids else len(sids)
+            messages = [copy.deepcopy(self._resources[sid]) for sid in sids[start : start + page_size]]
 
         base = f"/{API_VERSION}/Accounts/{self.account_sid}/Messages.json"
         filters = {key: value for key, value in (("To", to), ("From", from_)) if value is not None}
@@ -551,7 +566,7 @@ class TwilioSink:
                 params["PageToken"] = page_token
             return f"{base}?{urlencode(params)}"
 
-        more = start + page_size < len(matching)
+        more = start + page_size < len(sids)
         body = {
             "messages": messages,
             "end": start + len(messages) - 1 if messages else start,
