@@ -19,7 +19,8 @@ What is guaranteed: a message Twilio took and listed before the lookup is not se
   message up before sending it (`maybe_sent_since`, the user's message's arrival); a lookup that fails there
   sends it again;
 - another message with exactly the same text to the same user, created within `_CLOCK_SLACK_S` before this send
-  began, is mistaken for this one, which is then not sent again (the user already has that text).
+  began (for a resumed follow-up: since the user's message arrived), is mistaken for this one, which is then not
+  sent again (the user already has that text).
 Timeouts are generous (`WABOT_TWILIO_CALL_TIMEOUT`, 10 s) to make all of these rare.
 """
 
