@@ -2,19 +2,37 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+# uv installs .venv from uv.lock (every package, pinned, with hashes). It lives in a small venv of its own, .uv/,
+# not in .venv: `uv sync` makes .venv exactly what the lock lists, so it would remove an unlocked uv from there (and
+# a .venv it recreates would take the running uv with it). Its version and hashes are in tools/uv-requirements.txt.
+UV_VENV := .uv
+UV := $(UV_VENV)/bin/uv
+# The machine's Python, never one uv downloads; the project's environment is .venv in the checkout.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint format install system-deps clean bench
+.PHONY: run test lint format install lock system-deps clean bench
 
-$(STAMP): pyproject.toml
+$(UV): tools/uv-requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "wabot needs Python >= 3.11 (set PYTHON=python3.11)")'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	test -x $(UV_VENV)/bin/python || $(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/pip install -q --disable-pip-version-check --require-hashes -r tools/uv-requirements.txt
+	touch $@
+
+# --locked: installs exactly uv.lock, and fails (rather than resolving anew) if pyproject.toml has changed since
+# the lock was made; `make lock` then brings the lock up to date.
+$(STAMP): pyproject.toml uv.lock $(UV)
+	$(UV) sync --locked --extra dev --python $(PYTHON)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 install: $(STAMP)
+
+# After editing the dependencies in pyproject.toml. `make lock LOCK_ARGS=--upgrade` moves every package to the
+# newest release pyproject.toml allows.
+lock: $(UV)
+	$(UV) lock --python $(PYTHON) $(LOCK_ARGS)
 
 system-deps:
 	@tools/system-deps.sh
@@ -45,4 +63,4 @@ bench: install
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache wabot.db*
+	rm -rf $(VENV) $(UV_VENV) .pytest_cache .ruff_cache wabot.db*
