@@ -2,11 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# uv installs .venv from uv.lock (every package, pinned, with hashes). It lives in a small venv of its own, .uv/,
-# not in .venv: `uv sync` makes .venv exactly what the lock lists, so it would remove an unlocked uv from there (and
-# a .venv it recreates would take the running uv with it). Its version and hashes are in tools/uv-requirements.txt.
-UV_VENV := .uv
-UV := $(UV_VENV)/bin/uv
+# uv installs .venv from uv.lock (every package, pinned, with hashes). It lives in a directory of its own, .uv/, not
+# in .venv: `uv sync` makes .venv exactly what the lock lists, so it would remove an unlocked uv from there (and a
+# .venv it recreates would take the running uv with it). Its version and hashes are in tools/uv-requirements.txt.
+UV_HOME := .uv
+UV := $(UV_HOME)/bin/uv
 # The machine's Python, never one uv downloads; the project's environment is .venv in the checkout.
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
@@ -14,10 +14,15 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | cksum | cut -d'
 
 .PHONY: run test lint format install lock system-deps clean bench
 
+# The machine's pip installs uv straight into .uv/ (uv is one binary; a venv with a pip of its own would cost more
+# CPU time than the whole `uv sync`); a Python without pip gets a throwaway venv for it.
 $(UV): tools/uv-requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "wabot needs Python >= 3.11 (set PYTHON=python3.11)")'
-	test -x $(UV_VENV)/bin/python || $(PYTHON) -m venv $(UV_VENV)
-	$(UV_VENV)/bin/pip install -q --disable-pip-version-check --require-hashes -r tools/uv-requirements.txt
+	rm -rf $(UV_HOME)
+	if $(PYTHON) -m pip --version >/dev/null 2>&1; then pip="$(PYTHON) -m pip"; \
+	else $(PYTHON) -m venv $(UV_HOME)/pip-venv && pip=$(UV_HOME)/pip-venv/bin/pip; fi; \
+	PIP_ROOT_USER_ACTION=ignore $$pip install -q --disable-pip-version-check --no-warn-script-location \
+		--require-hashes --target $(UV_HOME) -r tools/uv-requirements.txt
 	touch $@
 
 # --locked: installs exactly uv.lock, and fails (rather than resolving anew) if pyproject.toml has changed since
@@ -63,4 +68,4 @@ bench: install
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) $(UV_VENV) .pytest_cache .ruff_cache wabot.db*
+	rm -rf $(VENV) $(UV_HOME) .pytest_cache .ruff_cache wabot.db*
