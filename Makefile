@@ -62,6 +62,7 @@ format: install
 	$(BIN)/ruff format .
 
 test: install system-deps lint
+	$(UV) lock --check --python $(PYTHON)
 	$(BIN)/pytest
 
 # Speed, not behaviour: runs the bot, stubs and wrk (installed from Debian's package if missing) on 127.0.0.1 for
