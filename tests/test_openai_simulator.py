@@ -480,12 +480,12 @@ async def test_anything_else_is_a_marked_simulated_answer_with_the_turn(demo_mod
     r1 = await demo_model.responses.create(model=MODEL, input="Plan a week in Lisbon", tools=registry.specs())
     assert r1.output_text == (
         '[turn 1] (demo model) A real model would answer "Plan a week in Lisbon" here. '
-        'Try "What\'s 17% of 2,340?" or "What time is it?"'
+        'Try "What\'s 17% of 2,340?" or "What time is it?".'
     )
     r2 = await demo_model.responses.create(
         model=MODEL, previous_response_id=r1.id, input="And the weather? [sim:delay=0]", tools=registry.specs()
     )
-    assert r2.output_text.startswith(
+    assert r2.output_text == (
         '[turn 2] (demo model) A real model would answer "And the weather?" here. '
         'Your previous message was "Plan a week in Lisbon".'
     )

@@ -78,7 +78,7 @@ _ABILITIES = {
     CALCULATE: 'calculate exactly: sums, percentages, any arithmetic (try "What\'s 17% of 2,340?")',
     CLOCK: 'tell the current date and time in any time zone (try "What time is it in Tokyo?")',
 }
-_TRY = 'Try "What\'s 17% of 2,340?" or "What time is it?"'
+_TRY = 'Try "What\'s 17% of 2,340?" or "What time is it?".'
 
 
 @dataclass(frozen=True)
@@ -140,8 +140,8 @@ def _zone_in(text: str) -> str:
 
 def _fallback(text: str, turn: int, earlier: str | None) -> str:
     said = f"A real model would answer {_quote(text)} here." if text else "A real model would answer you here."
-    context = f" Your previous message was {_quote(earlier)}." if earlier else ""
-    return f"[turn {turn}] (demo model) {said}{context} {_TRY}"
+    context = f"Your previous message was {_quote(earlier)}." if earlier else _TRY
+    return f"[turn {turn}] (demo model) {said} {context}"
 
 
 def answer(text: str, turn: int, tools: dict[str, str], earlier: str | None = None) -> str | ToolRequest:
