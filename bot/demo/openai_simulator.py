@@ -3,7 +3,7 @@
 It answers `POST /v1/responses` with bodies the real `openai` SDK parses, keeps conversations so
 `previous_response_id` works, and can be told (per message, through `[sim:...]` directives in the user
 text, or globally, through a mode) to be slow, fail, hang, drop the connection or call tools. Every call
-is logged so tests can assert on what the bot actually sent.
+is logged (its whole body under "request") so tests can assert on what the bot actually sent.
 
 Answers are deterministic, by intent (bot/demo/assistant.py): a greeting lists what the bot can do; a sum or a
 percentage asks for the `calculate` tool and a question about the time for `get_current_time`, and once the bot sends
