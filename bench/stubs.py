@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
     simulator: OpenAISimulator | None = None
     if args.kind == "simulator":
-        simulator = OpenAISimulator(mode=args.mode, seed=args.seed)
+        simulator = OpenAISimulator(mode=args.mode, seed=args.seed, echo=True)  # the measured workload
         app: Any = simulator.app
     elif args.kind == "sink":
         app = sink_app(args.status_callbacks)

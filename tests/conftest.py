@@ -101,7 +101,7 @@ def log_lines() -> LogLines:
 
 @pytest.fixture(scope="session")
 def simulator() -> Iterator[tuple[OpenAISimulator, str]]:
-    sim = OpenAISimulator(mode="instant", seed=7)
+    sim = OpenAISimulator(mode="instant", seed=7, echo=True)
     server = LoopbackServer(sim.app, name="openai-simulator")
     url = server.start()
     yield sim, url

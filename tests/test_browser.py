@@ -11,6 +11,7 @@ they replace docs/chat.png and docs/status.png (shown in the README).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -51,7 +52,16 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoBot]:
-    bot = start_demo_bot(tmp_path_factory.mktemp("browser"))
+    """The timing tests' bot: its simulator echoes "[turn N] <text>"."""
+    bot = start_demo_bot(tmp_path_factory.mktemp("browser"), echo=True)
+    yield bot
+    bot.stop()
+
+
+@pytest.fixture(scope="module")
+def assistant_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoBot]:
+    """A bot as `wabot serve --demo` runs it: the simulator answers by intent and calls the bot's tools."""
+    bot = start_demo_bot(tmp_path_factory.mktemp("browser-assistant"))
     yield bot
     bot.stop()
 
@@ -139,6 +149,30 @@ def test_two_users_in_two_tabs_stay_separate(context: BrowserContext, demo: Demo
     expect(alice_again.locator(".msg.user .text")).to_have_text(["I am Alice", "Alice again"], timeout=WAIT_MS)
 
 
+def test_the_demo_model_greets_with_what_the_bot_can_do_and_calculates_through_the_tool(
+    context: BrowserContext, assistant_demo: DemoBot
+) -> None:
+    assistant_demo.set_mode("instant")
+    page = chat(context, assistant_demo, "+15550002007")
+    send(page, "Hi! What can you do for me?")
+    greeting = page.locator(".msg.bot").nth(0)
+    expect(greeting.locator(".text")).to_contain_text("demo model", timeout=WAIT_MS)
+    for ability in ("calculate exactly", "time in any time zone", "remember our conversation", "holding reply"):
+        expect(greeting.locator(".text")).to_contain_text(ability)
+    expect(greeting.locator(".meta")).to_have_text(re.compile(r"^answered inline in \d\.\d s$"))
+
+    send(page, "What's 17% of 2,340?")
+    answer = page.locator(".msg.bot").nth(1)
+    expect(answer.locator(".text")).to_have_text("17% of 2,340 is 397.8.", timeout=WAIT_MS)
+    expect(answer.locator(".meta")).to_have_text(re.compile(r"^answered inline in \d\.\d s · tool: calculate$"))
+    expect(answer.locator(".meta .tools")).to_have_text("tool: calculate")
+    expect(page.locator(".msg.bot .meta .tools")).to_have_count(1)  # the greeting used no tool
+    # The number came from the bot's calculate tool: the bot ran it (its span and metric say so too).
+    calls = [c for c in assistant_demo.demo.simulator.calls() if c["text"] == "What's 17% of 2,340?"]
+    assert [c["input"] for c in calls][1][0]["type"] == "function_call_output"
+    assert json.loads(calls[1]["input"][0]["output"]) == {"expression": "17*2340/100", "result": 397.8}
+
+
 def test_status_numbers_change_after_traffic(context: BrowserContext, demo: DemoBot) -> None:
     status = context.new_page()
     status.goto(f"{demo.url}/status")
@@ -158,13 +192,18 @@ def test_status_numbers_change_after_traffic(context: BrowserContext, demo: Demo
     expect(status.locator("#histogram rect")).to_have_count(15)
 
 
-def test_screenshots(context: BrowserContext, demo: DemoBot, tmp_path: Path) -> None:
+def test_screenshots(context: BrowserContext, assistant_demo: DemoBot, tmp_path: Path) -> None:
     """Both pages as a user sees them after a short conversation; WABOT_UPDATE_SCREENSHOTS=1 keeps them in docs/."""
+    demo = assistant_demo
+    demo.set_mode("instant")
     page = chat(context, demo, "+15551234567")
-    send(page, "Hello! What can you do?")
+    page.set_viewport_size({"width": 1100, "height": 1000})  # the whole conversation, greeting included
+    send(page, "Hi! What can you do for me?")
     expect(page.locator(".msg.bot")).to_have_count(1, timeout=WAIT_MS)
+    send(page, "What's 17% of 2,340?")
+    expect(page.locator(".msg.bot .meta .tools")).to_have_count(1, timeout=WAIT_MS)
     send(page, "Plan a week in Lisbon for me [sim:delay=2]")
-    expect(page.locator(".msg.bot")).to_have_count(3, timeout=WAIT_MS)
+    expect(page.locator(".msg.bot")).to_have_count(4, timeout=WAIT_MS)
     page.select_option("#mode", "failing")
     expect(page.locator("#mode-status")).to_have_text("model is failing (for every user)", timeout=WAIT_MS)
     send(page, "And the weather there?")

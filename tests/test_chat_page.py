@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,11 @@ def _brief(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return [(e["id"], e["text"][:40], e["meta"], e.get("reply_to")) for e in events]
 
 
-def start_demo_bot(tmp: Path, **overrides: Any) -> DemoBot:
-    """A demo bot in this process: deadline 1 s, follow-up budget 3 s, simulator in "instant" mode."""
+def start_demo_bot(tmp: Path, *, echo: bool = False, **overrides: Any) -> DemoBot:
+    """A demo bot in this process: deadline 1 s, follow-up budget 3 s, simulator in "instant" mode.
+
+    `echo`: the simulator answers "[turn N] <text>" (what the timing tests compare), not by intent as in the demo.
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     values: dict[str, Any] = {
@@ -96,7 +100,7 @@ def start_demo_bot(tmp: Path, **overrides: Any) -> DemoBot:
         **overrides,
     }
     base = Settings.model_construct(**{**Settings(_env_file=None).model_dump(), **values})
-    settings, demo = start_demo(base, bot_url=url, mode="instant")
+    settings, demo = start_demo(base, bot_url=url, mode="instant", echo=echo)
     try:
         server = LoopbackServer(create_app(settings, demo=demo), port=port, name="wabot-demo")
         server.start()
@@ -108,6 +112,14 @@ def start_demo_bot(tmp: Path, **overrides: Any) -> DemoBot:
 
 @pytest.fixture
 def demo_bot(tmp_path: Path, log_lines: LogLines) -> Iterator[DemoBot]:
+    bot = start_demo_bot(tmp_path, echo=True)
+    yield bot
+    bot.stop()
+
+
+@pytest.fixture
+def assistant_bot(tmp_path: Path, log_lines: LogLines) -> Iterator[DemoBot]:
+    """A demo bot whose simulator answers by intent, as `wabot serve --demo` runs it."""
     bot = start_demo_bot(tmp_path)
     yield bot
     bot.stop()
@@ -269,3 +281,33 @@ def test_follow_up_attribution_rules() -> None:
     assert [e["reply_to"] for e in followups] == [first.id, first.id, first.id, second.id, None]
     assert followups[2]["meta"] == "holding reply at 1.0 s → answer at 5.2 s · part 3"
     assert followups[4]["meta"] == "follow-up apology (to a message not sent from this page)"
+
+
+def test_each_answer_names_the_tools_it_used_with_users_at_once_and_in_follow_ups(assistant_bot: DemoBot) -> None:
+    """The demo model: a greeting, a sum through `calculate` inline and as a follow-up, the time through the clock."""
+    alice, bob, carol = "+15550001011", "+15550001012", "+15550001013"
+    sends = [
+        (alice, "Hi! What can you do for me?"),
+        (bob, "What's 17% of 2,340? [sim:delay=0.6]"),  # two model calls of 0.6 s: past the 1 s deadline
+        (carol, "What time is it in Tokyo?"),
+    ]
+    with ThreadPoolExecutor(len(sends)) as pool:
+        list(pool.map(lambda send: assistant_bot.send(*send), sends))
+    assistant_bot.send(alice, "What's 17% of 2,340?")
+    assistant_bot.send(carol, "thanks!")
+
+    greeting, sum_inline = (e for e in assistant_bot.events(alice, 4) if e["role"] == "bot")
+    assert "demo model" in greeting["text"] and "calculate exactly" in greeting["text"] and "tools" not in greeting
+    assert (sum_inline["text"], sum_inline["tools"]) == ("17% of 2,340 is 397.8.", ["calculate"])
+    assert INLINE.match(sum_inline["meta"])
+
+    holding, follow_up = (e for e in assistant_bot.events(bob, 3) if e["role"] == "bot")
+    assert holding["text"] == DEFAULT_HOLDING_MESSAGE and "tools" not in holding
+    assert (follow_up["text"], follow_up["tools"]) == ("17% of 2,340 is 397.8.", ["calculate"])
+    assert FOLLOWUP.match(follow_up["meta"]).group(2) == "answer"
+
+    clock, thanks = (e for e in assistant_bot.events(carol, 4) if e["role"] == "bot")
+    assert re.fullmatch(r"It's \d\d:\d\d on \w+day, \d+ \w+ \d{4} \(Asia/Tokyo\)\.", clock["text"]), clock["text"]
+    assert clock["tools"] == ["get_current_time"]
+    assert thanks["text"].startswith('[turn 2] (demo model) A real model would answer "thanks!" here.')
+    assert 'Your previous message was "What time is it in Tokyo?"' in thanks["text"] and "tools" not in thanks

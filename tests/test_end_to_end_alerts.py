@@ -66,7 +66,7 @@ SETTLE_TIMEOUT_S = 20.0
 NOTIFY_TIMEOUT_S = 20.0
 SETTLED_EVALUATIONS = 3  # rule evaluations on settled data before a phase counts as observed
 
-FAST = "[sim:delay=0.05]"
+FAST = "[sim:delay=0.05] [sim:echo]"  # answered within the deadline with the echo "[turn 1] <text>"
 SLOW = f"[sim:delay={REPLY_TIMEOUT_S + 0.5:g}]"  # past the deadline, well within the follow-up budget
 FAIL = "[sim:error=500]"
 TOOL = FAST + ' [sim:tool=calculate:{"expression":"6*7"}]'

@@ -87,7 +87,9 @@ def test_sigterm_finishes_in_flight_webhooks_and_keeps_owed_replies(served, tmp_
 
     in_flight: dict[str, subprocess.CompletedProcess[str]] = {}
     sender = threading.Thread(
-        target=lambda: in_flight.setdefault("r", _send(server.url, "quick one [sim:delay=1]", "+15550003535"))
+        target=lambda: in_flight.setdefault(
+            "r", _send(server.url, "quick one [sim:delay=1] [sim:echo]", "+15550003535")
+        )
     )
     sender.start()
     # SIGTERM must land while the webhook is in flight: wait until the simulator has the model call.

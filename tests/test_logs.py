@@ -271,8 +271,8 @@ def test_no_phone_number_anywhere(make_bot: Callable[..., Bot], sim, sink, log_l
         ok, slow, failing, forged, malformed = numbers
         replies = demo.send_all(
             [
-                ("hello [sim:delay=0.1]", ok),
-                ("slow [sim:delay=1.5]", slow),
+                ("hello [sim:delay=0.1] [sim:echo]", ok),
+                ("slow [sim:delay=1.5] [sim:echo]", slow),
                 ("broken [sim:error=500]", failing),
             ]
         )
@@ -287,7 +287,7 @@ def test_no_phone_number_anywhere(make_bot: Callable[..., Bot], sim, sink, log_l
         assert demo.post(bad_from).status_code == 400
         # The CLI, as an operator would use it.
         cli = subprocess.run(
-            [sys.executable, "-m", "bot", "send", "cli hello [sim:delay=0.1]", "--from", ok, "--url", demo.url],
+            [sys.executable, "-m", "bot", "send", "cli hi [sim:delay=0.1] [sim:echo]", "--from", ok, "--url", demo.url],
             cwd=ROOT,
             env={"PATH": "/usr/bin:/bin", "TWILIO_AUTH_TOKEN": DEMO_AUTH_TOKEN},
             capture_output=True,
@@ -295,7 +295,7 @@ def test_no_phone_number_anywhere(make_bot: Callable[..., Bot], sim, sink, log_l
             timeout=30,
             check=True,
         )
-        assert "cli hello" in cli.stdout
+        assert "cli hi" in cli.stdout
         demo.wait_for_sample("wabot_message_status_total", {"status": "delivered", "error_code": ""}, 2.0)
         metrics_text = demo.scrape().text + demo.scrape("application/openmetrics-text").text
     finally:

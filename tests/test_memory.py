@@ -110,7 +110,7 @@ def _one_request_per_connection(app: Any, gate: _Gate | None = None) -> Any:
 def doubles() -> Iterator[tuple[OpenAISimulator, TwilioSink, _Gate, str, str]]:
     """This test's own OpenAI simulator (behind the gate) and Twilio sink. No status callbacks: the bot's
     /whatsapp/status is measured by the fuzz test's memory test."""
-    sim = OpenAISimulator(mode="instant", seed=7)
+    sim = OpenAISimulator(mode="instant", seed=7, echo=True)
     sink = TwilioSink(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, status_callbacks=False)
     gate = _Gate()
     servers = [

@@ -47,8 +47,8 @@ def demo(tmp_path: Path) -> Iterator[DemoProcess]:
 
 def test_scraped_metrics_equal_the_scripted_traffic(demo: DemoProcess) -> None:
     ok = [
-        ("quick one [sim:delay=0.1]", "+15557650001"),
-        ("quick two [sim:delay=0.1]", "+15557650002"),
+        ("quick one [sim:delay=0.1] [sim:echo]", "+15557650001"),
+        ("quick two [sim:delay=0.1] [sim:echo]", "+15557650002"),
         ('six times seven [sim:delay=0.1] [sim:tool=calculate:{"expression":"6*7"}]', "+15557650003"),
     ]
     slow = [("slow one [sim:delay=3]", "+15557650004"), ("slow two [sim:delay=3]", "+15557650005")]
@@ -126,7 +126,7 @@ def test_scraped_metrics_equal_the_scripted_traffic(demo: DemoProcess) -> None:
 
 
 def test_exemplars_only_in_openmetrics(demo: DemoProcess) -> None:
-    assert demo.send("exemplar please [sim:delay=0.1]", "+15557650010") == ["[turn 1] exemplar please"]
+    assert demo.send("exemplar please [sim:delay=0.1] [sim:echo]", "+15557650010") == ["[turn 1] exemplar please"]
     plain = demo.scrape()
     assert plain.headers["content-type"].startswith("text/plain")
     assert "trace_id" not in plain.text
@@ -213,7 +213,9 @@ def test_two_workers_aggregate_through_the_multiprocess_dir(tmp_path: Path) -> N
             demo.client = httpx2.Client(timeout=30.0)
             os.kill(paused, signal.SIGSTOP)
             try:
-                wave = [(f"message {n + i} [sim:delay=0.05]", f"+15557651{n + i:03d}") for i in range(per_wave)]
+                wave = [
+                    (f"message {n + i} [sim:delay=0.05] [sim:echo]", f"+15557651{n + i:03d}") for i in range(per_wave)
+                ]
                 assert demo.send_all(wave) == [[f"[turn 1] message {n + i}"] for i in range(per_wave)]
             finally:
                 os.kill(paused, signal.SIGCONT)

@@ -15,6 +15,7 @@ from openai.types.responses import Response
 
 from bot.demo.loopback import LoopbackServer
 from bot.demo.openai_simulator import OpenAISimulator, parse_directives
+from bot.tools import registry
 
 MODEL = "gpt-sim"
 TOOLS = [
@@ -30,7 +31,7 @@ TOOLS = [
 
 @pytest.fixture(scope="module")
 def sim_server() -> Iterator[tuple[OpenAISimulator, str]]:
-    sim = OpenAISimulator(elon_musk_delay=0.2, seed=7)
+    sim = OpenAISimulator(elon_musk_delay=0.2, seed=7, echo=True)
     server = LoopbackServer(sim.app, name="openai-sim")
     url = server.start()
     yield sim, url
@@ -374,3 +375,149 @@ def test_parse_directives() -> None:
     for bad in ("[sim:error=abc]", "[sim:flaky=500]", "[sim:tool=f:[1]]", "[sim:long=x]", "[sim:delay=1"):
         with pytest.raises(ValueError):
             parse_directives(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- the demo model
+
+
+@pytest.fixture(scope="module")
+def assistant_url() -> Iterator[str]:
+    """A simulator answering by intent, as the demo runs it (no echo)."""
+    sim = OpenAISimulator(seed=7)
+    server = LoopbackServer(sim.app, name="openai-sim-assistant")
+    url = server.start()
+    assistant_sims[url] = sim
+    yield url
+    sim.shutdown()
+    server.stop()
+
+
+assistant_sims: dict[str, OpenAISimulator] = {}
+
+
+@pytest.fixture
+async def demo_model(assistant_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=assistant_url + "/v1", api_key="x", max_retries=0, timeout=5.0) as c:
+        yield c
+
+
+async def run_tools(client: openai.AsyncOpenAI, response: Response, outputs: dict[str, str] | None = None) -> Response:
+    """Answer every function call of `response` with the bot's real tool (or the output given), as the bot does."""
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert calls, response.output
+    items = []
+    for call in calls:
+        tool = registry.get(call.name)
+        assert tool is not None, call.name
+        output = (outputs or {}).get(call.name) or json.dumps(await tool.func(**json.loads(call.arguments)))
+        items.append({"type": "function_call_output", "call_id": call.call_id, "output": output})
+    return await client.responses.create(
+        model=MODEL, previous_response_id=response.id, input=items, tools=registry.specs()
+    )
+
+
+async def test_a_greeting_lists_the_bots_tools_and_says_it_is_the_demo_model(demo_model: openai.AsyncOpenAI) -> None:
+    r = await demo_model.responses.create(model=MODEL, input="Hi! What can you do for me?", tools=registry.specs())
+    text = r.output_text
+    assert "demo model" in text
+    assert "calculate exactly" in text and "17% of 2,340" in text
+    assert "time in any time zone" in text
+    assert "holding reply" in text and "remember our conversation" in text
+    # Without tools in the request, no tool is promised.
+    bare = await demo_model.responses.create(model=MODEL, input="hello")
+    assert "demo model" in bare.output_text and "calculate" not in bare.output_text
+
+
+@pytest.mark.parametrize(
+    ("question", "expression", "answer"),
+    [
+        ("What's 17% of 2,340?", "17*2340/100", "17% of 2,340 is 397.8."),
+        ("what is 6*7", "6*7", "6*7 is 42."),
+        ("12 + 30", "12+30", "12 + 30 is 42."),
+        ("How much is 1,250,000 / 4?", "1250000/4", "1,250,000 / 4 is 312,500."),
+        ("what's 3 times 4 please", "3*4", "3 times 4 is 12."),
+    ],
+)
+async def test_sums_go_through_the_calculate_tool(
+    demo_model: openai.AsyncOpenAI, question: str, expression: str, answer: str
+) -> None:
+    r1 = await demo_model.responses.create(model=MODEL, input=question, tools=registry.specs())
+    [call] = r1.output
+    assert call.type == "function_call" and call.name == "calculate" and call.status == "completed"
+    assert json.loads(call.arguments) == {"expression": expression}
+    assert r1.output_text == ""
+    r2 = await run_tools(demo_model, r1)
+    assert r2.output_text == answer
+
+
+async def test_the_answer_quotes_the_tools_result_and_does_not_compute_its_own(demo_model: openai.AsyncOpenAI) -> None:
+    r1 = await demo_model.responses.create(model=MODEL, input="What's 17% of 2,340?", tools=registry.specs())
+    wrong = await run_tools(demo_model, r1, {"calculate": json.dumps({"expression": "17*2340/100", "result": 1.5})})
+    assert wrong.output_text == "17% of 2,340 is 1.5."
+    r1 = await demo_model.responses.create(model=MODEL, input="what is 1/0", tools=registry.specs())
+    # What the bot sends back when the tool raises ToolError.
+    failed = await run_tools(demo_model, r1, {"calculate": json.dumps({"error": "cannot evaluate: ZeroDivisionError"})})
+    assert (
+        failed.output_text == "Sorry, the calculate tool could not help with that: cannot evaluate: ZeroDivisionError."
+    )
+
+
+async def test_a_question_about_the_time_goes_through_the_clock_tool(demo_model: openai.AsyncOpenAI) -> None:
+    r1 = await demo_model.responses.create(model=MODEL, input="What time is it in Tokyo?", tools=registry.specs())
+    [call] = r1.output
+    assert call.type == "function_call" and call.name == "get_current_time"
+    assert json.loads(call.arguments) == {"timezone": "Asia/Tokyo"}
+    clock = {"timezone": "Asia/Tokyo", "iso": "2026-12-05T04:31:09+09:00", "weekday": "Saturday"}
+    r2 = await run_tools(demo_model, r1, {"get_current_time": json.dumps(clock)})
+    assert r2.output_text == "It's 04:31 on Saturday, 5 December 2026 (Asia/Tokyo)."
+    plain = await demo_model.responses.create(model=MODEL, input="what's the time?", tools=registry.specs())
+    assert json.loads(plain.output[0].arguments) == {"timezone": "UTC"}
+    real = await run_tools(demo_model, plain)
+    assert real.output_text.startswith("It's ") and real.output_text.endswith(" (UTC).")
+
+
+async def test_anything_else_is_a_marked_simulated_answer_with_the_turn(demo_model: openai.AsyncOpenAI) -> None:
+    r1 = await demo_model.responses.create(model=MODEL, input="Plan a week in Lisbon", tools=registry.specs())
+    assert r1.output_text == (
+        '[turn 1] (demo model) A real model would answer "Plan a week in Lisbon" here. '
+        'Try "What\'s 17% of 2,340?" or "What time is it?".'
+    )
+    r2 = await demo_model.responses.create(
+        model=MODEL, previous_response_id=r1.id, input="And the weather? [sim:delay=0]", tools=registry.specs()
+    )
+    assert r2.output_text == (
+        '[turn 2] (demo model) A real model would answer "And the weather?" here. '
+        'Your previous message was "Plan a week in Lisbon".'
+    )
+    # The echo on request, exactly as the tests' simulator answers every message.
+    r3 = await demo_model.responses.create(
+        model=MODEL, previous_response_id=r2.id, input="Hello there [sim:echo]", tools=registry.specs()
+    )
+    assert r3.output_text == "[turn 3] Hello there"
+    # The other directives and the Elon Musk case work as before.
+    assert (await demo_model.responses.create(model=MODEL, input="x [sim:long=40]")).output_text == _long(40)
+
+
+def _long(n: int) -> str:
+    return "Sentence 1 of the long answer. Sentence 2 of the long answer."[:n]
+
+
+async def test_tools_used_names_the_tools_of_the_answers_turn(
+    demo_model: openai.AsyncOpenAI, assistant_url: str
+) -> None:
+    sim = assistant_sims[assistant_url]
+    question = f"What's 17% of 2,340? #{uuid.uuid4().hex[:6]}"
+    r1 = await demo_model.responses.create(model=MODEL, input=question, tools=registry.specs())
+    r2 = await run_tools(demo_model, r1)
+    assert sim.tools_used(question, r2.output_text) == ["calculate"]
+    # The next turn of the same conversation used no tool.
+    r3 = await demo_model.responses.create(model=MODEL, previous_response_id=r2.id, input=f"thanks {question}")
+    assert sim.tools_used(f"thanks {question}", r3.output_text) == []
+    assert sim.tools_used("never asked", r2.output_text) == []
+    # The tool directive counts too.
+    r4 = await demo_model.responses.create(
+        model=MODEL, input=f'{question} [sim:tool=calculate:{{"expression": "2*2"}}]', tools=registry.specs()
+    )
+    r5 = await run_tools(demo_model, r4)
+    assert r5.output_text == 'Tool calculate said: {"expression": "2*2", "result": 4}'
+    assert sim.tools_used(question, r5.output_text) == ["calculate"]

@@ -27,7 +27,7 @@ from tests.served import ROOT, DemoProcess
 from tests.test_end_to_end_alerts import Process
 
 REPLY_TIMEOUT_S = 1.0
-FAST = "[sim:delay=0.05]"
+FAST = "[sim:delay=0.05] [sim:echo]"  # answered within the deadline with the echo "[turn 1] <text>"
 SLOW = "[sim:delay=1.5]"  # past the deadline: holding reply, then the answer as a follow-up
 BROKEN = "[sim:error=400]"  # not retried by the SDK: an apology within the deadline
 ALWAYS_FIRING_RULES = {

@@ -4,7 +4,8 @@ A message from the page takes Twilio's path: the server signs it with the demo's
 bot's own /whatsapp, like `wabot send`. The TwiML reply (answer, holding reply, apology) comes back on that
 request; follow-ups are read from the demo's Twilio sink and streamed to the page as server-sent events, per user,
 in the order the sink accepted them. Each bubble carries its timing ("answered inline in 2.1 s", "holding reply at
-8.0 s → answer at 23.4 s").
+8.0 s → answer at 23.4 s") and, for an answer, the tools it used: the demo's simulator keeps which tool calls it
+asked for in each user turn (OpenAISimulator.tools_used), looked up by the message sent and the answer's text.
 
 Which sent message a follow-up answers is not written on it (Twilio's REST API carries no reference to the
 inbound message). The bot answers each user's messages in order, so a follow-up goes to the oldest of the user's
@@ -19,7 +20,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -60,6 +61,7 @@ class _Sent:
 
     id: int
     t0: float  # time.monotonic(), comparable with the in-process sink's timestamps
+    text: str = ""
     holding: bool = False
     reply_label: str = ""  # e.g. "holding reply at 8.0 s"
     parts: int = 0  # follow-up parts received
@@ -70,8 +72,9 @@ class _Sent:
 class Conversation:
     """One user's events (their messages, the bot's replies and follow-ups), append-only, numbered from 1."""
 
-    def __init__(self, user: str) -> None:
+    def __init__(self, user: str, tools_used: Callable[[str, str], list[str]] | None = None) -> None:
         self.user = user
+        self._tools_used = tools_used  # (message sent, answer) -> the tools the answer used
         self.events: list[dict[str, Any]] = []
         self.changed = asyncio.Event()
         self._owed: list[_Sent] = []  # messages that may still get a follow-up, oldest first
@@ -89,7 +92,7 @@ class Conversation:
 
     def sent(self, text: str) -> _Sent:
         event = self._append({"role": "user", "text": text, "meta": time.strftime("%H:%M:%S")})
-        sent = _Sent(id=event["id"], t0=time.monotonic())
+        sent = _Sent(id=event["id"], t0=time.monotonic(), text=text)
         self._owed.append(sent)
         return sent
 
@@ -110,7 +113,10 @@ class Conversation:
             }.get(kind, sent.reply_label)
             if len(parts) > 1:
                 meta += f" · part {i}/{len(parts)}"
-            self._append({"role": "bot", "text": part, "meta": meta, "kind": kind, "reply_to": sent.id})
+            event = {"role": "bot", "text": part, "meta": meta, "kind": kind, "reply_to": sent.id}
+            if kind == "answer" and i == 1:
+                self._add_tools(event, sent)
+            self._append(event)
 
     def notice(self, sent: _Sent | None, text: str) -> None:
         if sent is not None and sent in self._owed:
@@ -129,7 +135,16 @@ class Conversation:
             meta = f"{sent.reply_label or 'holding reply'} → {what} at {at - sent.t0:.1f} s"
             if sent.parts > 1:
                 meta += f" · part {sent.parts}"
-        self._append({"role": "bot", "text": text, "meta": meta, "kind": what, "reply_to": sent.id if sent else None})
+        event = {"role": "bot", "text": text, "meta": meta, "kind": what, "reply_to": sent.id if sent else None}
+        if sent is not None and what == "answer" and sent.parts == 1:
+            self._add_tools(event, sent)
+        self._append(event)
+
+    def _add_tools(self, event: dict[str, Any], sent: _Sent) -> None:
+        """Name the tools the answer (its first part) used, for the bubble's small print."""
+        tools = self._tools_used(sent.text, event["text"]) if self._tools_used else []
+        if tools:
+            event["tools"] = tools
 
     def _attribute(self, at: float) -> _Sent | None:
         current = self._current
@@ -198,7 +213,7 @@ class ChatHub:
 
     def conversation(self, user: str) -> Conversation:
         if user not in self.conversations:
-            self.conversations[user] = Conversation(user)
+            self.conversations[user] = Conversation(user, self._demo.simulator.tools_used)
         return self.conversations[user]
 
     def _kind(self, parts: list[str]) -> str:

@@ -3,13 +3,21 @@
 It answers `POST /v1/responses` with bodies the real `openai` SDK parses, keeps conversations so
 `previous_response_id` works, and can be told (per message, through `[sim:...]` directives in the user
 text, or globally, through a mode) to be slow, fail, hang, drop the connection or call tools. Every call
-is logged so tests can assert on what the bot actually sent.
+is logged (its whole body under "request") so tests can assert on what the bot actually sent.
 
-Answers are deterministic: ``"[turn N] <user text>"``, where N counts the user turns of the conversation.
+Answers are deterministic, by intent (bot/demo/assistant.py): a greeting lists what the bot can do; a sum or a
+percentage asks for the `calculate` tool and a question about the time for `get_current_time`, and once the bot sends
+the tool's output the answer quotes its result; anything else gets ``"[turn N] (demo model) ..."``, where N counts
+the user turns of the conversation. With `echo` (the tests' simulator) or ``[sim:echo]`` in the message, every
+answer is the echo ``"[turn N] <user text>"`` instead.
 
 Directives: ``[sim:delay=S]``, ``[sim:error=CODE]``, ``[sim:flaky=CODE:N]`` (the first N calls carrying this text
 fail), ``[sim:retry_after=S]`` (the Retry-After header of an error answer; a 429 says 1 s unless told),
-``[sim:hang]``, ``[sim:reset]``, ``[sim:tool=NAME:{json}]``, ``[sim:toolloop]``, ``[sim:long=N]``, ``[sim:empty]``.
+``[sim:hang]``, ``[sim:reset]``, ``[sim:tool=NAME:{json}]``, ``[sim:toolloop]``, ``[sim:long=N]``, ``[sim:empty]``,
+``[sim:echo]``.
+
+Which tools an answer used (the tool calls the simulator asked for in that user turn) is kept for the demo's chat
+page: `tools_used(question, answer)`.
 """
 
 from __future__ import annotations
@@ -23,12 +31,15 @@ import re
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+
+from bot.demo import assistant
 
 __all__ = ["MODES", "OpenAISimulator", "parse_directives"]
 
@@ -41,6 +52,7 @@ _SIM_PREFIX = "[sim:"
 _ELON_RE = re.compile(r"elon\s+musk", re.IGNORECASE)
 _FIRST_MESSAGE_RE = re.compile(r"first message\?", re.IGNORECASE)
 _LONG_SENTENCE = "Sentence {n} of the long answer."
+_ANSWERS_KEPT = 1000  # answers remembered for tools_used(): the chat page asks right after each answer
 
 
 class DirectiveError(ValueError):
@@ -60,6 +72,7 @@ class Directives:
     toolloop: bool = False
     long: int | None = None
     empty: bool = False
+    echo: bool = False
     retry_after: float | None = None
     clean_text: str = ""
 
@@ -154,6 +167,8 @@ def _apply_directive(d: Directives, body: str) -> None:
             raise DirectiveError("[sim:long=N] needs a non-negative count")
     elif name == "empty" and not sep:
         d.empty = True
+    elif name == "echo" and not sep:
+        d.echo = True
     elif name == "retry_after":
         try:
             d.retry_after = float(value)
@@ -223,7 +238,7 @@ class _ParsedInput:
     turns: list[str] = field(default_factory=list)  # user turns carried in this input (history resend + new)
     outputs: list[tuple[str, str]] = field(default_factory=list)  # (call_id, output) after the last user turn
     answered: set[str] = field(default_factory=set)  # call_ids of every function_call_output in the input
-    call_ids: set[str] = field(default_factory=set)  # function_call items echoed back in the input
+    call_ids: dict[str, str] = field(default_factory=dict)  # call_id -> name of function_call items in the input
     all_text: list[str] = field(default_factory=list)  # everything countable as input tokens
 
 
@@ -295,7 +310,7 @@ def _parse_input(raw: Any) -> _ParsedInput:
             parsed.all_text.append(output)
         elif kind == "function_call":
             if isinstance(item.get("call_id"), str):
-                parsed.call_ids.add(item["call_id"])
+                parsed.call_ids[item["call_id"]] = str(item.get("name", ""))
         elif not isinstance(kind, str):
             raise _RequestError(f"Missing required parameter: '{where}.type'.", param=f"{where}.type")
         # Consecutive user items form one turn (several WhatsApp messages answered together).
@@ -312,6 +327,16 @@ class _Stored:
     body: dict[str, Any]
     conversation: list[str]  # raw user texts of every turn, oldest first
     pending_calls: dict[str, str]  # call_id -> tool name of function calls awaiting output
+    turn_tools: list[str] = field(default_factory=list)  # tools called so far in this user turn, in order
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """A text answer and the tools called in its user turn (for the chat page's small print)."""
+
+    text: str  # the user turn it answers, directives included
+    answer: str
+    tools: tuple[str, ...]
 
 
 class _DroppedConnection(Response):
@@ -397,6 +422,7 @@ class OpenAISimulator:
         seed: int | None = None,
         elon_musk_delay: float = 23.0,
         strict_tool_outputs: bool = True,
+        echo: bool = False,
     ) -> None:
         self._check_mode(mode)
         self._lock = threading.Lock()
@@ -405,6 +431,8 @@ class OpenAISimulator:
         self._rng = random.Random(seed)
         self._elon_musk_delay = elon_musk_delay
         self._strict_tool_outputs = strict_tool_outputs
+        self._echo = echo
+        self._answered: deque[_Answered] = deque(maxlen=_ANSWERS_KEPT)
         self._responses: dict[str, _Stored] = {}
         self._calls: list[dict[str, Any]] = []
         self._flaky_counts: dict[str, int] = {}
@@ -462,6 +490,19 @@ class OpenAISimulator:
         with self._lock:
             stored = self._responses.get(response_id)
             return copy.deepcopy(stored.body) if stored else None
+
+    def tools_used(self, question: str, answer: str) -> list[str]:
+        """The tools called for the newest answer starting with `answer` to a user turn containing `question`.
+
+        Answers are deterministic by text, so two users asking the same question at once got the same tool calls:
+        which of their answers is found does not change the result. [] when there is no such answer.
+        """
+        answer = answer.strip()
+        with self._lock:
+            for answered in reversed(self._answered):
+                if question in answered.text and answered.answer.startswith(answer):
+                    return list(answered.tools)
+        return []
 
     def shutdown(self) -> None:
         """Release every hanging call (they answer 503) and make later hangs return at once."""
@@ -549,6 +590,7 @@ class OpenAISimulator:
             "instructions": None,
             "model": None,
             "tools": [],
+            "request": None,
             "status": None,
             "outcome": "error",
             "at": time.monotonic(),
@@ -569,6 +611,7 @@ class OpenAISimulator:
         if not isinstance(payload, dict):
             return finish(_error_response(400, "The request body must be a JSON object."))
         entry.update(
+            request=payload,
             input=payload.get("input"),
             previous_response_id=payload.get("previous_response_id"),
             instructions=payload.get("instructions"),
@@ -596,9 +639,11 @@ class OpenAISimulator:
         if plan.error is not None:
             return finish(_error_response(plan.error, retry_after=plan.retry_after))
         assert plan.body is not None
-        if plan.stored is not None:
-            with self._lock:
+        with self._lock:
+            if plan.stored is not None:
                 self._responses[plan.body["id"]] = plan.stored
+            if plan.answered is not None:
+                self._answered.append(plan.answered)
         headers = {"x-request-id": _hex_id("req_"), "openai-processing-ms": str(int(plan.latency * 1000))}
         return finish(JSONResponse(plan.body, headers=headers), "ok", id=plan.body["id"])
 
@@ -643,6 +688,7 @@ class OpenAISimulator:
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise _RequestError("Invalid type for 'tools': expected an array of objects.", param="tools")
         tool_names: list[str] = []
+        offered: dict[str, str] = {}
         for i, tool in enumerate(tools):
             if tool.get("type") == "function":
                 if not isinstance(tool.get("name"), str) or not tool["name"]:
@@ -652,6 +698,7 @@ class OpenAISimulator:
                         code="missing_required_parameter",
                     )
                 tool_names.append(tool["name"])
+                offered[tool["name"]] = str(tool.get("description") or "")
             elif not isinstance(tool.get("type"), str):
                 raise _RequestError(f"Missing required parameter: 'tools[{i}].type'.", param=f"tools[{i}].type")
         entry["tools"] = tool_names
@@ -720,8 +767,22 @@ class OpenAISimulator:
                 output_items.append(_function_call(name, arguments))
         elif _FIRST_MESSAGE_RE.search(text):
             answer = f"Your first message was: {parse_directives(conversation[0]).clean_text}"
-        else:
+        elif self._echo or directives.echo:
             answer = f"[turn {len(conversation)}] {directives.clean_text}".rstrip()
+        elif parsed.outputs:
+            call_id, output = parsed.outputs[-1]
+            name = known_calls.get(call_id) or parsed.call_ids.get(call_id, "")
+            answer = assistant.after_tool(directives.clean_text, name, output)
+        else:
+            earlier = parse_directives(conversation[-2]).clean_text if len(conversation) > 1 else None
+            reply = assistant.answer(directives.clean_text, len(conversation), offered, earlier)
+            if isinstance(reply, assistant.ToolRequest):
+                output_items.append(_function_call(reply.name, reply.arguments))
+            else:
+                answer = reply
+        # A new user turn starts its own list of tools; tool outputs alone continue the previous response's turn.
+        turn_tools = list(previous.turn_tools) if previous is not None and not parsed.turns else []
+        turn_tools += [item["name"] for item in output_items if item["type"] == "function_call"]
         if answer is not None:
             output_items.append(
                 {
@@ -772,7 +833,9 @@ class OpenAISimulator:
         }
         plan.body = body
         if store:
-            plan.stored = _Stored(body=body, conversation=conversation, pending_calls=pending)
+            plan.stored = _Stored(body=body, conversation=conversation, pending_calls=pending, turn_tools=turn_tools)
+        if answer:
+            plan.answered = _Answered(text=text, answer=answer, tools=tuple(dict.fromkeys(turn_tools)))
         return plan
 
     def _plan_for_text(self, text: str) -> _Plan:
@@ -836,6 +899,7 @@ class _Plan:
     retry_after: float | None = None  # seconds for the Retry-After header of an error answer
     body: dict[str, Any] | None = None
     stored: _Stored | None = None
+    answered: _Answered | None = None  # a text answer, for tools_used()
 
 
 def _function_call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:

@@ -33,9 +33,12 @@ class Demo:
             server.stop()
 
 
-def start_demo(settings: Settings, *, bot_url: str, mode: str = "normal") -> tuple[Settings, Demo]:
-    """Start the simulator and the sink; return settings wired to them, and the handle to stop them."""
-    simulator = OpenAISimulator(mode=mode, seed=settings.demo_seed)
+def start_demo(settings: Settings, *, bot_url: str, mode: str = "normal", echo: bool = False) -> tuple[Settings, Demo]:
+    """Start the simulator and the sink; return settings wired to them, and the handle to stop them.
+
+    `echo`: the simulator answers every message with its echo (as the tests' own simulator does).
+    """
+    simulator = OpenAISimulator(mode=mode, seed=settings.demo_seed, echo=echo)
     sink = TwilioSink(account_sid=DEMO_ACCOUNT_SID, auth_token=DEMO_AUTH_TOKEN, status_callbacks=True)
     sim_server = LoopbackServer(simulator.app, name="openai-simulator")
     sink_server = LoopbackServer(sink.app, name="twilio-sink")

@@ -56,6 +56,13 @@ function start(user) {
     const meta = document.createElement("div");
     meta.className = "meta";
     meta.textContent = event.meta;
+    if (event.tools && event.tools.length) {
+      // Which tools the answer used, as the demo's simulator reports them.
+      const tools = document.createElement("span");
+      tools.className = "tools";
+      tools.textContent = `${event.tools.length > 1 ? "tools" : "tool"}: ${event.tools.join(", ")}`;
+      meta.append(" · ", tools);
+    }
     bubble.append(text, meta);
     const log = $("log");
     const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;

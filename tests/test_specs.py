@@ -1,0 +1,139 @@
+"""Bodies checked against the vendors' own OpenAPI documents (../shared/specs): what the demo's OpenAI simulator
+answers, and what the bot sends it, as a real model and the real API would see them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from bot.demo.loopback import LoopbackServer
+from bot.demo.openai_simulator import OpenAISimulator
+from bot.tools import registry
+from tests.conftest import LogLines
+from tests.specs import known, problems, validator
+from tests.test_chat_page import DemoBot, start_demo_bot
+
+MODEL = "gpt-sim"
+RESPONSE = validator("openai.json", "Response")
+ERROR = validator("openai.json", "ErrorResponse")
+CREATE = validator("openai.json", "CreateResponse")
+
+
+def response_problems(body: dict[str, Any]) -> list[str]:
+    return problems(RESPONSE, body, closed=True, tolerate=known("openai.json", "Response"))
+
+
+def test_the_helper_finds_what_the_readme_says_plain_validation_misses() -> None:
+    image = {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=", "detail": "auto"}
+    body = {"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": "?"}, image]}]}
+    assert problems(CREATE, body, closed=True) == []
+    typo = {"model": "m", "input": "hi", "temprature": 1}
+    assert problems(CREATE, typo) == []
+    assert problems(CREATE, typo, closed=True) == ["$.temprature: unknown parameter (not declared by the schema)"]
+    nested = {
+        "model": "m",
+        "input": [{"type": "function_call_output", "call_id": "call_1", "output": "{}", "result": 1}],
+        "tools": [{**registry.specs()[0], "strictness": True}],
+    }
+    assert problems(CREATE, nested, closed=True) == [
+        "$.input[0].result: unknown parameter (not declared by the schema)",
+        "$.tools[0].strictness: unknown parameter (not declared by the schema)",
+    ]
+    assert problems(CREATE, {"model": "m", "input": 42})  # plain schema errors are reported too
+    typing = validator("twilio.json", "messaging.v2.whatsapp.typing.indicator")
+    assert problems(typing, {"channel": "whatsapp", "messageId": "12345"}) == [
+        "$.messageId: '12345' does not match '^(SM|MM)[0-9a-fA-F]{32}$'"
+    ]
+    with pytest.raises(KeyError):
+        validator("openai.json", "NoSuchSchema")
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx2.Client]:
+    sim = OpenAISimulator(seed=7)
+    with LoopbackServer(sim.app, name="openai-sim-specs") as server:
+        with httpx2.Client(base_url=server.url, headers={"Authorization": "Bearer x"}, timeout=10.0) as client:
+            yield client
+        sim.shutdown()
+
+
+def create(http: httpx2.Client, input_: Any, **extra: Any) -> dict[str, Any]:
+    response = http.post("/v1/responses", json={"model": MODEL, "input": input_, "tools": registry.specs(), **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def tool_outputs(body: dict[str, Any], output: str) -> list[dict[str, str]]:
+    calls = [item for item in body["output"] if item["type"] == "function_call"]
+    assert calls, body["output"]
+    return [{"type": "function_call_output", "call_id": call["call_id"], "output": output} for call in calls]
+
+
+def test_every_kind_of_simulator_answer_is_a_valid_response(http: httpx2.Client) -> None:
+    answers: dict[str, dict[str, Any]] = {}
+    answers["greeting"] = create(http, "Hi! What can you do for me?")
+    answers["calculate call"] = call = create(http, "What's 17% of 2,340?")
+    result = '{"expression": "17*2340/100", "result": 397.8}'
+    answers["calculate answer"] = create(http, tool_outputs(call, result), previous_response_id=call["id"])
+    answers["clock call"] = clock = create(http, "What time is it?")
+    now = '{"timezone": "UTC", "iso": "2026-12-04T19:40:00+00:00", "weekday": "Friday"}'
+    answers["clock answer"] = create(http, tool_outputs(clock, now), previous_response_id=clock["id"])
+    answers["simulated"] = create(http, "Plan a week in Lisbon", previous_response_id=answers["greeting"]["id"])
+    answers["echo"] = create(http, [{"role": "user", "content": [{"type": "input_text", "text": "hi [sim:echo]"}]}])
+    answers["tool directive"] = create(http, '[sim:tool=calculate:{"expression": "6*7"}]')
+    answers["long"] = create(http, "[sim:long=2000]", instructions="be brief")
+    answers["empty"] = create(http, "[sim:empty]", store=False)
+    assert answers["calculate call"]["output"][0]["type"] == "function_call"
+    assert answers["calculate answer"]["output"][0]["content"][0]["text"] == "17% of 2,340 is 397.8."
+    # What the live API sends too (the README's known discrepancies), and nothing else, is tolerated.
+    assert problems(RESPONSE, answers["greeting"], closed=True) == [
+        "$.user: None is not of type 'string'",
+        "$.store: unknown parameter (not declared by the schema)",
+    ]
+    for kind, body in answers.items():
+        assert response_problems(body) == [], kind
+        stored = http.get(f"/v1/responses/{body['id']}")
+        if kind != "empty":
+            assert response_problems(stored.json()) == [], kind
+
+
+def test_every_error_body_is_a_valid_error_response(http: httpx2.Client) -> None:
+    errors = {
+        "400 directive": http.post("/v1/responses", json={"model": MODEL, "input": "[sim:explode]"}),
+        "400 no model": http.post("/v1/responses", json={"input": "hi"}),
+        "400 not json": http.post("/v1/responses", content=b"{", headers={"content-type": "application/json"}),
+        "401": http.post("/v1/responses", json={"model": MODEL, "input": "hi"}, headers={"Authorization": ""}),
+        "404": http.get("/v1/responses/resp_missing"),
+        "429": http.post("/v1/responses", json={"model": MODEL, "input": "hi [sim:error=429]"}),
+        "500": http.post("/v1/responses", json={"model": MODEL, "input": "hi [sim:error=500]"}),
+        "503": http.post("/v1/responses", json={"model": MODEL, "input": "hi [sim:error=503]"}),
+    }
+    for kind, response in errors.items():
+        assert str(response.status_code) == kind.split()[0], (kind, response.status_code)
+        assert problems(ERROR, response.json(), closed=True) == [], kind
+
+
+@pytest.fixture
+def assistant_bot(tmp_path: Path, log_lines: LogLines) -> Iterator[DemoBot]:
+    bot = start_demo_bot(tmp_path)
+    yield bot
+    bot.stop()
+
+
+def test_every_request_the_bot_sends_is_a_valid_create_response_without_unknown_keys(assistant_bot: DemoBot) -> None:
+    user = "+15550007001"
+    for text in ("Hi! What can you do for me?", "What's 17% of 2,340?", "What time is it in Tokyo?", "thanks"):
+        assistant_bot.send(user, text)
+    assistant_bot.send("+15550007002", "[sim:tool=nope] call a tool the bot does not have")
+    calls = assistant_bot.demo.simulator.calls()
+    # A first call per message, a second for each tool round trip (the unknown tool's error goes back too).
+    assert len(calls) == 8, [c["text"] for c in calls]
+    kinds = {item.get("type", "message") for c in calls if isinstance(c["input"], list) for item in c["input"]}
+    assert "function_call_output" in kinds
+    assert any(c["previous_response_id"] for c in calls)
+    for call in calls:
+        assert problems(CREATE, call["request"], closed=True) == [], call["request"]
