@@ -211,6 +211,7 @@ def test_readme_documents_the_secret_with_every_setting_the_bot_needs() -> None:
     assert "WABOT_HASH_KEY" in in_secret  # one key for every replica, so a user's hash is the same everywhere
     assert in_secret <= set(settings_aliases())
     assert "kubectl apply -k deploy/kubernetes/overlays/example" in readme
+    assert "--from-literal=WABOT_STORE=" in readme  # overlays/managed-redis takes the store URL from the Secret
     for overlay in OVERLAYS:
         assert f"overlays/{overlay}" in readme
 
@@ -400,7 +401,12 @@ def test_service_monitor_scrapes_the_metrics_port_as_the_job_the_alerts_select(o
     assert len(jobs) == 1
     service = one(overlay, "Service", "wabot")
     monitor = one(overlay, "ServiceMonitor", "wabot")["spec"]
-    assert selects(monitor["selector"], service["metadata"]["labels"])
+    scraped = [
+        s["metadata"]["name"]
+        for s in objects(overlay, "Service")
+        if selects(monitor["selector"], s["metadata"]["labels"])
+    ]
+    assert scraped == ["wabot"]  # the collector's Service is another job
     # The operator's job label: the value of the Service's `jobLabel` label, else the Service's name.
     job = service["metadata"]["labels"][monitor["jobLabel"]] if "jobLabel" in monitor else service["metadata"]["name"]
     assert {job} == jobs
