@@ -180,7 +180,10 @@ def test_three_replicas_on_redis_rolled_without_dropping_a_webhook(overlay: str)
     assert spec["template"]["metadata"]["labels"] | BOT_LABELS == spec["template"]["metadata"]["labels"]
     store = config(overlay).get("WABOT_STORE")
     if overlay == "managed-redis":
-        assert store is None  # it comes from the Secret (a URL with a password)
+        # A URL with a password: from the Secret, and no start without it (not the image's SQLite default).
+        assert store is None
+        [env] = [e for e in bot_container(overlay)["env"] if e["name"] == "WABOT_STORE"]
+        assert env["valueFrom"] == {"secretKeyRef": {"name": "wabot-secrets", "key": "WABOT_STORE"}}
     else:
         assert store is not None and store.startswith("redis://")
 
