@@ -315,6 +315,10 @@ def test_optional_autoscaling_on_runs_in_flight_uses_a_metric_the_bot_exports_an
     [rule] = yaml.safe_load(adapter.read_text(encoding="utf-8"))["rules"]["custom"]
     assert rule["seriesQuery"].startswith(f"{name}{{") and rule["name"]["as"] == name
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    slots = int(
+        config("in-flight-hpa").get("WABOT_MAX_CONCURRENT_RUNS", Settings.model_fields["max_concurrent_runs"].default)
+    )
+    assert float(pods["target"]["averageValue"]) < slots  # scale out before a replica runs out of model slots
     assert [m["type"] for m in one("example", "HorizontalPodAutoscaler", "wabot")["spec"]["metrics"]] == ["Resource"]
 
 
