@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from xml.etree import ElementTree
 
+import httpx2
 import pytest
 
 from bot.settings import DEFAULT_HOLDING_MESSAGE, DEFAULT_RATE_LIMIT_MESSAGE
@@ -179,3 +180,56 @@ def test_a_burst_of_500_users_on_redis_is_answered_without_store_errors(
     assert len(sim.calls()) == users
     assert sum(value for (name, _), value in bot.samples().items() if name == "wabot_store_errors_total") == 0
     assert not [e for e in bot.events() if e.get("level") in ("error", "critical")][:3]
+
+
+def _clean(text: str) -> str:
+    """The user's text as the simulator answers it: without the `[sim:...]` directive."""
+    return text.split(" [sim:")[0]
+
+
+def _twiml(response: httpx2.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [m.text or "" for m in ElementTree.fromstring(response.text).iter("Message")]
+
+
+@pytest.mark.timeout(60)
+def test_rolling_update_sigterm_hands_in_flight_work_to_the_new_replica_and_each_user_gets_one_answer(
+    replica: Callable[..., ServedBot], redis_url: str, sim, sink
+) -> None:
+    """What deploy/kubernetes relies on: the new replica B is up, the old replica A gets SIGTERM while it holds
+    webhooks in flight and follow-ups it owes. A's webhooks finish (answered inline or with the holding reply), A
+    leaves its owed follow-ups journaled and hands them over, B sends them: every user gets exactly one answer."""
+    env = {"WABOT_REPLY_TIMEOUT": "2", "WABOT_REDIS_LEASE": "4"}
+    old = replica(redis_url, **env)
+    owed = {f"+1555070{i:04d}": f"owed {i} [sim:delay=8]" for i in range(3)}  # still running when A stops
+    quick = {f"+1555071{i:04d}": f"quick {i} [sim:delay=0.5]" for i in range(3)}  # in flight, inline if in time
+    late = {f"+1555072{i:04d}": f"late {i} [sim:delay=4]" for i in range(2)}  # in flight, then owed
+    texts = {**owed, **quick, **late}
+    forms = {user: old.form(text, user) for user, text in texts.items()}
+    new = replica(redis_url, **env)  # the rolling update's surge pod, ready before the old one is stopped
+
+    with concurrent.futures.ThreadPoolExecutor(len(forms)) as pool:
+        posts = {user: pool.submit(old.post, forms[user]) for user in owed}
+        wait_until(lambda: len(sim.calls()) == len(owed), 10, "the first webhooks never reached the model")
+        assert all(_twiml(post.result()) == [DEFAULT_HOLDING_MESSAGE] for post in posts.values())
+        posts |= {user: pool.submit(old.post, forms[user]) for user in {**quick, **late}}
+        wait_until(lambda: len(sim.calls()) == len(forms), 10, "the in-flight webhooks never reached the model")
+        old.process.send_signal(signal.SIGTERM)  # what the kubelet sends after preStop
+        replies = {user: _twiml(post.result()) for user, post in posts.items()}  # none dropped
+    assert old.process.wait(15) == 0  # a clean stop within the grace period
+    assert all(len(reply) == 1 for reply in replies.values()), replies
+
+    # After the stop the Service sends new webhooks to the new replica only.
+    texts["+15550730000"] = "after the update"
+    replies["+15550730000"] = new.send(texts["+15550730000"], "+15550730000")
+    held = [user for user, reply in replies.items() if reply == [DEFAULT_HOLDING_MESSAGE]]
+    assert set(owed) | set(late) <= set(held)
+    sink.wait_for_messages(len(held), timeout=30)
+    wait_until(lambda: new.runs_in_flight() == 0, 30, "the new replica is still busy")
+    for user, text in texts.items():
+        inline = [r for r in replies[user] if r != DEFAULT_HOLDING_MESSAGE]
+        followups = [m["body"] for m in sink.messages(to=f"whatsapp:{user}")]
+        assert inline + followups == [f"[turn 1] {_clean(text)}"], (user, inline, followups)  # exactly one answer
+    assert len(sink.messages()) == len(held)
+    resumed = {sid for e in new.events() if e.get("event") == "followups_resumed" for sid in e["message_sids"]}
+    assert {forms[user]["MessageSid"] for user in owed} <= resumed  # sent by the new replica, not the old one
