@@ -296,8 +296,9 @@ def _alerts_html(prometheus: dict[str, Any] | None) -> str:
 def render_html(data: dict[str, Any]) -> str:
     """The status page: plain HTML, inline CSS and a 6-line refresh script; nothing loaded from elsewhere."""
     window = data["window"]
+    window_s = THRESHOLDS.status_window_s if window is None else window["window_s"]
     scope = (
-        f"Last {THRESHOLDS.status_window_s / 60:g} minutes of this process"
+        f"Last {window_s / 60:g} minutes of this process"
         if data["workers"] == 1
         else f"{data['workers']} workers, totals since start"
     )

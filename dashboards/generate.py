@@ -40,6 +40,7 @@ DASHBOARD_UID = "wabot-overview"
 DASHBOARD_TITLE = "wabot — WhatsApp AI bot"
 OUTPUT = Path(__file__).resolve().with_name("wabot.json")
 
+GRID_COLUMNS = 24  # Grafana's dashboard grid: a panel's span is out of 24
 DATASOURCE = dash_m.DataSourceRef(type_val="prometheus", uid="${datasource}")
 JOB = 'job=~"$job"'
 RATE = "$__rate_interval"
@@ -123,7 +124,9 @@ def fixed_color(color: str) -> dash_m.DynamicConfigValue:
 DASHED = dash_m.DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]})
 
 
-def timeseries(title: str, description: str, unit: str, *, span: int = 12, height: int = 8) -> ts_b.Panel:
+def timeseries(
+    title: str, description: str, unit: str, *, span: int = GRID_COLUMNS // 2, height: int = 8
+) -> ts_b.Panel:
     return (
         ts_b.Panel()
         .title(title)

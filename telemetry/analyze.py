@@ -608,6 +608,7 @@ def run(
     out: TextIO,
     err: TextIO | None = None,
     stdin: TextIO | None = None,
+    thresholds: Thresholds = THRESHOLDS,
 ) -> int:
     """Analyze the files into one report written to ``out`` as JSON or as the table.
 
@@ -616,7 +617,7 @@ def run(
     ones is still written.
     """
     err = err if err is not None else sys.stderr
-    analyzer = Analyzer()
+    analyzer = Analyzer(thresholds)
     status = 0
     for path in paths or [Path(_STDIN)]:
         if str(path) == _STDIN:
@@ -634,7 +635,7 @@ def run(
     if as_json:
         out.write(json.dumps(report.to_dict(), indent=2) + "\n")
     else:
-        out.write(render_table(report))
+        out.write(render_table(report, thresholds))
     return status
 
 
