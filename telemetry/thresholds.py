@@ -34,7 +34,8 @@ class TotalTime:
     than the line" is an exact count from one bucket, not an estimate; alerts/generate.py refuses other values.
     """
 
-    # Twilio gives up on a webhook answer after 15 s (its HTTP timeout for the request): the user gets nothing.
+    # Twilio waits at most 15 s in total (connect included) for the webhook's answer, then gives up: the user gets
+    # nothing, not even the holding reply.
     twilio_limit_s: int = 15
     # The operator's target: 3 s of margin before Twilio's limit. `wabot analyze` recommends the longest
     # deadline that keeps total time within it; WabotResponseTimeHigh warns when replies cross it.
