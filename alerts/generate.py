@@ -1,7 +1,9 @@
-"""Generate alerts/wabot.rules.yml: every recording rule and alert of wabot, from the data at the top.
+"""Generate alerts/wabot.rules.yml: every recording rule and alert of wabot, from telemetry/thresholds.py.
 
-SLO targets, windows, burn factors and alert thresholds live here and nowhere else (sloth style): the rules
-file is a generated, checked-in artifact and a test fails when it differs from what this module builds.
+The numbers (SLO targets, windows, burn factors, alert thresholds, `for:` durations) and the Prometheus job come
+from `telemetry.thresholds.THRESHOLDS`, which the dashboard, the status view and `wabot analyze` read too; this
+module holds the rules' shape and words. The rules file is a generated, checked-in artifact and a test fails
+when it differs from what this module builds.
 
     python alerts/generate.py                             # (re)write alerts/wabot.rules.yml
     python alerts/generate.py --check                     # exit 1 if the checked-in file is stale
@@ -35,37 +37,15 @@ from typing import Any
 
 import yaml
 
-# ----------------------------------------------------------------------------------------------------------
-# The data: change numbers here, run `python alerts/generate.py`, commit both files.
-# ----------------------------------------------------------------------------------------------------------
+from telemetry.metrics import SECONDS_BUCKETS
+from telemetry.thresholds import THRESHOLDS, Thresholds, seconds_name
 
-JOB = "wabot"  # Prometheus scrape job of the bot (deploy/prometheus.yml)
+# The numbers (thresholds, SLO targets, windows, burn factors, `for:` durations) and the job live in
+# telemetry/thresholds.py, shared with the dashboard, the status view and `wabot analyze`. Every function below
+# takes them as `t`, so a test can build the rules of other thresholds.
 RUNBOOK_BASE_URL = "https://github.com/wabot/wabot/blob/main/alerts/runbooks"
 RULES_FILE = Path(__file__).resolve().with_name("wabot.rules.yml")
-
-RATIO_WINDOW = "5m"  # window of the operational ratios and increases
-MIN_MESSAGES = 10  # traffic gate: ratio alerts need at least this many messages in RATIO_WINDOW
-TIMEOUT_RATIO_MAX = 0.20  # WabotAITimeoutRatioHigh: share of messages answered by holding reply + follow-up
-SLOW_REPLY_S = 12  # WabotResponseTimeHigh: a reply this slow leaves no margin before Twilio gives up
-SLOW_REPLY_RATIO_MAX = 0.01  # ... when more than this share of replies is that slow
-TWILIO_LIMIT_S = 15  # WabotResponseOverTwilioLimit: Twilio drops webhook answers slower than this (any one)
-BUSY_RATIO_MAX = 0.05  # WabotRunsAtCapacity: share of messages that found every model slot taken
-SIGNATURE_REJECTIONS_MAX = 5  # WabotSignatureRejections: more than this many in RATIO_WINDOW is a spike
 ZERO_DENOMINATOR = "1e-9"
-
-# `for:` of each alert; `--for-override` replaces all of them in a test copy.
-FOR = {
-    "WabotDown": "2m",
-    "WabotAITimeoutRatioHigh": "5m",
-    "WabotResponseTimeHigh": "2m",
-    "WabotResponseOverTwilioLimit": "1m",
-    "WabotAIErrors": "1m",
-    "WabotFollowupsFailing": "1m",
-    "WabotMessageDeliveryFailing": "1m",
-    "WabotSignatureRejections": "2m",
-    "WabotRunsAtCapacity": "10m",
-    "WabotStoreErrors": "2m",
-}
 
 
 @dataclass(frozen=True)
@@ -78,43 +58,32 @@ class SLO:
     bad: str  # ... and what makes one of them bad
 
 
-SLOS = (
-    SLO("reply_15s", "WabotReplySLOBurnRateHigh", "replied within 15 s", 0.999, "replies", "slower than 15 s"),
-    SLO(
-        "answer_delivered",
-        "WabotDeliverySLOBurnRateHigh",
-        "answer delivered",
-        0.995,
-        "messages",
-        "left without an answer (AI error or failed follow-up)",
-    ),
-)
-SLO_WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
+def slos(t: Thresholds = THRESHOLDS) -> tuple[SLO, SLO]:
+    """The reply SLO (named after Twilio's limit, e.g. reply_15s) and the delivery SLO."""
+    limit = t.total_time.twilio_limit_s
+    return (
+        SLO(
+            f"reply_{seconds_name(limit)}",
+            "WabotReplySLOBurnRateHigh",
+            f"replied within {limit} s",
+            t.slo.reply_target,
+            "replies",
+            f"slower than {limit} s",
+        ),
+        SLO(
+            "answer_delivered",
+            "WabotDeliverySLOBurnRateHigh",
+            "answer delivered",
+            t.slo.delivered_target,
+            "messages",
+            "left without an answer (AI error or failed follow-up)",
+        ),
+    )
 
-
-@dataclass(frozen=True)
-class BurnRate:
-    severity: str
-    long_window: str
-    short_window: str
-    factor: float
-    for_: str
-
-
-# Google SRE workbook, multiwindow multi-burn-rate alerts (page: 2 % / 5 % of a 30 d budget; ticket: 10 %).
-BURN_RATES = (
-    BurnRate("critical", "1h", "5m", 14.4, "2m"),
-    BurnRate("critical", "6h", "30m", 6, "15m"),
-    BurnRate("warning", "1d", "2h", 3, "1h"),
-    BurnRate("warning", "3d", "6h", 1, "3h"),
-)
-SLO_MIN_MESSAGES = 10  # burn-rate alerts need at least this many messages in their long window
-
-# ----------------------------------------------------------------------------------------------------------
 
 HEADER = (
     "# generated by alerts/generate.py — do not edit.\n"
-    "# Change the data at the top of alerts/generate.py, then `python alerts/generate.py`; commit both.\n"
+    "# Change the numbers in telemetry/thresholds.py, then `python alerts/generate.py`; commit both.\n"
     "# Conventions (sum by job, zero-safe ratios via clamp_min, both le spellings): see alerts/generate.py.\n"
 )
 TEST_COPY_HEADER = (
@@ -156,8 +125,8 @@ def _pct(ratio: float) -> str:
     return f"{ratio * 100:g} %"
 
 
-def recording_rules() -> list[dict[str, Any]]:
-    w = RATIO_WINDOW
+def recording_rules(t: Thresholds = THRESHOLDS) -> list[dict[str, Any]]:
+    w = t.alerts.window
     runs = "wabot_ai_runs_total"
     rules: list[dict[str, Any]] = [
         {"record": f"wabot:messages:rate{w}", "expr": f"{BY_JOB} (rate({runs}[{w}]))"},
@@ -192,10 +161,10 @@ def recording_rules() -> list[dict[str, Any]]:
                 "expr": f"histogram_quantile({q}, {buckets})\nand on (job)\n(wabot:responses:rate{w} > 0)",
             }
         )
-    for seconds in (SLOW_REPLY_S, TWILIO_LIMIT_S):
+    for seconds in (t.total_time.slow_s, t.total_time.twilio_limit_s):
         rules.append(
             {
-                "record": f"wabot:response_over_{seconds}s:ratio_rate{w}",
+                "record": f"wabot:response_over_{seconds_name(seconds)}:ratio_rate{w}",
                 "expr": _ratio(_over(seconds, w), f"{BY_JOB} (rate(wabot_response_seconds_count[{w}]))"),
             }
         )
@@ -238,11 +207,12 @@ def _indent(text: str, by: str = "  ") -> str:
     return "\n".join(by + line for line in text.splitlines())
 
 
-def slo_error_ratio(slo: SLO, window: str) -> str:
+def slo_error_ratio(slo: SLO, window: str, t: Thresholds = THRESHOLDS) -> str:
     total = f"{BY_JOB} (rate(wabot_ai_runs_total[{window}]))"
-    if slo.name == "reply_15s":
-        return _ratio(_over(TWILIO_LIMIT_S, window), f"{BY_JOB} (rate(wabot_response_seconds_count[{window}]))")
-    if slo.name == "answer_delivered":
+    if slo.alert == "WabotReplySLOBurnRateHigh":
+        limit = t.total_time.twilio_limit_s
+        return _ratio(_over(limit, window), f"{BY_JOB} (rate(wabot_response_seconds_count[{window}]))")
+    if slo.alert == "WabotDeliverySLOBurnRateHigh":
         # `or 0 * rate(runs)` keeps a term present (as 0) before its first series exists.
         zero = f"0 * rate(wabot_ai_runs_total[{window}])"
         return _ratio(
@@ -253,24 +223,24 @@ def slo_error_ratio(slo: SLO, window: str) -> str:
     raise ValueError(slo.name)
 
 
-def slo_recording_rules() -> list[dict[str, Any]]:
+def slo_recording_rules(t: Thresholds = THRESHOLDS) -> list[dict[str, Any]]:
     rules: list[dict[str, Any]] = []
-    for slo in SLOS:
+    for slo in slos(t):
         rules.append(
             {
                 "record": f"wabot:slo_{slo.name}:objective",
                 "expr": f"vector({slo.target})",
-                "labels": {"job": JOB},
+                "labels": {"job": t.job},
             }
         )
-        for window in SLO_WINDOWS:
+        for window in t.slo.windows:
             rules.append(
                 {
                     "record": f"wabot:slo_{slo.name}:error_ratio_rate{window}",
-                    "expr": slo_error_ratio(slo, window),
+                    "expr": slo_error_ratio(slo, window, t),
                 }
             )
-    for window in sorted({b.long_window for b in BURN_RATES}, key=SLO_WINDOWS.index):
+    for window in t.slo.long_windows:
         rules.append(
             {
                 "record": f"wabot:messages:increase{window}",
@@ -297,50 +267,51 @@ def _alert(
     return rule
 
 
-def alert_rules() -> list[dict[str, Any]]:
-    w = RATIO_WINDOW
-    gate = f"and on (job)\nwabot:messages:increase{w} >= {MIN_MESSAGES}"
+def alert_rules(t: Thresholds = THRESHOLDS) -> list[dict[str, Any]]:
+    w = t.alerts.window
+    a, slow, limit, job = t.alerts, t.total_time.slow_s, t.total_time.twilio_limit_s, t.job_selector
+    gate = f"and on (job)\nwabot:messages:increase{w} >= {a.min_messages}"
     sig = f'wabot:webhook_rejections:increase{w}{{reason="signature"}}'
     return [
         _alert(
             "WabotDown",
-            f'up{{job="{JOB}"}} == 0\nor\nabsent(up{{job="{JOB}"}})',
+            f"up{{{job}}} == 0\nor\nabsent(up{{{job}}})",
             "critical",
             "wabot is down or not scraped: WhatsApp messages are not being answered.",
             "Prometheus cannot scrape the wabot metrics target{{ with $labels.instance }} {{ . }}{{ end }} "
             '(job "{{ $labels.job }}"), or no such target exists. '
             "No inbound message is answered or measured.",
-            FOR["WabotDown"],
+            t.for_["WabotDown"],
         ),
         _alert(
             "WabotAITimeoutRatioHigh",
-            f"wabot:ai_timeout:ratio_rate{w} > {TIMEOUT_RATIO_MAX:g}\n{gate}",
+            f"wabot:ai_timeout:ratio_rate{w} > {a.timeout_ratio:g}\n{gate}",
             "warning",
             "Many messages hit the reply deadline and are answered by a follow-up.",
             "{{ $value | humanizePercentage }} of the messages to {{ $labels.job }} in the last "
-            f"{w} got a holding reply instead of an inline answer (threshold {_pct(TIMEOUT_RATIO_MAX)}, "
-            f"at least {MIN_MESSAGES} messages).",
-            FOR["WabotAITimeoutRatioHigh"],
+            f"{w} got a holding reply instead of an inline answer (threshold {_pct(a.timeout_ratio)}, "
+            f"at least {a.min_messages} messages).",
+            t.for_["WabotAITimeoutRatioHigh"],
         ),
         _alert(
             "WabotResponseTimeHigh",
-            f"wabot:response_over_{SLOW_REPLY_S}s:ratio_rate{w} > {SLOW_REPLY_RATIO_MAX:g}\n{gate}",
+            f"wabot:response_over_{seconds_name(slow)}:ratio_rate{w} > {a.slow_reply_ratio:g}\n{gate}",
             "warning",
-            f"Webhook replies take longer than {SLOW_REPLY_S} s, close to Twilio's {TWILIO_LIMIT_S} s limit.",
+            f"Webhook replies take longer than {slow} s, close to Twilio's {limit} s limit.",
             "{{ $value | humanizePercentage }} of the webhook replies of {{ $labels.job }} in the last "
-            f"{w} took longer than {SLOW_REPLY_S} s (threshold {_pct(SLOW_REPLY_RATIO_MAX)}); "
-            f"Twilio drops answers slower than {TWILIO_LIMIT_S} s.",
-            FOR["WabotResponseTimeHigh"],
+            f"{w} took longer than {slow} s (threshold {_pct(a.slow_reply_ratio)}); "
+            f"Twilio drops answers slower than {limit} s.",
+            t.for_["WabotResponseTimeHigh"],
         ),
         _alert(
             "WabotResponseOverTwilioLimit",
-            f"wabot:response_over_{TWILIO_LIMIT_S}s:ratio_rate{w} > 0",
+            f"wabot:response_over_{seconds_name(limit)}:ratio_rate{w} > 0",
             "critical",
-            f"Webhook replies took longer than {TWILIO_LIMIT_S} s: Twilio dropped them, users got nothing.",
+            f"Webhook replies took longer than {limit} s: Twilio dropped them, users got nothing.",
             "{{ $value | humanizePercentage }} of the webhook replies of {{ $labels.job }} in the last "
-            f"{w} took longer than {TWILIO_LIMIT_S} s; Twilio gave up on them, so those users got no reply "
+            f"{w} took longer than {limit} s; Twilio gave up on them, so those users got no reply "
             "at all (not even the holding message).",
-            FOR["WabotResponseOverTwilioLimit"],
+            t.for_["WabotResponseOverTwilioLimit"],
         ),
         _alert(
             "WabotAIErrors",
@@ -350,7 +321,7 @@ def alert_rules() -> list[dict[str, Any]]:
             f"AI runs of {{{{ $labels.job }}}} that ended without an answer in the last {w}: "
             "{{ $value | humanize }} (error type {{ $labels.error_type }}, {{ $labels.phase }} phase); "
             "each of those users got an apology. Log event: ai_error_in_timeout.",
-            FOR["WabotAIErrors"],
+            t.for_["WabotAIErrors"],
         ),
         _alert(
             "WabotFollowupsFailing",
@@ -360,7 +331,7 @@ def alert_rules() -> list[dict[str, Any]]:
             f"Follow-ups of {{{{ $labels.job }}}} given up after all retries in the last {w}: "
             "{{ $value | humanize }}; those users got a holding reply and then nothing. "
             "Log event: followup_failed.",
-            FOR["WabotFollowupsFailing"],
+            t.for_["WabotFollowupsFailing"],
         ),
         _alert(
             "WabotMessageDeliveryFailing",
@@ -371,18 +342,18 @@ def alert_rules() -> list[dict[str, Any]]:
             "{{ with $labels.error_code }}{{ . }}{{ else }}none{{ end }} in the last "
             f"{w}: {{{{ $value | humanize }}}} (63016 = outside the 24 h WhatsApp session window). "
             "Log event: message_status.",
-            FOR["WabotMessageDeliveryFailing"],
+            t.for_["WabotMessageDeliveryFailing"],
         ),
         _alert(
             "WabotRunsAtCapacity",
-            f"wabot:ai_busy:ratio_rate{w} > {BUSY_RATIO_MAX:g}\n{gate}",
+            f"wabot:ai_busy:ratio_rate{w} > {a.busy_ratio:g}\n{gate}",
             "warning",
             "Every model slot is taken: new messages get the busy holding reply and wait for a slot.",
             "{{ $value | humanizePercentage }} of the messages to {{ $labels.job }} in the last "
-            f"{w} found all WABOT_MAX_CONCURRENT_RUNS model slots taken (threshold {_pct(BUSY_RATIO_MAX)}, "
-            f"at least {MIN_MESSAGES} messages); their answers come later, as follow-ups. "
+            f"{w} found all WABOT_MAX_CONCURRENT_RUNS model slots taken (threshold {_pct(a.busy_ratio)}, "
+            f"at least {a.min_messages} messages); their answers come later, as follow-ups. "
             "Log event: runs_at_capacity.",
-            FOR["WabotRunsAtCapacity"],
+            t.for_["WabotRunsAtCapacity"],
         ),
         _alert(
             "WabotStoreErrors",
@@ -392,33 +363,33 @@ def alert_rules() -> list[dict[str, Any]]:
             f"Store operations of {{{{ $labels.job }}}} that failed in the last {w}: {{{{ $value | humanize }}}} "
             "(operation {{ $labels.op }}). The bot keeps answering, but while this lasts a crash loses what is owed "
             "and a Twilio retry may be answered twice. Log events: store_error, store_unwritable.",
-            FOR["WabotStoreErrors"],
+            t.for_["WabotStoreErrors"],
         ),
         _alert(
             "WabotSignatureRejections",
-            f"{sig} > {SIGNATURE_REJECTIONS_MAX}\nor\n({sig} > 0 unless on (job) wabot:messages:increase{w} > 0)",
+            f"{sig} > {a.signature_rejections}\nor\n({sig} > 0 unless on (job) wabot:messages:increase{w} > 0)",
             "warning",
             "Webhook requests are rejected for a bad Twilio signature.",
             "Webhook requests to {{ $labels.job }} rejected for an invalid X-Twilio-Signature in the last "
-            f"{w}: {{{{ $value | humanize }}}} (more than {SIGNATURE_REJECTIONS_MAX}, or rejections while no "
+            f"{w}: {{{{ $value | humanize }}}} (more than {a.signature_rejections}, or rejections while no "
             "message got through). Likely a wrong TWILIO_AUTH_TOKEN or WABOT_PUBLIC_URL, a proxy rewriting "
             "the URL, or forged requests.",
-            FOR["WabotSignatureRejections"],
+            t.for_["WabotSignatureRejections"],
         ),
     ]
 
 
-def slo_alert_rules() -> list[dict[str, Any]]:
+def slo_alert_rules(t: Thresholds = THRESHOLDS) -> list[dict[str, Any]]:
     rules = []
-    for slo in SLOS:
+    for slo in slos(t):
         budget = 1 - slo.target
-        for b in BURN_RATES:
+        for b in t.slo.burn_rates:
             threshold = f"({b.factor:g} * {budget:.6g})"
             stem = f"wabot:slo_{slo.name}:error_ratio_rate"
             expr = (
-                f"{stem}{b.long_window} > {threshold}\n"
-                f"and on (job)\n{stem}{b.short_window} > {threshold}\n"
-                f"and on (job)\nwabot:messages:increase{b.long_window} >= {SLO_MIN_MESSAGES}"
+                f"{stem}{b.long} > {threshold}\n"
+                f"and on (job)\n{stem}{b.short} > {threshold}\n"
+                f"and on (job)\nwabot:messages:increase{b.long} >= {t.slo.min_messages}"
             )
             rules.append(
                 _alert(
@@ -428,12 +399,12 @@ def slo_alert_rules() -> list[dict[str, Any]]:
                     f"wabot is burning its '{slo.title}' error budget {b.factor:g}x too fast.",
                     "{{ $value | humanizePercentage }} of the "
                     f"{slo.events} of {{{{ $labels.job }}}} over the "
-                    f"last {b.long_window} were {slo.bad} (and over the last {b.short_window} too); the SLO "
+                    f"last {b.long} were {slo.bad} (and over the last {b.short} too); the SLO "
                     f"allows {_pct(budget)} (target {_pct(slo.target)}), so the error budget burns more than "
                     f"{b.factor:g}x faster than sustainable.",
                     b.for_,
-                    long_window=b.long_window,
-                    short_window=b.short_window,
+                    long_window=b.long,
+                    short_window=b.short,
                 )
             )
     return rules
@@ -450,12 +421,21 @@ def watchdog() -> dict[str, Any]:
     )
 
 
-def build(for_override: str | None = None) -> dict[str, Any]:
+def check_lines(t: Thresholds = THRESHOLDS) -> None:
+    """Refuse total-time lines that are no histogram bucket edge: `_over` would select no bucket and count every
+    reply as slower than the line."""
+    for seconds in (t.total_time.slow_s, t.total_time.twilio_limit_s):
+        if seconds not in SECONDS_BUCKETS:
+            raise ValueError(f"{seconds} s is not an edge of telemetry/metrics.py SECONDS_BUCKETS {SECONDS_BUCKETS}")
+
+
+def build(for_override: str | None = None, t: Thresholds = THRESHOLDS) -> dict[str, Any]:
+    check_lines(t)
     groups = [
-        {"name": "wabot.rules", "rules": recording_rules()},
-        {"name": "wabot-slo.rules", "rules": slo_recording_rules()},
-        {"name": "wabot.alerts", "rules": [*alert_rules(), watchdog()]},
-        {"name": "wabot-slo.alerts", "rules": slo_alert_rules()},
+        {"name": "wabot.rules", "rules": recording_rules(t)},
+        {"name": "wabot-slo.rules", "rules": slo_recording_rules(t)},
+        {"name": "wabot.alerts", "rules": [*alert_rules(t), watchdog()]},
+        {"name": "wabot-slo.alerts", "rules": slo_alert_rules(t)},
     ]
     if for_override is not None:
         for group in groups:
@@ -483,11 +463,11 @@ _Dumper.add_representer(str, _str_representer)
 _DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
 
 
-def render(for_override: str | None = None) -> str:
+def render(for_override: str | None = None, t: Thresholds = THRESHOLDS) -> str:
     if for_override is not None and not _DURATION.match(for_override):
         raise ValueError(f"not a Prometheus duration: {for_override!r}")
     header = HEADER if for_override is None else TEST_COPY_HEADER.format(override=for_override)
-    body = yaml.dump(build(for_override), Dumper=_Dumper, sort_keys=False, width=100_000, allow_unicode=True)
+    body = yaml.dump(build(for_override, t), Dumper=_Dumper, sort_keys=False, width=100_000, allow_unicode=True)
     return header + body
 
 

@@ -25,11 +25,10 @@ from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 
 from bot import __version__
 from bot.settings import Settings
-from telemetry.recent import WINDOW_S, RecentActivity
+from telemetry.recent import RecentActivity, over_key
+from telemetry.thresholds import THRESHOLDS
 
 ALERTS_TIMEOUT_S = 2.0  # a slow Prometheus must not make the status page slow
-TWILIO_LIMIT_S = 15.0
-SLOW_S = 12.0
 
 RecentSource = Callable[[], RecentActivity | None]
 
@@ -57,7 +56,8 @@ def collect(settings: Settings, recent: RecentActivity | None, *, workers: int =
         multiprocess.MultiProcessCollector(registry)
         data["since_start"] = _since_start(registry)
         data["note"] = (
-            f"{workers} worker processes answer the webhook; each keeps its own 5-minute window, which this "
+            f"{workers} worker processes answer the webhook; each keeps its own "
+            f"{THRESHOLDS.status_window_s / 60:g}-minute window, which this "
             "process cannot see. The counts below are the workers' totals since start (from the shared metrics "
             "directory); for percentiles and ratios over time use Prometheus (the wabot:* recording rules)."
         )
@@ -153,6 +153,12 @@ def _level(value: float | None, warn: float, bad: float) -> str:
     return "bad" if value > bad else "warn"
 
 
+def _over_line(w: dict[str, Any]) -> str:
+    """The replies past the total-time lines the window carries: "0 over 12 s · 0 over 15 s (Twilio's limit)"."""
+    slow, limit = w["slow_line_s"], w["twilio_limit_s"]
+    return f"{w[over_key(slow)]} over {slow:g} s · {w[over_key(limit)]} over {limit:g} s (Twilio's limit)"
+
+
 def _bucket_label(le: float | str) -> str:
     return "> 120 s" if le == "+Inf" else f"≤ {le:g} s"
 
@@ -215,8 +221,8 @@ def _window_tiles(w: dict[str, Any]) -> str:
             "Total time p50 · p95 · p99",
             "–" if p50 is None else " · ".join(f"{v:.2f}" for v in (p50, p95, p99)) + " s",
             "total-time",
-            _level(p99, SLOW_S, TWILIO_LIMIT_S),
-            f"{w['over_12s']} over 12 s · {w['over_15s']} over 15 s (Twilio's limit)",
+            _level(p99, w["slow_line_s"], w["twilio_limit_s"]),
+            _over_line(w),
         ),
         _tile(
             "Follow-ups pending",
@@ -230,8 +236,8 @@ def _window_tiles(w: dict[str, Any]) -> str:
     return "".join(tiles)
 
 
-def histogram_svg(buckets: list[dict[str, Any]], deadline_s: float) -> str:
-    """Bars per bucket of total time; colour by where the bucket ends against the deadline, 12 s and 15 s."""
+def histogram_svg(buckets: list[dict[str, Any]], deadline_s: float, slow_s: float, limit_s: float) -> str:
+    """Bars per bucket of total time; colour by where the bucket ends against the deadline and the slow line."""
     width, height, left, bottom, top = 720, 170, 36, 36, 14
     bar_w = (width - left - 8) / len(buckets)
     peak = max((b["count"] for b in buckets), default=0) or 1
@@ -245,7 +251,7 @@ def histogram_svg(buckets: list[dict[str, Any]], deadline_s: float) -> str:
     for i, bucket in enumerate(buckets):
         le, count = bucket["le"], bucket["count"]
         edge = float("inf") if le == "+Inf" else float(le)
-        colour = "#25a244" if edge <= deadline_s else "#e8a317" if edge <= SLOW_S else "#d64545"
+        colour = "#25a244" if edge <= deadline_s else "#e8a317" if edge <= slow_s else "#d64545"
         h = plot_h * count / peak
         x = left + i * bar_w
         label = _bucket_label(le).replace("≤ ", "")
@@ -262,7 +268,7 @@ def histogram_svg(buckets: list[dict[str, Any]], deadline_s: float) -> str:
             )
     parts.append(
         f'<text x="{left}" y="{height - 4}" font-size="11" fill="#52606d">green: within the {deadline_s:g} s '
-        "deadline · amber: up to 12 s · red: past 12 s (Twilio gives up at 15 s)</text></svg>"
+        f"deadline · amber: up to {slow_s:g} s · red: past {slow_s:g} s (Twilio gives up at {limit_s:g} s)</text></svg>"
     )
     return "".join(parts)
 
@@ -290,8 +296,9 @@ def _alerts_html(prometheus: dict[str, Any] | None) -> str:
 def render_html(data: dict[str, Any]) -> str:
     """The status page: plain HTML, inline CSS and a 6-line refresh script; nothing loaded from elsewhere."""
     window = data["window"]
+    window_s = THRESHOLDS.status_window_s if window is None else window["window_s"]
     scope = (
-        f"Last {WINDOW_S / 60:g} minutes of this process"
+        f"Last {window_s / 60:g} minutes of this process"
         if data["workers"] == 1
         else f"{data['workers']} workers, totals since start"
     )
@@ -306,7 +313,9 @@ def render_html(data: dict[str, Any]) -> str:
     if window is not None:
         body.append(f'<dl class="tiles">{_window_tiles(window)}</dl>')
         body.append("<h2>Total time, request arrival to reply</h2>")
-        body.append(histogram_svg(window["histogram"], data["deadline_s"]))
+        body.append(
+            histogram_svg(window["histogram"], data["deadline_s"], window["slow_line_s"], window["twilio_limit_s"])
+        )
     elif data["since_start"] is not None:
         s = data["since_start"]
         outcomes = s["outcomes"]
@@ -351,7 +360,7 @@ def render_text(data: dict[str, Any]) -> str:
             f"  errors (apology)     {w['errors']}",
             f"  timeout ratio        {_percent(w['timeout_ratio'])} ({verdict}, {_percent(line)})",
             f"  total time           p50 {_seconds(p[0])} · p95 {_seconds(p[1])} · p99 {_seconds(p[2])}",
-            f"                       {w['over_12s']} over 12 s · {w['over_15s']} over 15 s (Twilio's limit)",
+            f"                       {_over_line(w)}",
             f"  follow-ups           {w['followups_pending']} pending · {w['followups_delivered']} delivered · "
             f"{w['followups_failed']} failed",
             "  total time histogram:",

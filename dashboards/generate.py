@@ -1,6 +1,8 @@
 """Build the wabot Grafana dashboard from code and write it to dashboards/wabot.json.
 
-The dashboard is defined here with grafana-foundation-sdk; wabot.json is a generated, checked-in artifact.
+The dashboard is defined here with grafana-foundation-sdk; wabot.json is a generated, checked-in artifact. Every
+threshold line, SLO target, window and burn factor comes from telemetry/thresholds.py (the alert rules read the
+same numbers); each builder takes them as `t`, so a test can build the dashboard of other thresholds.
 
     python dashboards/generate.py           # (re)write dashboards/wabot.json
     python dashboards/generate.py --check   # exit 1 if wabot.json differs from what this module builds
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import string
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,32 +34,36 @@ from grafana_foundation_sdk.models import dashboard as dash_m
 from grafana_foundation_sdk.models import heatmap as heatmap_m
 from grafana_foundation_sdk.models import prometheus as prom_m
 
-# SLO targets (the alert rules and recording rules are written against the same numbers).
-SLO_REPLY_15S_TARGET = 0.999  # replies (inline or holding) sent within Twilio's 15 s webhook limit
-SLO_ANSWER_DELIVERED_TARGET = 0.995  # messages whose real answer reached the user (inline or follow-up)
-
-TIMEOUT_RATIO_WARN = 0.20  # share of messages answered by holding reply + follow-up
-SLOW_REPLY_S = 12  # "slow": leaves little margin before Twilio gives up
-TWILIO_LIMIT_S = 15  # Twilio drops webhook answers slower than this
-BURN_RATE_THRESHOLDS = (1, 3, 6, 14.4)  # ticket 3d, ticket 1d, page 6h, page 1h (SRE workbook)
-SLO_WINDOWS = ("1h", "6h", "1d", "3d")
+from telemetry.thresholds import THRESHOLDS, Thresholds, duration_words, seconds_name
 
 DASHBOARD_UID = "wabot-overview"
 DASHBOARD_TITLE = "wabot — WhatsApp AI bot"
 OUTPUT = Path(__file__).resolve().with_name("wabot.json")
 
+GRID_COLUMNS = 24  # Grafana's dashboard grid: a panel's span is out of 24
 DATASOURCE = dash_m.DataSourceRef(type_val="prometheus", uid="${datasource}")
 JOB = 'job=~"$job"'
 RATE = "$__rate_interval"
 
 # What panel_queries() substitutes for each template variable.
-QUERY_DEFAULTS = {"__rate_interval": "1m", "job": "wabot"}
+QUERY_DEFAULTS = {"__rate_interval": "1m", "job": THRESHOLDS.job}
 
-# SLIs: (recording-rule stem, short legend, target).
-SLOS = (
-    ("wabot:slo_reply_15s", "reply ≤ 15 s", SLO_REPLY_15S_TARGET),
-    ("wabot:slo_answer_delivered", "answer delivered", SLO_ANSWER_DELIVERED_TARGET),
-)
+# Burn-rate line colours, lowest factor first.
+BURN_COLOURS = ("yellow", "orange", "red", "dark-red")
+
+
+def slos(t: Thresholds) -> tuple[tuple[str, str, float], ...]:
+    """SLIs: (recording-rule stem, short legend, target), named as alerts/generate.py names them."""
+    limit = t.total_time.twilio_limit_s
+    return (
+        (f"wabot:slo_reply_{seconds_name(limit)}", f"reply ≤ {limit} s", t.slo.reply_target),
+        ("wabot:slo_answer_delivered", "answer delivered", t.slo.delivered_target),
+    )
+
+
+def _spaced(duration: str) -> str:
+    """A duration as the panel texts write it: "3d" -> "3 d"."""
+    return f"{duration[:-1]} {duration[-1]}"
 
 
 # --- PromQL helpers ------------------------------------------------------------------------------
@@ -117,7 +124,9 @@ def fixed_color(color: str) -> dash_m.DynamicConfigValue:
 DASHED = dash_m.DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]})
 
 
-def timeseries(title: str, description: str, unit: str, *, span: int = 12, height: int = 8) -> ts_b.Panel:
+def timeseries(
+    title: str, description: str, unit: str, *, span: int = GRID_COLUMNS // 2, height: int = 8
+) -> ts_b.Panel:
     return (
         ts_b.Panel()
         .title(title)
@@ -161,49 +170,51 @@ def stat(title: str, description: str, unit: str, *, span: int = 4, height: int 
 # --- panels --------------------------------------------------------------------------------------
 
 
-def overview_stats() -> list[stat_b.Panel]:
+def overview_stats(t: Thresholds) -> list[stat_b.Panel]:
+    w, slow, limit = t.alerts.window, t.total_time.slow_s, t.total_time.twilio_limit_s
     return [
-        stat("Messages (5m)", "Inbound messages that started an AI run in the last 5 minutes.", "short")
-        .with_target(target("A", f"sum({increase('wabot_ai_runs_total', window='5m')})", "messages"))
+        stat(f"Messages ({w})", f"Inbound messages that started an AI run in the last {duration_words(w)}.", "short")
+        .with_target(target("A", f"sum({increase('wabot_ai_runs_total', window=w)})", "messages"))
         .decimals(0)
         .thresholds(thresholds("blue")),
         stat(
-            "Timeout ratio (5m)",
+            f"Timeout ratio ({w})",
             "Share of messages answered by a holding reply + follow-up (worst selected job).",
             "percentunit",
         )
-        .with_target(target("A", f"max({sel('wabot:ai_timeout:ratio_rate5m')})", "timeout ratio"))
-        .thresholds(thresholds("green", (TIMEOUT_RATIO_WARN, "red"))),
-        stat("p99 total time", "Webhook total time p99 over 5m (worst selected job).", "s")
-        .with_target(target("A", f"max({sel('wabot:response_seconds:p99_5m')})", "p99"))
-        .thresholds(thresholds("green", (SLOW_REPLY_S, "orange"), (TWILIO_LIMIT_S, "red"))),
+        .with_target(target("A", f"max({sel(f'wabot:ai_timeout:ratio_rate{w}')})", "timeout ratio"))
+        .thresholds(thresholds("green", (t.alerts.timeout_ratio, "red"))),
+        stat("p99 total time", f"Webhook total time p99 over {w} (worst selected job).", "s")
+        .with_target(target("A", f"max({sel(f'wabot:response_seconds:p99_{w}')})", "p99"))
+        .thresholds(thresholds("green", (slow, "orange"), (limit, "red"))),
         stat(
-            "AI errors (5m)",
-            "AI runs that ended with an apology instead of an answer (inline or follow-up), last 5 minutes.",
+            f"AI errors ({w})",
+            f"AI runs that ended with an apology instead of an answer (inline or follow-up), last {duration_words(w)}.",
             "short",
         )
-        .with_target(target("A", f"sum({increase('wabot_ai_errors_total', window='5m')}) or vector(0)", "errors"))
+        .with_target(target("A", f"sum({increase('wabot_ai_errors_total', window=w)}) or vector(0)", "errors"))
         .decimals(0)
-        .thresholds(thresholds("green", (1, "red"))),
+        .thresholds(thresholds("green", (1, "red"))),  # any error: a user got an apology
         stat("Follow-ups pending", "Holding replies whose real answer has not been delivered yet.", "short")
         .with_target(target("A", f"sum({sel('wabot_followups_pending')})", "pending"))
-        .thresholds(thresholds("green", (10, "orange"))),
+        .thresholds(thresholds("green", (t.dashboard.followups_pending, "orange"))),
         stat(
             "Configured deadline",
             "WABOT_REPLY_TIMEOUT: past it the user gets a holding reply and the answer follows later.",
             "s",
         )
         .with_target(target("A", f"max({sel('wabot_reply_timeout_seconds')})", "deadline"))
-        .thresholds(thresholds("blue", (SLOW_REPLY_S, "red"))),
+        .thresholds(thresholds("blue", (slow, "red"))),
     ]
 
 
-def slo_panels() -> list[Any]:
+def slo_panels(t: Thresholds) -> list[Any]:
+    longest = t.slo.windows[-1]
     budget = (
         stat(
             "SLO error budget",
-            "Error budget left, approximating the 30 d window with the 3 d error ratio: "
-            "1 - error_ratio_3d / (1 - target). Below 0 the budget is spent.",
+            f"Error budget left, approximating the {_spaced(t.slo.period)} window with the {_spaced(longest)} "
+            f"error ratio: 1 - error_ratio_{longest} / (1 - target). Below 0 the budget is spent.",
             "percentunit",
             span=8,
             height=8,
@@ -211,29 +222,33 @@ def slo_panels() -> list[Any]:
         .text_mode(common.BigValueTextMode.VALUE_AND_NAME)
         .graph_mode(common.BigValueGraphMode.NONE)
         .color_mode(common.BigValueColorMode.BACKGROUND)
-        .thresholds(thresholds("red", (0, "orange"), (0.25, "green")))
+        .thresholds(thresholds("red", (0, "orange"), (t.dashboard.budget_left, "green")))
     )
-    for ref, (stem, name, slo) in zip("AB", SLOS, strict=True):
-        expr = f"1 - (max({sel(stem + ':error_ratio_rate3d')}) / {error_budget_factor(slo)})"
+    for ref, (stem, name, slo) in zip("AB", slos(t), strict=True):
+        expr = f"1 - (max({sel(f'{stem}:error_ratio_rate{longest}')}) / {error_budget_factor(slo)})"
         budget = budget.with_target(target(ref, expr, f"{name} ({slo * 100:g} %)"))
 
+    def when(severity: str) -> str:
+        return " or ".join(f"{b.long} > {b.factor:g}" for b in t.slo.burn_rates if b.severity == severity)
+
+    factors = sorted({b.factor for b in t.slo.burn_rates})
     burn = threshold_lines(
         timeseries(
             "SLO burn rate",
-            "Error ratio / (1 - target) per window. Pages when 1h > 14.4 or 6h > 6 (with their short "
-            "windows), tickets when 1d > 3 or 3d > 1.",
+            f"Error ratio / (1 - target) per window. Pages when {when('critical')} (with their short "
+            f"windows), tickets when {when('warning')}.",
             "short",
             span=16,
         )
     ).thresholds(
         thresholds(
             "green",
-            *zip(BURN_RATE_THRESHOLDS, ("yellow", "orange", "red", "dark-red"), strict=True),
+            *((f, BURN_COLOURS[min(i, len(BURN_COLOURS) - 1)]) for i, f in enumerate(factors)),
         )
     )
-    refs = iter("ABCDEFGHIJ")
-    for stem, name, slo in SLOS:
-        for window in SLO_WINDOWS:
+    refs = iter(string.ascii_uppercase)
+    for stem, name, slo in slos(t):
+        for window in t.slo.long_windows:
             expr = f"max({sel(f'{stem}:error_ratio_rate{window}')}) / {error_budget_factor(slo)}"
             burn = burn.with_target(target(next(refs), expr, f"{name} {window}"))
     burn = burn.legend(
@@ -246,7 +261,10 @@ def slo_panels() -> list[Any]:
     return [budget, burn]
 
 
-def answer_path_panels() -> list[Any]:
+def answer_path_panels(t: Thresholds) -> list[Any]:
+    w, slow, limit, line = t.alerts.window, t.total_time.slow_s, t.total_time.twilio_limit_s, t.alerts.timeout_ratio
+    reply_slo = t.slo.reply_target
+
     def runs(outcome: str) -> str:
         matcher = f'outcome="{outcome}"'
         return f"sum({rate('wabot_ai_runs_total', matcher)})"
@@ -275,50 +293,54 @@ def answer_path_panels() -> list[Any]:
         threshold_lines(
             timeseries(
                 "Timeout ratio",
-                f"Share of messages that hit the deadline. Above {TIMEOUT_RATIO_WARN:.0%} the model or a "
+                f"Share of messages that hit the deadline. Above {line:.0%} the model or a "
                 "tool is slow: check model calls, tool calls and the heatmap.",
                 "percentunit",
             )
         )
         .min(0)
-        .axis_soft_max(TIMEOUT_RATIO_WARN * 1.25)
-        .thresholds(thresholds("green", (TIMEOUT_RATIO_WARN, "red")))
-        .with_target(target("A", f"max({sel('wabot:ai_timeout:ratio_rate5m')})", "timeout ratio"))
+        .axis_soft_max(line * 1.25)
+        .thresholds(thresholds("green", (line, "red")))
+        .with_target(target("A", f"max({sel(f'wabot:ai_timeout:ratio_rate{w}')})", "timeout ratio"))
     )
     response = (
         threshold_lines(
             timeseries(
                 "Total response time p50/p95/p99",
-                "Webhook total time (arrival to TwiML sent), 5m quantiles from buckets. Dashed lines: "
-                f"{SLOW_REPLY_S} s (slow) and {TWILIO_LIMIT_S} s (Twilio drops the reply); "
+                f"Webhook total time (arrival to TwiML sent), {w} quantiles from buckets. Dashed lines: "
+                f"{slow} s (slow) and {limit} s (Twilio drops the reply); "
                 "dashed series: the configured deadline.",
                 "s",
             )
         )
         .min(0)
-        .axis_soft_max(TWILIO_LIMIT_S + 1)
-        .thresholds(thresholds("green", (SLOW_REPLY_S, "orange"), (TWILIO_LIMIT_S, "red")))
-        .with_target(target("A", f"max({sel('wabot:response_seconds:p50_5m')})", "p50"))
-        .with_target(target("B", f"max({sel('wabot:response_seconds:p95_5m')})", "p95"))
-        .with_target(target("C", f"max({sel('wabot:response_seconds:p99_5m')})", "p99"))
+        .axis_soft_max(limit + 1)
+        .thresholds(thresholds("green", (slow, "orange"), (limit, "red")))
+        .with_target(target("A", f"max({sel(f'wabot:response_seconds:p50_{w}')})", "p50"))
+        .with_target(target("B", f"max({sel(f'wabot:response_seconds:p95_{w}')})", "p95"))
+        .with_target(target("C", f"max({sel(f'wabot:response_seconds:p99_{w}')})", "p99"))
         .with_target(target("D", f"max({sel('wabot_reply_timeout_seconds')})", "deadline (configured)"))
         .override_by_query("D", [DASHED, fixed_color("blue")])
     )
     slow = (
         threshold_lines(
             timeseries(
-                "Replies over 12 s / 15 s",
-                "Share of webhook replies slower than 12 s and 15 s (exact, from bucket edges). Dashed line: "
-                f"the error rate the {SLO_REPLY_15S_TARGET:.1%} reply SLO allows.",
+                f"Replies over {slow} s / {limit} s",
+                f"Share of webhook replies slower than {slow} s and {limit} s (exact, from bucket edges). Dashed "
+                f"line: the error rate the {reply_slo:.1%} reply SLO allows.",
                 "percentunit",
             )
         )
         .min(0)
-        .thresholds(thresholds("green", (round(1 - SLO_REPLY_15S_TARGET, 6), "red")))
-        .with_target(target("A", f"max({sel('wabot:response_over_12s:ratio_rate5m')})", "over 12 s"))
-        .with_target(target("B", f"max({sel('wabot:response_over_15s:ratio_rate5m')})", "over 15 s"))
-        .override_by_name("over 12 s", [fixed_color("orange")])
-        .override_by_name("over 15 s", [fixed_color("red")])
+        .thresholds(thresholds("green", (round(1 - reply_slo, 6), "red")))
+        .with_target(
+            target("A", f"max({sel(f'wabot:response_over_{seconds_name(slow)}:ratio_rate{w}')})", f"over {slow} s")
+        )
+        .with_target(
+            target("B", f"max({sel(f'wabot:response_over_{seconds_name(limit)}:ratio_rate{w}')})", f"over {limit} s")
+        )
+        .override_by_name(f"over {slow} s", [fixed_color("orange")])
+        .override_by_name(f"over {limit} s", [fixed_color("red")])
     )
     heat = (
         heatmap_b.Panel()
@@ -359,7 +381,7 @@ def answer_path_panels() -> list[Any]:
     return [messages, timeout_ratio, response, slow, heat]
 
 
-def followup_panels() -> list[Any]:
+def followup_panels(t: Thresholds) -> list[Any]:
     followups = (
         timeseries(
             "Follow-ups",
@@ -369,7 +391,9 @@ def followup_panels() -> list[Any]:
         )
         .with_target(target("A", f"sum by (outcome) ({rate('wabot_followups_total')})", "{{outcome}}/s"))
         .with_target(target("B", f"sum({sel('wabot_followups_pending')})", "pending"))
-        .with_target(target("C", f"max({sel('wabot:followup_delivery:ratio_rate5m')})", "delivered ratio"))
+        .with_target(
+            target("C", f"max({sel(f'wabot:followup_delivery:ratio_rate{t.alerts.window}')})", "delivered ratio")
+        )
         .override_by_query(
             "C",
             [
@@ -477,14 +501,15 @@ def model_panels() -> list[Any]:
 # --- dashboard -----------------------------------------------------------------------------------
 
 
-def build_dashboard() -> dash_m.Dashboard:
+def build_dashboard(t: Thresholds = THRESHOLDS) -> dash_m.Dashboard:
     """The dashboard model, panels laid out row by row with stable ids."""
     builder = (
         dash_b.Dashboard(DASHBOARD_TITLE)
         .uid(DASHBOARD_UID)
         .description(
             "Twilio WhatsApp webhook → FastAPI → OpenAI bot with a reply deadline: answer paths, latency "
-            "against Twilio's 15 s limit, follow-ups, delivery, model usage and SLOs. Generated by "
+            f"against Twilio's {t.total_time.twilio_limit_s} s limit, follow-ups, delivery, model usage and SLOs. "
+            "Generated by "
             "dashboards/generate.py; do not edit in the UI."
         )
         .tags(["wabot"])
@@ -508,10 +533,10 @@ def build_dashboard() -> dash_m.Dashboard:
         )
     )
     sections = (
-        ("Overview", overview_stats()),
-        ("SLOs", slo_panels()),
-        ("Answer path and latency", answer_path_panels()),
-        ("Follow-ups, delivery and webhook", followup_panels()),
+        ("Overview", overview_stats(t)),
+        ("SLOs", slo_panels(t)),
+        ("Answer path and latency", answer_path_panels(t)),
+        ("Follow-ups, delivery and webhook", followup_panels(t)),
         ("Model", model_panels()),
     )
     for row_title, panels in sections:
@@ -524,14 +549,14 @@ def build_dashboard() -> dash_m.Dashboard:
     return model
 
 
-def dashboard_json() -> dict[str, Any]:
+def dashboard_json(t: Thresholds = THRESHOLDS) -> dict[str, Any]:
     """The dashboard as plain JSON data (what Grafana imports)."""
-    return json.loads(json.dumps(build_dashboard(), cls=JSONEncoder))
+    return json.loads(json.dumps(build_dashboard(t), cls=JSONEncoder))
 
 
-def render() -> str:
+def render(t: Thresholds = THRESHOLDS) -> str:
     """The exact text of wabot.json: stable key order and indentation, trailing newline."""
-    return json.dumps(dashboard_json(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return json.dumps(dashboard_json(t), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 _VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
@@ -563,8 +588,8 @@ def iter_targets(dashboard: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def panel_queries() -> list[tuple[str, str]]:
     """(panel title, PromQL) for every query target, with template variables replaced by QUERY_DEFAULTS.
 
-    `$__rate_interval` becomes `1m` and `$job` becomes `wabot`, so each expression runs as-is against a
-    Prometheus that scrapes the bot as job "wabot". Order follows the dashboard; a panel with several
+    `$__rate_interval` becomes `1m` and `$job` becomes the thresholds' job (`wabot`), so each expression runs
+    as-is against a Prometheus that scrapes the bot under that job. Order follows the dashboard; a panel with several
     targets appears once per target.
     """
     return [(title, substitute(t["expr"])) for title, t in iter_targets(dashboard_json())]

@@ -6,6 +6,10 @@ counts, total-time and AI-time percentiles, follow-up delivery, webhook rejectio
 and a recommended reply deadline. `run` is the body of ``wabot analyze FILE... [--json]``. Standard library
 only.
 
+Lines
+    S is the slow line (12 s) and L Twilio's limit (15 s), both from telemetry/thresholds.py, which the alerts
+    and the dashboard read too; `Analyzer` and `recommend_deadline` take other values for tests.
+
 Input tolerance
     A line is accepted when a JSON object starts somewhere in it (so docker/k8s prefixes such as
     ``2025-01-10T10:00:00Z stdout F {...}`` are fine) and that object has a string ``event``. Blank lines
@@ -21,7 +25,7 @@ Counting
     (truncated, or filtered by event) fall back to inline ``ai_processing_time`` + ``ai_timeout`` + inline
     ``ai_error_in_timeout``: each processed message ends its deadline race in exactly one of those.
     ``timeout_ratio`` = timeouts / messages. ``total_time_over_12s``/``_15s`` count total times strictly
-    above 12 s / 15 s.
+    above S / L (the field names carry the default lines).
 
 Percentiles
     Linear interpolation between closest ranks, like numpy's default (``method="linear"``): for sorted
@@ -29,7 +33,7 @@ Percentiles
     x[floor(r)] + (r - floor(r)) * (x[ceil(r)] - x[floor(r)]). None when there are no values.
 
 Deadline recommendation (`recommend_deadline`)
-    Question: which reply deadline D keeps total time (arrival -> TwiML sent) within 12 s while cutting off
+    Question: which reply deadline D keeps total time (arrival -> TwiML sent) within S while cutting off
     the fewest answers?
 
     * Overhead o. Per message whose AI outcome and ``total_time`` are both in the log, overhead =
@@ -40,10 +44,10 @@ Deadline recommendation (`recommend_deadline`)
       negative differences are left out. o = p99 of the samples, or 0.1 s when there are none (then
       ``overhead_measured`` is false).
     * With deadline D the slowest webhook answer takes about D + o (an answer just before D, or the holding
-      reply at D), so D is admissible when D + o <= 12 s (the operator's target) and D + o < 15 s (Twilio's
+      reply at D), so D is admissible when D + o <= S (the operator's target) and D + o < L (Twilio's
       limit).
     * Candidates are D = 1.0, 1.5, 2.0, ... s (0.5 s grid). The cut-off share never grows with D, so the
-      largest admissible candidate cuts off the fewest answers: D = floor((12 - o) / 0.5) * 0.5, if that is
+      largest admissible candidate cuts off the fewest answers: D = floor((S - o) / 0.5) * 0.5, if that is
       at least 1 s.
     * Cut-off share at D = cut-off runs / runs considered. A run is cut off when its run time exceeds D (one
       finishing exactly at D is answered inline). Known run times: every valid ``ai_processing_time``,
@@ -53,7 +57,7 @@ Deadline recommendation (`recommend_deadline`)
       at every D (certain for D <= its timeout_seconds, a conservative assumption above), so the share is an
       upper bound when there are such runs. A timeout whose follow-up run failed (``ai_error_in_timeout``
       with phase followup) had no answer to cut off and is left out; so are errors in general.
-    * No known run times and no timeouts: no recommendation. o > 11 s: no admissible candidate, no
+    * No known run times and no timeouts: no recommendation. o > S - 1 s: no admissible candidate, no
       recommendation. Either way ``reason`` says why.
     The current deadline is the last ``timeout_seconds`` seen; its cut-off share is given for comparison.
 """
@@ -71,8 +75,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-TARGET_TOTAL_S = 12.0
-TWILIO_LIMIT_S = 15.0
+from telemetry.thresholds import THRESHOLDS, Thresholds
+
 DEADLINE_GRID_S = 0.5
 MIN_DEADLINE_S = 1.0
 DEFAULT_OVERHEAD_S = 0.1
@@ -206,8 +210,8 @@ def recommend_deadline(
     overhead_samples: Sequence[float],
     current_deadline: float | None = None,
     *,
-    target_total: float = TARGET_TOTAL_S,
-    twilio_limit: float = TWILIO_LIMIT_S,
+    target_total: float = THRESHOLDS.total_time.slow_s,
+    twilio_limit: float = THRESHOLDS.total_time.twilio_limit_s,
 ) -> Recommendation:
     """Apply the deadline rule of the module docstring.
 
@@ -302,7 +306,8 @@ class _Message:
 class Analyzer:
     """Accumulates log lines from one or more sources; `report` condenses them. `analyze` wraps it."""
 
-    def __init__(self) -> None:
+    def __init__(self, thresholds: Thresholds = THRESHOLDS) -> None:
+        self._total_time = thresholds.total_time
         self._lines = 0
         self._bad = 0
         self._bad_refs: list[LineRef] = []
@@ -465,8 +470,8 @@ class Analyzer:
             total_time_p95=percentile(self._totals, 95),
             total_time_p99=percentile(self._totals, 99),
             total_time_max=max(self._totals, default=None),
-            total_time_over_12s=sum(1 for t in self._totals if t > TARGET_TOTAL_S),
-            total_time_over_15s=sum(1 for t in self._totals if t > TWILIO_LIMIT_S),
+            total_time_over_12s=sum(1 for t in self._totals if t > self._total_time.slow_s),
+            total_time_over_15s=sum(1 for t in self._totals if t > self._total_time.twilio_limit_s),
             ai_runs=self._events["ai_processing_time"],
             ai_runs_inline=self._runs_by_phase["inline"],
             ai_runs_followup=self._runs_by_phase["followup"],
@@ -480,19 +485,27 @@ class Analyzer:
             followups_by_kind=dict(sorted(self._followups_by_kind.items())),
             rejections=dict(sorted(self._rejections.items())),
             message_statuses=dict(self._statuses),
-            recommendation=recommend_deadline(self._runs, unknown, overheads, self._current_deadline),
+            recommendation=recommend_deadline(
+                self._runs,
+                unknown,
+                overheads,
+                self._current_deadline,
+                target_total=self._total_time.slow_s,
+                twilio_limit=self._total_time.twilio_limit_s,
+            ),
         )
 
 
-def analyze(lines: Iterable[str]) -> Report:
+def analyze(lines: Iterable[str], thresholds: Thresholds = THRESHOLDS) -> Report:
     """Analyze log lines (one JSON event per line, prefixes and garbage tolerated) into a `Report`."""
-    analyzer = Analyzer()
+    analyzer = Analyzer(thresholds)
     analyzer.feed(lines)
     return analyzer.report()
 
 
-def render_table(report: Report) -> str:
-    """A plain-text, aligned summary of the report for people."""
+def render_table(report: Report, thresholds: Thresholds = THRESHOLDS) -> str:
+    """A plain-text, aligned summary of the report for people (`thresholds`: the ones it was made with)."""
+    lines = thresholds.total_time
     rows: list[tuple[str, str]] = []
 
     def section(title: str) -> None:
@@ -533,8 +546,8 @@ def render_table(report: Report) -> str:
         ("max", report.total_time_max),
     ):
         row(label, _secs(value))
-    row("over 12 s", str(report.total_time_over_12s))
-    row("over 15 s (Twilio drops)", str(report.total_time_over_15s))
+    row(f"over {lines.slow_s:g} s", str(report.total_time_over_12s))
+    row(f"over {lines.twilio_limit_s:g} s (Twilio drops)", str(report.total_time_over_15s))
 
     section("AI processing")
     row("runs", f"{report.ai_runs} (inline {report.ai_runs_inline}, followup {report.ai_runs_followup})")
@@ -595,6 +608,7 @@ def run(
     out: TextIO,
     err: TextIO | None = None,
     stdin: TextIO | None = None,
+    thresholds: Thresholds = THRESHOLDS,
 ) -> int:
     """Analyze the files into one report written to ``out`` as JSON or as the table.
 
@@ -603,7 +617,7 @@ def run(
     ones is still written.
     """
     err = err if err is not None else sys.stderr
-    analyzer = Analyzer()
+    analyzer = Analyzer(thresholds)
     status = 0
     for path in paths or [Path(_STDIN)]:
         if str(path) == _STDIN:
@@ -621,7 +635,7 @@ def run(
     if as_json:
         out.write(json.dumps(report.to_dict(), indent=2) + "\n")
     else:
-        out.write(render_table(report))
+        out.write(render_table(report, thresholds))
     return status
 
 

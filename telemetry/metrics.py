@@ -1,7 +1,8 @@
 """Prometheus metrics of the bot: the exact names the alert rules and dashboards are written against.
 
 Every seconds histogram uses the same buckets, chosen so each alert threshold (8 s deadline, 12 s, 15 s Twilio limit)
-sits on a bucket edge and "slower than 12 s" is a count, not an estimate.
+sits on a bucket edge and "slower than 12 s" is a count, not an estimate. The lines are in telemetry/thresholds.py;
+alerts/generate.py refuses one that is not an edge here.
 
 Label values are all from small fixed sets; nothing user-specific is ever a label.
 """

@@ -1,6 +1,8 @@
 """The last five minutes of this process, in memory: what `/status` and `wabot status` show without Prometheus.
 
-Exact over the window (every reply is kept until it ages out, bounded in count), unlike histogram quantiles.
+Exact over the window (every reply is kept until it ages out, bounded in count), unlike histogram quantiles. The
+window, the timeout-ratio line and the total-time lines are the alerts' (telemetry/thresholds.py), and the
+snapshot carries them, so the views draw the same lines the alerts fire on.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from telemetry.metrics import SECONDS_BUCKETS
+from telemetry.thresholds import THRESHOLDS, Thresholds, seconds_name
 
-WINDOW_S = 300.0
-TIMEOUT_RATIO_ALERT_LINE = 0.2  # WabotAITimeoutRatioHigh's threshold
+WINDOW_S = THRESHOLDS.status_window_s
 KNOWN_OUTCOMES = ("ok", "timeout", "error")
 # Outcomes whose user got a holding reply at once and the answer as a follow-up ("busy": every model slot taken).
 HOLDING_OUTCOMES = ("timeout", "busy")
@@ -43,8 +45,9 @@ def percentile(values: list[float], q: float) -> float | None:
 class RecentActivity:
     """Replies and follow-ups of the last `window_s` seconds. Thread-safe: the metrics port reads it."""
 
-    def __init__(self, window_s: float = WINDOW_S) -> None:
-        self.window_s = window_s
+    def __init__(self, window_s: float | None = None, thresholds: Thresholds = THRESHOLDS) -> None:
+        self.window_s = thresholds.status_window_s if window_s is None else window_s
+        self.thresholds = thresholds
         self._lock = threading.Lock()
         self._replies: deque[_Reply] = deque(maxlen=_MAX_EVENTS)
         self._followups: deque[tuple[float, str]] = deque(maxlen=_MAX_EVENTS)
@@ -76,6 +79,7 @@ class RecentActivity:
         for reply in replies:
             outcomes[reply.outcome] = outcomes.get(reply.outcome, 0) + 1
         holding = sum(outcomes.get(o, 0) for o in HOLDING_OUTCOMES)
+        slow, limit = self.thresholds.total_time.slow_s, self.thresholds.total_time.twilio_limit_s
         return {
             "window_s": self.window_s,
             "messages": len(replies),
@@ -85,18 +89,26 @@ class RecentActivity:
             "errors": outcomes["error"],
             # The same ratio as the WabotAITimeoutRatioHigh rule (wabot:ai_timeout:ratio_rate5m): timeouts only.
             "timeout_ratio": outcomes["timeout"] / len(replies) if replies else 0.0,
-            "timeout_ratio_alert_line": TIMEOUT_RATIO_ALERT_LINE,
+            "timeout_ratio_alert_line": self.thresholds.alerts.timeout_ratio,
             "total_time_p50_s": percentile(totals, 50),
             "total_time_p95_s": percentile(totals, 95),
             "total_time_p99_s": percentile(totals, 99),
-            "over_12s": sum(1 for t in totals if t > 12),
-            "over_15s": sum(1 for t in totals if t > 15),
+            # The lines and the replies past them, keys named after the lines (over_12s, over_15s).
+            "slow_line_s": slow,
+            "twilio_limit_s": limit,
+            over_key(slow): sum(1 for t in totals if t > slow),
+            over_key(limit): sum(1 for t in totals if t > limit),
             "followups_delivered": followups.count("delivered"),
             "followups_failed": followups.count("failed"),
             "followups_pending": pending_followups,
             "deadline_s": deadline_s,
             "histogram": histogram(totals),
         }
+
+
+def over_key(seconds: float) -> str:
+    """The snapshot's key counting replies slower than `seconds`: "over_12s"."""
+    return f"over_{seconds_name(seconds)}"
 
 
 def histogram(values: list[float]) -> list[dict[str, Any]]:

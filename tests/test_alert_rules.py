@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from alerts import generate
+from telemetry.thresholds import THRESHOLDS, seconds_name
 from tests.binaries import promtool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,21 +24,23 @@ RULE_TESTS = sorted((ALERTS / "tests").glob("*.yml"))
 RUNBOOKS = ALERTS / "runbooks"
 
 
-# The contract with the dashboard (dashboards/generate.py) and the brief: these names must exist.
-SLO_WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
+# The contract with the dashboard (dashboards/generate.py) and the brief: these names must exist. Windows and
+# lines in the names are telemetry/thresholds.py's (5m, 12s, 15s, 5m...3d today).
+W = THRESHOLDS.alerts.window
+SLOW, LIMIT = (seconds_name(s) for s in (THRESHOLDS.total_time.slow_s, THRESHOLDS.total_time.twilio_limit_s))
 REQUIRED_RECORDS = {
-    "wabot:messages:rate5m",
-    "wabot:ai_timeout:ratio_rate5m",
-    "wabot:ai_error:ratio_rate5m",
-    "wabot:ai_errors:increase5m",
-    "wabot:response_seconds:p50_5m",
-    "wabot:response_seconds:p95_5m",
-    "wabot:response_seconds:p99_5m",
-    "wabot:response_over_12s:ratio_rate5m",
-    "wabot:response_over_15s:ratio_rate5m",
-    "wabot:followup_delivery:ratio_rate5m",
-    *(f"wabot:slo_reply_15s:error_ratio_rate{w}" for w in SLO_WINDOWS),
-    *(f"wabot:slo_answer_delivered:error_ratio_rate{w}" for w in SLO_WINDOWS),
+    f"wabot:messages:rate{W}",
+    f"wabot:ai_timeout:ratio_rate{W}",
+    f"wabot:ai_error:ratio_rate{W}",
+    f"wabot:ai_errors:increase{W}",
+    f"wabot:response_seconds:p50_{W}",
+    f"wabot:response_seconds:p95_{W}",
+    f"wabot:response_seconds:p99_{W}",
+    f"wabot:response_over_{SLOW}:ratio_rate{W}",
+    f"wabot:response_over_{LIMIT}:ratio_rate{W}",
+    f"wabot:followup_delivery:ratio_rate{W}",
+    *(f"wabot:slo_reply_{LIMIT}:error_ratio_rate{w}" for w in THRESHOLDS.slo.windows),
+    *(f"wabot:slo_answer_delivered:error_ratio_rate{w}" for w in THRESHOLDS.slo.windows),
 }
 EXPECTED_ALERTS = {
     "WabotDown",
@@ -54,12 +57,7 @@ EXPECTED_ALERTS = {
     "WabotDeliverySLOBurnRateHigh",
     "Watchdog",
 }
-BURN_RATE_TABLE = {
-    ("1h", "5m", "critical"),
-    ("6h", "30m", "critical"),
-    ("1d", "2h", "warning"),
-    ("3d", "6h", "warning"),
-}
+BURN_RATE_TABLE = {(b.long, b.short, b.severity) for b in THRESHOLDS.slo.burn_rates}
 
 
 def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -149,7 +147,7 @@ def test_required_recording_rules_exist_and_aggregate_by_job() -> None:
     assert REQUIRED_RECORDS - records.keys() == set()
     for name, rule in records.items():
         if ":objective" in name:
-            assert rule["labels"] == {"job": generate.JOB}
+            assert rule["labels"] == {"job": THRESHOLDS.job}
             continue
         assert "sum by (job" in rule["expr"] or "on (job)" in rule["expr"], name
         assert "instance" not in rule["expr"], name

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from dashboards import generate as gen
+from telemetry.thresholds import THRESHOLDS, seconds_name
 from tests.binaries import promtool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ REQUIRED_TITLES = (
     "Messages by answer path",
     "Timeout ratio",
     "Total response time p50/p95/p99",
-    "Replies over 12 s / 15 s",
+    f"Replies over {THRESHOLDS.total_time.slow_s} s / {THRESHOLDS.total_time.twilio_limit_s} s",
     "AI processing time heatmap",
     "Follow-ups",
     "Delivery status by error code",
@@ -41,10 +42,10 @@ REQUIRED_TITLES = (
     "SLO error budget",
     "SLO burn rate",
     # top row of stats
-    "Messages (5m)",
-    "Timeout ratio (5m)",
+    f"Messages ({THRESHOLDS.alerts.window})",
+    f"Timeout ratio ({THRESHOLDS.alerts.window})",
     "p99 total time",
-    "AI errors (5m)",
+    f"AI errors ({THRESHOLDS.alerts.window})",
     "Follow-ups pending",
     "Configured deadline",
 )
@@ -208,34 +209,37 @@ def thresholds(panel: dict[str, Any]) -> list[float]:
 
 
 def test_threshold_panels(dashboard: dict[str, Any]) -> None:
+    # The values of the lines are checked against telemetry/thresholds.py in tests/test_thresholds.py.
     ratio = panel(dashboard, "Timeout ratio")
-    assert thresholds(ratio) == [0.2]
+    assert thresholds(ratio) == [THRESHOLDS.alerts.timeout_ratio]
     assert ratio["fieldConfig"]["defaults"]["unit"] == "percentunit"
     response = panel(dashboard, "Total response time p50/p95/p99")
-    assert thresholds(response) == [12, 15]
+    assert thresholds(response) == [THRESHOLDS.total_time.slow_s, THRESHOLDS.total_time.twilio_limit_s]
     assert response["fieldConfig"]["defaults"]["unit"] == "s"
     exprs = [t["expr"] for t in response["targets"]]
     assert any("wabot_reply_timeout_seconds" in e for e in exprs)
     for q in ("p50", "p95", "p99"):
-        assert any(f"wabot:response_seconds:{q}_5m" in e for e in exprs), q
+        assert any(f"wabot:response_seconds:{q}_{THRESHOLDS.alerts.window}" in e for e in exprs), q
     burn = panel(dashboard, "SLO burn rate")
-    assert thresholds(burn) == [1, 3, 6, 14.4]
-    for stem in ("slo_reply_15s", "slo_answer_delivered"):
-        for window in ("1h", "6h", "1d", "3d"):
+    assert thresholds(burn) == sorted(b.factor for b in THRESHOLDS.slo.burn_rates)
+    reply_slo = f"slo_reply_{seconds_name(THRESHOLDS.total_time.twilio_limit_s)}"
+    for stem in (reply_slo, "slo_answer_delivered"):
+        for window in THRESHOLDS.slo.long_windows:
             assert any(f"wabot:{stem}:error_ratio_rate{window}" in t["expr"] for t in burn["targets"])
     for p in (response, ratio, burn):
         assert p["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] != "off", p["title"]
 
 
-def test_slo_targets_are_generator_constants(dashboard: dict[str, Any]) -> None:
-    assert (gen.SLO_REPLY_15S_TARGET, gen.SLO_ANSWER_DELIVERED_TARGET) == (0.999, 0.995)
+def test_slo_budget_uses_the_thresholds_targets(dashboard: dict[str, Any]) -> None:
     budget = panel(dashboard, "SLO error budget")
     assert budget["type"] == "stat"
     assert budget["fieldConfig"]["defaults"]["unit"] == "percentunit"
     exprs = [t["expr"] for t in budget["targets"]]
+    slo, longest = THRESHOLDS.slo, THRESHOLDS.slo.windows[-1]
+    reply_slo = f"slo_reply_{seconds_name(THRESHOLDS.total_time.twilio_limit_s)}"
     assert exprs == [
-        '1 - (max(wabot:slo_reply_15s:error_ratio_rate3d{job=~"$job"}) / (1 - 0.999))',
-        '1 - (max(wabot:slo_answer_delivered:error_ratio_rate3d{job=~"$job"}) / (1 - 0.995))',
+        f'1 - (max(wabot:{stem}:error_ratio_rate{longest}{{job=~"$job"}}) / (1 - {target}))'
+        for stem, target in ((reply_slo, slo.reply_target), ("slo_answer_delivered", slo.delivered_target))
     ]
 
 
@@ -293,12 +297,13 @@ def test_panel_queries_cover_every_target(dashboard: dict[str, Any]) -> None:
     assert {title for title, _ in queries} == {p["title"] for p in query_panels(dashboard)}
     for title, expr in queries:
         assert "$" not in expr, (title, expr)
-        assert 'job=~"wabot"' in expr, (title, expr)
+        assert f'job=~"{THRESHOLDS.job}"' in expr, (title, expr)
 
 
 def test_substitute() -> None:
-    assert gen.substitute('rate(x{job=~"$job"}[$__rate_interval])') == 'rate(x{job=~"wabot"}[1m])'
-    assert gen.substitute('x{job=~"${job}"}') == 'x{job=~"wabot"}'
+    job = THRESHOLDS.job
+    assert gen.substitute('rate(x{job=~"$job"}[$__rate_interval])') == f'rate(x{{job=~"{job}"}}[1m])'
+    assert gen.substitute('x{job=~"${job}"}') == f'x{{job=~"{job}"}}'
     with pytest.raises(KeyError, match="unknown_var"):
         gen.substitute("x[$unknown_var]")
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from telemetry.thresholds import THRESHOLDS
 from tests.binaries import promtool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,8 +101,8 @@ def test_prometheus_scrapes_the_bot_and_loads_the_rules() -> None:
 
 def test_alert_rules_job_name_matches_the_scrape_job() -> None:
     rules = (ROOT / "alerts" / "wabot.rules.yml").read_text(encoding="utf-8")
-    assert 'up{job="wabot"}' in rules
-    assert "wabot" in {job["job_name"] for job in _yaml(PROMETHEUS_CONFIG)["scrape_configs"]}
+    assert f"up{{{THRESHOLDS.job_selector}}}" in rules
+    assert THRESHOLDS.job in {job["job_name"] for job in _yaml(PROMETHEUS_CONFIG)["scrape_configs"]}
 
 
 # --- docker compose -----------------------------------------------------------------------------------------

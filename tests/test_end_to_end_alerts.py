@@ -48,6 +48,7 @@ from bot.demo.inbound_form import inbound_form
 from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from dashboards import generate as dashboards
+from telemetry.thresholds import THRESHOLDS, duration_seconds, seconds_name
 from tests.binaries import find_binary
 
 pytestmark = pytest.mark.slow
@@ -56,7 +57,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "alerts" / "wabot.rules.yml"
 GENERATE_RULES = ROOT / "alerts" / "generate.py"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus.yml"
-JOB = "wabot"
+JOB = THRESHOLDS.job
+W = THRESHOLDS.alerts.window  # the operational rules' window: every phase's traffic fits in it
+SLOW_RECORD = f"wabot:response_over_{seconds_name(THRESHOLDS.total_time.slow_s)}:ratio_rate{W}"
+LIMIT_RECORD = f"wabot:response_over_{seconds_name(THRESHOLDS.total_time.twilio_limit_s)}:ratio_rate{W}"
+REPLY_SLO = f"wabot:slo_reply_{seconds_name(THRESHOLDS.total_time.twilio_limit_s)}"
 
 REPLY_TIMEOUT_S = 2.5
 FOLLOWUP_TIMEOUT_S = 5.0
@@ -90,6 +95,10 @@ class Traffic:
 PHASE1 = Traffic(ok=35, tool=1, slow=4)  # 10 % timeouts: below the 20 % threshold, above the 10-message gate
 PHASE2 = Traffic(slow=10, error=2)
 TOTAL = Traffic(ok=35, tool=1, slow=14, error=2)  # 14 / 52 = 26.9 % timeouts, 2 / 52 = 3.8 % errors
+# The traffic is built around the thresholds (telemetry/thresholds.py): phase 1 below the timeout line with the
+# gate open, both phases together above it.
+assert PHASE1.total >= THRESHOLDS.alerts.min_messages
+assert PHASE1.slow / PHASE1.total < THRESHOLDS.alerts.timeout_ratio < TOTAL.slow / TOTAL.total
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -446,15 +455,15 @@ def _assert_recording_rules(stack: Stack, phase: Phase, traffic: Traffic) -> Non
     """The recording rules at the end of a phase equal the cumulative traffic (all of it is inside 5 m)."""
     n, at = traffic.total, phase.end
     value = {
-        "wabot:ai_timeout:ratio_rate5m": traffic.slow / n,
-        "wabot:ai_error:ratio_rate5m": traffic.error / n,
-        "wabot:followup_delivery:ratio_rate5m": 1.0,
-        "wabot:followups_failed:increase5m": 0.0,
-        "wabot:response_over_12s:ratio_rate5m": 0.0,
-        "wabot:response_over_15s:ratio_rate5m": 0.0,
+        f"wabot:ai_timeout:ratio_rate{W}": traffic.slow / n,
+        f"wabot:ai_error:ratio_rate{W}": traffic.error / n,
+        f"wabot:followup_delivery:ratio_rate{W}": 1.0,
+        f"wabot:followups_failed:increase{W}": 0.0,
+        SLOW_RECORD: 0.0,
+        LIMIT_RECORD: 0.0,
     }
-    for window in ("5m", "30m", "1h", "2h", "6h", "1d", "3d"):
-        value[f"wabot:slo_reply_15s:error_ratio_rate{window}"] = 0.0
+    for window in THRESHOLDS.slo.windows:
+        value[f"{REPLY_SLO}:error_ratio_rate{window}"] = 0.0
         value[f"wabot:slo_answer_delivered:error_ratio_rate{window}"] = traffic.error / n
     wrong = {}
     for record, expected in value.items():
@@ -465,24 +474,25 @@ def _assert_recording_rules(stack: Stack, phase: Phase, traffic: Traffic) -> Non
 
     # Increases and rates carry Prometheus' extrapolation over the window: never below what was sent, and only a
     # fraction of a scrape interval's worth above it. Their proportions are exact.
-    ts, got = _recorded(stack, "wabot:messages:increase5m", at)
+    ts, got = _recorded(stack, f"wabot:messages:increase{W}", at)
     assert n <= got < n * 1.25, (got, n)
-    ts, rate = _recorded(stack, "wabot:messages:rate5m", at)
-    assert n / 300 <= rate < n * 1.25 / 300, (rate, n)
+    ts, rate = _recorded(stack, f"wabot:messages:rate{W}", at)
+    seconds = duration_seconds(W)
+    assert n / seconds <= rate < n * 1.25 / seconds, (rate, n)
     for outcome, count in (("ok", traffic.ok + traffic.tool), ("timeout", traffic.slow), ("error", traffic.error)):
-        ts, got = _recorded(stack, "wabot:ai_runs:rate5m", at, f',outcome="{outcome}"')
-        assert count / 300 <= got <= count * 1.25 / 300, (outcome, got, count)
+        ts, got = _recorded(stack, f"wabot:ai_runs:rate{W}", at, f',outcome="{outcome}"')
+        assert count / seconds <= got <= count * 1.25 / seconds, (outcome, got, count)
 
     # A counter series that appears within the window counts with its whole value; here all were pre-created.
-    errors = stack.prometheus.vector(f'wabot:ai_errors:increase5m{{job="{JOB}"}} > 0', at)
-    labels = {"__name__": "wabot:ai_errors:increase5m", "job": JOB, "phase": "inline", "error_type": "server_error"}
+    errors = stack.prometheus.vector(f'wabot:ai_errors:increase{W}{{job="{JOB}"}} > 0', at)
+    labels = {"__name__": f"wabot:ai_errors:increase{W}", "job": JOB, "phase": "inline", "error_type": "server_error"}
     expected_errors = [(labels, traffic.error)]
     assert errors == ([] if traffic.error == 0 else expected_errors)
 
     # Quantiles of the webhook time: fast answers below the deadline, holding replies in the 2-4 s bucket.
-    p50 = _recorded(stack, "wabot:response_seconds:p50_5m", at)[1]
-    p95 = _recorded(stack, "wabot:response_seconds:p95_5m", at)[1]
-    p99 = _recorded(stack, "wabot:response_seconds:p99_5m", at)[1]
+    p50 = _recorded(stack, f"wabot:response_seconds:p50_{W}", at)[1]
+    p95 = _recorded(stack, f"wabot:response_seconds:p95_{W}", at)[1]
+    p99 = _recorded(stack, f"wabot:response_seconds:p99_{W}", at)[1]
     assert p50 < REPLY_TIMEOUT_S, p50
     assert 2 < p95 <= p99 <= 4, (p95, p99)
 
@@ -540,11 +550,11 @@ def test_phase1_recording_rules_equal_the_traffic(stack: Stack, phase1: Phase) -
     _assert_recording_rules(stack, phase1, PHASE1)
 
 
-def test_timeout_alert_stays_silent_below_20_percent(stack: Stack, phase1: Phase) -> None:
+def test_timeout_alert_stays_silent_below_its_line(stack: Stack, phase1: Phase) -> None:
     prom = stack.prometheus
     # The traffic gate is open (40 >= 10 messages): the alert is silent because of the ratio alone.
-    assert prom.scalar(f'wabot:messages:increase5m{{job="{JOB}"}}', phase1.end) >= 10
-    assert _close(prom.scalar(f'wabot:ai_timeout:ratio_rate5m{{job="{JOB}"}}', phase1.end), 0.1)
+    assert prom.scalar(f'wabot:messages:increase{W}{{job="{JOB}"}}', phase1.end) >= THRESHOLDS.alerts.min_messages
+    assert _close(prom.scalar(f'wabot:ai_timeout:ratio_rate{W}{{job="{JOB}"}}', phase1.end), 0.1)
     # Never pending or firing from Prometheus' start until SETTLED_EVALUATIONS evaluations on the settled ratio.
     history = math.ceil(phase1.end - stack.started) + 1
     alerts = prom.query(f'ALERTS{{alertname="WabotAITimeoutRatioHigh"}}[{history}s]', phase1.end)
@@ -557,7 +567,7 @@ def test_phase2_recording_rules_equal_the_traffic(stack: Stack, phase2: Phase) -
     _assert_recording_rules(stack, phase2, TOTAL)
 
 
-def test_timeout_alert_goes_pending_then_fires_above_20_percent(stack: Stack, phase2: Phase) -> None:
+def test_timeout_alert_goes_pending_then_fires_above_its_line(stack: Stack, phase2: Phase) -> None:
     ratio = TOTAL.slow / TOTAL.total
     expected_description = f"{ratio * 100:.4g}%"  # Prometheus' humanizePercentage: %.4g of the percentage
     real = _rules_by_name()["WabotAITimeoutRatioHigh"]
@@ -574,8 +584,9 @@ def test_timeout_alert_goes_pending_then_fires_above_20_percent(stack: Stack, ph
     assert annotations["summary"] == real["annotations"]["summary"]
     assert annotations["runbook_url"].endswith("/alerts/runbooks/WabotAITimeoutRatioHigh.md")
     assert annotations["description"] == (
-        f"{expected_description} of the messages to {JOB} in the last 5m got a holding reply instead of an inline "
-        "answer (threshold 20 %, at least 10 messages)."
+        f"{expected_description} of the messages to {JOB} in the last {W} got a holding reply instead of an inline "
+        f"answer (threshold {THRESHOLDS.alerts.timeout_ratio * 100:g} %, at least {THRESHOLDS.alerts.min_messages} "
+        "messages)."
     )
     # It went through `pending` (the 1 s `for:` of the test copy) before firing.
     history = math.ceil(time.time() - stack.started) + 1
@@ -601,7 +612,7 @@ def test_ai_errors_fire_and_reach_the_ticket_receiver(stack: Stack, phase2: Phas
         "severity": "warning",
     }
     description = (
-        f"AI runs of {JOB} that ended without an answer in the last 5m: {{}} (error type server_error, inline "
+        f"AI runs of {JOB} that ended without an answer in the last {W}: {{}} (error type server_error, inline "
         "phase); each of those users got an apology. Log event: ai_error_in_timeout."
     )
 
@@ -632,17 +643,9 @@ def test_ai_errors_fire_and_reach_the_ticket_receiver(stack: Stack, phase2: Phas
 def test_delivery_slo_burn_rate_alerts_fire_on_the_windows_the_error_ratio_crosses(stack: Stack, phase2: Phase) -> None:
     """2 failed answers in 52 = 3.85 % of a 0.5 % budget: above 6x (3 %), 3x and 1x, below 14.4x (7.2 %)."""
     ratio = TOTAL.error / TOTAL.total
-    budget = 1 - 0.995
-    expected = {
-        (severity, long_window, short_window)
-        for severity, long_window, short_window, factor in (
-            ("critical", "1h", "5m", 14.4),
-            ("critical", "6h", "30m", 6),
-            ("warning", "1d", "2h", 3),
-            ("warning", "3d", "6h", 1),
-        )
-        if ratio > factor * budget
-    }
+    budget = 1 - THRESHOLDS.slo.delivered_target
+    expected = {(b.severity, b.long, b.short) for b in THRESHOLDS.slo.burn_rates if ratio > b.factor * budget}
+    # The traffic's premise: some rows crossed, not all (the fastest page stays silent).
     assert expected == {("critical", "6h", "30m"), ("warning", "1d", "2h"), ("warning", "3d", "6h")}
 
     def active() -> tuple[bool, Any]:

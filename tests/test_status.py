@@ -21,6 +21,7 @@ import yaml
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from bot.status import fetch_alerts
 from telemetry.recent import RecentActivity
+from telemetry.thresholds import THRESHOLDS
 from tests.binaries import find_binary
 from tests.conftest import free_port
 from tests.served import ROOT, DemoProcess
@@ -113,7 +114,8 @@ def test_metrics_port_status_counts_the_traffic_and_wabot_status_prints_it(demo:
         "errors": 1,
     }
     assert window["outcomes"] == {"ok": 3, "timeout": 1, "error": 1}
-    assert window["timeout_ratio"] == pytest.approx(0.2) and window["timeout_ratio_alert_line"] == 0.2
+    alert_line = THRESHOLDS.alerts.timeout_ratio
+    assert window["timeout_ratio"] == pytest.approx(0.2) and window["timeout_ratio_alert_line"] == alert_line
     assert (window["followups_delivered"], window["followups_failed"], window["followups_pending"]) == (1, 0, 0)
     assert window["deadline_s"] == REPLY_TIMEOUT_S
     assert sum(b["count"] for b in window["histogram"]) == 5
@@ -139,7 +141,8 @@ def test_metrics_port_status_counts_the_traffic_and_wabot_status_prints_it(demo:
         "  answered inline      3",
         "  holding + follow-up  1",
         "  errors (apology)     1",
-        "  timeout ratio        20.0 % (below the alert line, 20.0 %)",
+        f"  timeout ratio        20.0 % ({'ABOVE' if alert_line < 0.2 else 'below'} the alert line, "
+        f"{alert_line * 100:.1f} %)",
         "  follow-ups           0 pending · 1 delivered · 0 failed",
         "alerts: WABOT_PROMETHEUS_URL is not set",
     ):
