@@ -33,6 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
+from bot.ordering import InLine
 from bot.store.base import PendingReply, counted
 from telemetry import metrics
 from telemetry.logging import get_logger
@@ -367,5 +368,5 @@ class RedisLanes:
         self.owed = owed
         self.release = client.register_script(_RELEASE)
 
-    async def ticket_for(self, reply: PendingReply) -> RedisTicket:
+    async def ticket_for(self, reply: InLine) -> RedisTicket:
         return RedisTicket(self, reply.user_key, reply.ticket)
