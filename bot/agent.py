@@ -37,7 +37,10 @@ class AgentError(Exception):
 
 
 @dataclass(frozen=True)
-class AgentAnswer:
+class AgentResult:
+    """The model's final text after the tool loop, the response id that continues the conversation, the tool calls
+    it took."""
+
     text: str
     response_id: str
     tool_count: int
@@ -98,7 +101,7 @@ class Agent:
         self._tools = tools
         self._tracer = tracer
 
-    async def run(self, prompt: str, previous_response_id: str | None, budget_s: float) -> AgentAnswer:
+    async def run(self, prompt: str, previous_response_id: str | None, budget_s: float) -> AgentResult:
         """Answer `prompt` within `budget_s` seconds or raise AgentError."""
         with ActiveSpan(
             self._tracer,
@@ -134,7 +137,7 @@ class Agent:
 
     async def _loop(
         self, prompt: str, previous_response_id: str | None, usage: _Usage, span: trace.Span
-    ) -> AgentAnswer:
+    ) -> AgentResult:
         response = await self._first_call(prompt, previous_response_id, usage)
         tool_count = 0
         for _round in range(self._max_tool_rounds + 1):
@@ -156,7 +159,7 @@ class Agent:
         text = (response.output_text or "").strip()
         if not text:
             raise AgentError("empty", "the model answered with no text")
-        return AgentAnswer(text=text, response_id=response.id, tool_count=tool_count)
+        return AgentResult(text=text, response_id=response.id, tool_count=tool_count)
 
     async def _first_call(self, prompt: str, previous_response_id: str | None, usage: _Usage) -> Any:
         try:

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from bot.outbound import DeliveryError, Sent, TwilioSender
-from bot.store import PendingReply, Store, guarded
+from bot.store import OwedReply, Store, guarded
 from telemetry import metrics
 from telemetry.recent import RecentActivity
 
@@ -41,7 +41,7 @@ class FollowupDelivery:
         self._recent = recent or RecentActivity()
         self._give_up_s = give_up_s
 
-    async def deliver(self, reply: PendingReply, *, resumed: bool = False) -> bool:
+    async def deliver(self, reply: OwedReply, *, resumed: bool = False) -> bool:
         """Send what is left of `reply`; True when every part was accepted. The journal entry is closed either way.
 
         `resumed`: an earlier process journaled this answer and may have crashed while Twilio took its next part,
@@ -91,7 +91,7 @@ class FollowupDelivery:
         await guarded(self._store.finish(reply.sid), self._log, "finish", reply.sid)
         return True
 
-    async def _send_until_given_up(self, reply: PendingReply, part: str, maybe_sent_since: float | None) -> Sent:
+    async def _send_until_given_up(self, reply: OwedReply, part: str, maybe_sent_since: float | None) -> Sent:
         """One part, in rounds of retries until Twilio takes it, refuses it, or the give-up time has come.
         `attempts` (of the result or of the raised DeliveryError) counts every attempt for this part."""
         rounds_failed = attempts_so_far = 0

@@ -21,7 +21,7 @@ from bot.inbound import InboundMessage, MalformedRequest, form_dict, parse_form
 from bot.replies import current_traceparent
 from bot.services import Services, get_services
 from bot.splitting import split_message
-from bot.store import PendingReply
+from bot.store import OwedReply
 from bot.twiml import twiml
 from telemetry import metrics
 
@@ -98,7 +98,7 @@ def _reject(services: Services, request: Request, exc: _Rejected) -> Response:
     return PlainTextResponse(f"{exc.reason}: {exc.detail}\n", status_code=exc.status_code)
 
 
-async def _accept(services: Services, reply: PendingReply, idempotency_token: str | None) -> bool:
+async def _accept(services: Services, reply: OwedReply, idempotency_token: str | None) -> bool:
     """Dedupe and journal; False for a message seen before."""
     try:
         return await services.store.accept(reply, idempotency_token)
@@ -108,7 +108,7 @@ async def _accept(services: Services, reply: PendingReply, idempotency_token: st
         return True
 
 
-async def _rate_limited(services: Services, request: Request, reply: PendingReply) -> Response | None:
+async def _rate_limited(services: Services, request: Request, reply: OwedReply) -> Response | None:
     """The reply for a user over the per-minute limit (a notice once, then nothing), or None when within it."""
     limit = services.settings.user_rate_limit
     if limit <= 0:
@@ -148,7 +148,7 @@ async def inbound_message(request: Request, services: Services = Depends(get_ser
     except _Rejected as exc:
         return _reject(services, request, exc)
 
-    reply = PendingReply(
+    reply = OwedReply(
         sid=message.sid,
         to=message.sender,
         user_key=services.hasher(message.sender),

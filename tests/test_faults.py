@@ -35,7 +35,7 @@ from twilio.request_validator import RequestValidator
 
 from bot.demo.inbound_form import inbound_form, new_message_sid
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
-from bot.store import PendingReply
+from bot.store import OwedReply
 from bot.store.redis import RedisStore
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER, Bot, LogLines, Posted, free_port, metric
 from tests.redis_server import RedisServer, wait_until
@@ -761,7 +761,7 @@ def test_redis_restarted_mid_traffic(
     assert sorted(m["body"].split("] ", 1)[1] for m in both) == ["first in line", "second in line"]
     bot.wait_idle()
     outage = events(log_lines, mark, "store_error")
-    assert {"accept", "save", "finish"} <= {e["op"] for e in outage}
+    assert {"accept", "save_answer", "finish"} <= {e["op"] for e in outage}
     assert metric("wabot_store_errors_total", {"op": "accept"}) >= 1
 
     # Redis is back: the same user's next message has its turn at once, and service is normal.
@@ -791,8 +791,8 @@ async def test_after_a_redis_outage_no_replica_takes_over_replies_a_live_one_is_
     lease = 1.0
     a, b, c = [await RedisStore.open(durable_redis.url, dedupe_ttl_s=3600, lease_s=lease) for _ in range(3)]
     try:
-        busy = PendingReply(sid=new_message_sid(), to="whatsapp:+15550779901", user_key="b", prompt="", arrived_at=0)
-        left = PendingReply(sid=new_message_sid(), to="whatsapp:+15550779902", user_key="c", prompt="", arrived_at=0)
+        busy = OwedReply(sid=new_message_sid(), to="whatsapp:+15550779901", user_key="b", prompt="", arrived_at=0)
+        left = OwedReply(sid=new_message_sid(), to="whatsapp:+15550779902", user_key="c", prompt="", arrived_at=0)
         assert await b.accept(busy)
         assert await c.accept(left)
         missed = Metrics(("wabot_store_errors_total", {"op": "renew_lease"}))
@@ -802,7 +802,7 @@ async def test_after_a_redis_outage_no_replica_takes_over_replies_a_live_one_is_
         durable_redis.start()
         assert await a.claim_orphans() == []  # b may not have renewed yet: nothing is taken right now
         await c.close()  # c stops for good (its lease goes with it)
-        claimed: list[PendingReply] = []
+        claimed: list[OwedReply] = []
 
         async def takes_over() -> bool:
             claimed.extend(await a.claim_orphans())

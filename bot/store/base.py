@@ -16,8 +16,8 @@ class StoreUnavailable(Exception):
 
 
 @dataclass
-class PendingReply:
-    """A message we accepted and still owe an answer to.
+class OwedReply:
+    """The journal record of a reply owed: a message we accepted and still owe an answer to.
 
     Written when the message is accepted, removed once its answer went back inline or was delivered as a
     follow-up, so whatever is left after a crash is exactly what is still owed.
@@ -40,7 +40,7 @@ class PendingReply:
 class Store(Protocol):
     """What the bot needs from its storage backend."""
 
-    async def accept(self, reply: PendingReply, idempotency_token: str | None = None) -> bool:
+    async def accept(self, reply: OwedReply, idempotency_token: str | None = None) -> bool:
         """Record a new inbound message and journal the reply it is owed; False when it was seen before."""
         ...
 
@@ -60,7 +60,7 @@ class Store(Protocol):
         """The follow-up was delivered (or given up): nothing more is owed."""
         ...
 
-    async def pending(self) -> list[PendingReply]:
+    async def pending(self) -> list[OwedReply]:
         """Every reply still owed, oldest first."""
         ...
 
@@ -76,7 +76,7 @@ class Store(Protocol):
         """Store (or with None, reset) a user's conversation state."""
         ...
 
-    async def claim_orphans(self) -> list[PendingReply]:
+    async def claim_orphans(self) -> list[OwedReply]:
         """Owed replies no live process is working on, now owned by this one (resume them)."""
         ...
 

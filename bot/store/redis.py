@@ -34,7 +34,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from bot.ordering import InLine
-from bot.store.base import PendingReply, counted
+from bot.store.base import OwedReply, counted
 from telemetry import metrics
 from telemetry.logging import get_logger
 
@@ -184,7 +184,7 @@ class RedisStore:
                 self._renewal_failed_at = time.monotonic()
 
     @counted("accept")
-    async def accept(self, reply: PendingReply, idempotency_token: str | None = None) -> bool:
+    async def accept(self, reply: OwedReply, idempotency_token: str | None = None) -> bool:
         seen = [f"{_PREFIX}:seen:{reply.sid}"] + (
             [f"{_PREFIX}:seen-token:{idempotency_token}"] if idempotency_token else []
         )
@@ -232,7 +232,7 @@ class RedisStore:
     async def finish(self, sid: str) -> None:
         await self.drop(sid)
 
-    async def pending(self) -> list[PendingReply]:
+    async def pending(self) -> list[OwedReply]:
         keys = await self._redis.zrange(f"{_PREFIX}:pending", 0, -1)
         replies = []
         for key in keys:
@@ -242,7 +242,7 @@ class RedisStore:
         return replies
 
     @counted("claim_orphans")
-    async def claim_orphans(self) -> list[PendingReply]:
+    async def claim_orphans(self) -> list[OwedReply]:
         if time.monotonic() - self._renewal_failed_at < self._lease_s:
             # Redis was just away: the other replicas' leases lapsed too, and they may not have renewed yet.
             # Taking their replies now would answer them twice.
@@ -296,8 +296,8 @@ class RedisStore:
         await self._blocking.aclose()
 
 
-def _to_reply(entry: dict[str, str]) -> PendingReply:
-    return PendingReply(
+def _to_reply(entry: dict[str, str]) -> OwedReply:
+    return OwedReply(
         sid=entry["sid"],
         to=entry["to"],
         user_key=entry["user_key"],
