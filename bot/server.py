@@ -101,8 +101,8 @@ class _Server(uvicorn.Server):
 def tune_gc() -> None:
     """Keep the garbage collector's full passes from delaying replies that are due.
 
-    A full (generation 2) pass stops the event loop while it walks every tracked object; with a thousand runs in
-    flight that took 0.3-0.5 s here, and every holding reply due meanwhile left that late (docs/benchmarks.md).
+    A full (generation 2) pass stops the event loop while it walks every tracked object, which takes long with many
+    runs in flight, and every holding reply due meanwhile leaves that late (measured in docs/benchmarks.md).
     Those passes found next to nothing: what the bot allocates is freed by reference counting. So they run ten
     times less often, and the objects of start-up (imports, the app), which live as long as the process, are left
     out of them for good.

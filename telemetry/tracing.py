@@ -141,8 +141,8 @@ class ActiveSpan:
     """`with ActiveSpan(tracer, name, kind=..., attributes=...) as span:` starts a span, makes it the current span
     for the block and ends it when the block ends, however it ends.
 
-    What `Tracer.start_as_current_span` does, without its two generator-based context managers (with attributes
-    given at the start, as here, about 5 % less per span: docs/benchmarks.md). Unlike it, an exception leaving the
+    What `Tracer.start_as_current_span` does, without its two generator-based context managers, and with the
+    attributes given at the start (cheaper per span: docs/benchmarks.md). Unlike it, an exception leaving the
     block is not recorded on the span unless `record_exception` is set: the bot's spans say what failed themselves
     (`record_error`), in the GenAI conventions' terms.
     """
