@@ -72,7 +72,7 @@ class FollowupDelivery:
                 parts=len(parts),
                 kind=reply.kind,
             )
-            await guarded(self._store.finish(reply.sid), self._log, "finish", reply.sid)
+            await guarded(self._store.drop(reply.sid), self._log, "drop", reply.sid)
             return False
         elapsed = time.time() - reply.arrived_at
         metrics.FOLLOWUPS.labels(outcome="delivered").inc()
@@ -88,7 +88,7 @@ class FollowupDelivery:
             attempts=attempts,
             **({"recovered": True} if recovered else {}),
         )
-        await guarded(self._store.finish(reply.sid), self._log, "finish", reply.sid)
+        await guarded(self._store.drop(reply.sid), self._log, "drop", reply.sid)
         return True
 
     async def _send_until_given_up(self, reply: OwedReply, part: str, maybe_sent_since: float | None) -> Sent:

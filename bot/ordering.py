@@ -76,6 +76,3 @@ class UserLanes:
     def forget(self, key: str, done: asyncio.Future[None]) -> None:
         if self._tails.get(key) is done:
             del self._tails[key]
-
-    def active_users(self) -> int:
-        return len(self._tails)

@@ -14,7 +14,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,6 @@ from telemetry.recent import WINDOW_S, RecentActivity
 ALERTS_TIMEOUT_S = 2.0  # a slow Prometheus must not make the status page slow
 TWILIO_LIMIT_S = 15.0
 SLOW_S = 12.0
-
-RecentSource = Callable[[], RecentActivity | None]
 
 
 # ---------------------------------------------------------------------------------------------------- data

@@ -510,7 +510,7 @@ def test_sqlite_locked_by_another_process(
         assert max(p.elapsed for p in posted) < 1.0 + 1.5, [round(p.elapsed, 2) for p in posted]
         # The early message's run ends while the file is still locked: its journal entry cannot be closed now.
         wait_until(
-            lambda: events(log_lines, mark, "store_error", op="finish", message_sid=early_form["MessageSid"]),
+            lambda: events(log_lines, mark, "store_error", op="drop", message_sid=early_form["MessageSid"]),
             15,
             "the early run never tried to close its journal entry",
         )
@@ -701,7 +701,7 @@ def test_sqlite_disk_full(namespaced_bot: NamespacedBot, sim, sink) -> None:
     assert accept_error["error_type"] == "OperationalError"
     # SQLite's own words: the real SQLITE_FULL path, not some other I/O error.
     assert {e["error"] for e in bot.events("store_unwritable")} == {"database or disk is full"}
-    assert bot.events("store_error", op="finish", message_sid=early_form["MessageSid"])
+    assert bot.events("store_error", op="drop", message_sid=early_form["MessageSid"])
     assert bot.metric("wabot_store_errors_total", op="accept") >= 2
     assert bot.metric("wabot_store_errors_total", op="drop") >= 1
 
@@ -761,7 +761,7 @@ def test_redis_restarted_mid_traffic(
     assert sorted(m["body"].split("] ", 1)[1] for m in both) == ["first in line", "second in line"]
     bot.wait_idle()
     outage = events(log_lines, mark, "store_error")
-    assert {"accept", "save_answer", "finish"} <= {e["op"] for e in outage}
+    assert {"accept", "save_answer", "drop"} <= {e["op"] for e in outage}
     assert metric("wabot_store_errors_total", {"op": "accept"}) >= 1
 
     # Redis is back: the same user's next message has its turn at once, and service is normal.

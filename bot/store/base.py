@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from bot.ordering import Lanes
@@ -34,7 +34,6 @@ class OwedReply:
     traceparent: str | None = None
     owner: str = ""
     ticket: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class Store(Protocol):
@@ -45,7 +44,7 @@ class Store(Protocol):
         ...
 
     async def drop(self, sid: str) -> None:
-        """Forget the journal entry of a message whose answer went back inline."""
+        """Close a journal entry: the answer went back inline, or its follow-up was delivered or given up."""
         ...
 
     async def save_answer(self, sid: str, parts: list[str], kind: str) -> None:
@@ -54,14 +53,6 @@ class Store(Protocol):
 
     async def mark_sent(self, sid: str, parts_sent: int) -> None:
         """Remember how many parts of a follow-up Twilio has accepted."""
-        ...
-
-    async def finish(self, sid: str) -> None:
-        """The follow-up was delivered (or given up): nothing more is owed."""
-        ...
-
-    async def pending(self) -> list[OwedReply]:
-        """Every reply still owed, oldest first."""
         ...
 
     async def count_message(self, user_key: str, window_s: int) -> int:

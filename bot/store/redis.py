@@ -153,7 +153,7 @@ class RedisStore:
         # BLPOP blocks for as long as a user's previous message takes: it gets its own connections with no socket
         # timeout, so a long wait is not mistaken for a dead server (and does not starve the other commands).
         # Blocking pools: past `max_connections`, a command waits for a free connection instead of failing (the
-        # default pool raises MaxConnectionsError, and a burst of 500 webhooks took every one of its 100).
+        # default pool raises MaxConnectionsError, and a burst of webhooks can take every one: docs/reliability.md).
         # Commands take well under a millisecond, so a bounded wait is short; the BLPOP pool holds a connection per
         # message waiting for its turn, so it is larger and its callers' own timeouts bound the wait.
         commands = aioredis.BlockingConnectionPool.from_url(
@@ -228,18 +228,6 @@ class RedisStore:
     @counted("mark_sent")
     async def mark_sent(self, sid: str, parts_sent: int) -> None:
         await self._redis.hset(self._pending_key(sid), "parts_sent", str(parts_sent))
-
-    async def finish(self, sid: str) -> None:
-        await self.drop(sid)
-
-    async def pending(self) -> list[OwedReply]:
-        keys = await self._redis.zrange(f"{_PREFIX}:pending", 0, -1)
-        replies = []
-        for key in keys:
-            entry = await self._redis.hgetall(key)
-            if entry:
-                replies.append(_to_reply(entry))
-        return replies
 
     @counted("claim_orphans")
     async def claim_orphans(self) -> list[OwedReply]:

@@ -129,8 +129,8 @@ class SQLiteStore:
     @counted("accept")
     async def accept(self, reply: OwedReply, idempotency_token: str | None = None) -> bool:
         # Group commit: every accept queued while the connection is busy goes into the next transaction. A burst
-        # of a thousand webhooks then costs a handful of transactions instead of a thousand, each a series of
-        # hops to the connection's thread (one at a time had the last of 1,000 waiting over 2 s).
+        # of webhooks then costs a handful of transactions instead of one each, each a series of hops to the
+        # connection's thread (one at a time kept the last of a burst waiting seconds: docs/reliability.md).
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._accepts.append((reply, idempotency_token, waiter))
         async with self._lock:
@@ -234,10 +234,7 @@ class SQLiteStore:
     async def mark_sent(self, sid: str, parts_sent: int) -> None:
         await self._write("UPDATE pending SET parts_sent = ? WHERE sid = ?", (parts_sent, sid))
 
-    async def finish(self, sid: str) -> None:
-        await self.drop(sid)
-
-    async def pending(self) -> list[OwedReply]:
+    async def _owed(self) -> list[OwedReply]:
         async with self._db.execute(
             "SELECT sid, to_addr, user_key, prompt, arrived_at, answer_parts, kind, parts_sent, traceparent "
             "FROM pending ORDER BY arrived_at"
@@ -290,7 +287,7 @@ class SQLiteStore:
         if self._recovery_claimed or not self._take_recovery_lock():
             return []
         self._recovery_claimed = True
-        return await self.pending()
+        return await self._owed()
 
     def _take_recovery_lock(self) -> bool:
         if self._path == ":memory:":
