@@ -13,14 +13,14 @@ import asyncio
 import time
 from typing import Any
 
+from bot.backoff import Backoff
 from bot.outbound import DeliveryError, Sent, TwilioSender
 from bot.store import OwedReply, Store, guarded
 from telemetry import metrics
 from telemetry.recent import RecentActivity
 
-# Between rounds of retries (each round is WABOT_TWILIO_MAX_ATTEMPTS attempts with its own backoff).
-_ROUND_PAUSE_BASE_S = 2.0
-_ROUND_PAUSE_MAX_S = 60.0
+# Between rounds of retries (each round is WABOT_TWILIO_MAX_ATTEMPTS attempts with outbound's CALL_BACKOFF).
+ROUND_BACKOFF = Backoff(base_s=2.0, cap_s=60.0)
 
 
 class FollowupDelivery:
@@ -101,7 +101,7 @@ class FollowupDelivery:
             except DeliveryError as exc:
                 rounds_failed += 1
                 attempts_so_far += exc.attempts
-                pause = min(_ROUND_PAUSE_BASE_S * 2 ** (rounds_failed - 1), _ROUND_PAUSE_MAX_S)
+                pause = ROUND_BACKOFF.delay(rounds_failed)
                 if exc.error_type == "rejected" or time.time() + pause > reply.arrived_at + self._give_up_s:
                     exc.attempts = attempts_so_far
                     raise
