@@ -451,7 +451,7 @@ def watchdog() -> dict[str, Any]:
 
 
 def build(for_override: str | None = None) -> dict[str, Any]:
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"name": "wabot.rules", "rules": recording_rules()},
         {"name": "wabot-slo.rules", "rules": slo_recording_rules()},
         {"name": "wabot.alerts", "rules": [*alert_rules(), watchdog()]},

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from opentelemetry import trace
+from structlog.typing import FilteringBoundLogger
 
 from bot.inbound import InboundMessage
 from bot.settings import Settings
@@ -103,10 +104,21 @@ class WebhookReply:
     tool_count: int = 0
 
 
+class RunStarter(Protocol):
+    """What the deadline race needs of the runs (`bot/replies.py`): start one, and their cap (for the busy log)."""
+
+    @property
+    def max_concurrent(self) -> int: ...
+
+    async def start(self, reply: OwedReply, handoff: Handoff) -> bool:
+        """Start the run answering `reply`; True when it got a model slot at once."""
+        ...
+
+
 class DeadlineResponder:
     """Answers one accepted message within the reply deadline."""
 
-    def __init__(self, settings: Settings, runner: Any, tracer: trace.Tracer, log: Any) -> None:
+    def __init__(self, settings: Settings, runner: RunStarter, tracer: trace.Tracer, log: FilteringBoundLogger) -> None:
         self._timeout = settings.reply_timeout
         self._holding = split_message(settings.holding_message)
         self._busy = split_message(settings.busy_message)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+
+from structlog.typing import FilteringBoundLogger
 
 from bot.backoff import Backoff
 from bot.outbound import DeliveryError, Sent, TwilioSender
@@ -30,7 +31,7 @@ class FollowupDelivery:
         self,
         store: Store,
         sender: TwilioSender,
-        log: Any,
+        log: FilteringBoundLogger,
         recent: RecentActivity | None = None,
         *,
         give_up_s: float = 900.0,

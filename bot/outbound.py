@@ -87,7 +87,8 @@ class Sent:
 
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, TwilioRestException):
-        return exc.status >= 500 or exc.status == 429
+        status: int = exc.status
+        return status >= 500 or status == 429
     return _ambiguous(exc)
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from structlog.typing import FilteringBoundLogger
 
 from bot.agent import Agent, AgentError
 from bot.deadline import Handoff, RunResult
@@ -50,7 +50,7 @@ class ReplyRunner:
         store: Store,
         agent: Agent,
         followups: FollowupDelivery,
-        log: Any,
+        log: FilteringBoundLogger,
     ) -> None:
         self._budget = settings.followup_timeout
         self._apology = split_message(settings.apology_message)

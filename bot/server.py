@@ -46,7 +46,8 @@ def metrics_wsgi_app(registry: CollectorRegistry, status_data: Callable[[], dict
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "GET")
         if path not in ("/status", "/status.json") or method not in ("GET", "HEAD"):
-            return metrics_app(environ, start_response)
+            exposition: Iterable[bytes] = metrics_app(environ, start_response)
+            return exposition
         query = parse_qs(environ.get("QUERY_STRING", ""))
         body, content_type = status.render(status_data(), status.wants_json(path, query))
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
@@ -80,7 +81,7 @@ def start_metrics_server(
         settings.metrics_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     server_class = type("MetricsServer", (_ThreadingWSGIServer,), {"address_family": family})
-    server = make_server(sockaddr[0], port, app, server_class, handler_class=_QuietHandler)
+    server: WSGIServer = make_server(str(sockaddr[0]), port, app, server_class, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
     return server
 
@@ -149,7 +150,7 @@ def serve(
         else:
             log.warning("chat_page_disabled", reason="the chat page needs --workers 1", workers=workers)
     metrics_server = start_metrics_server(settings, metrics_port, recent=_recent_of(app), workers=workers)
-    options = {
+    options: dict[str, Any] = {
         "host": host,
         "port": port,
         "log_config": None,

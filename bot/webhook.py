@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -128,7 +129,7 @@ async def _rate_limited(services: Services, request: Request, reply: OwedReply) 
 
 
 def _not_answered(
-    services: Services, request: Request, reason: str, message_sid: str, log_at: Any, **fields: Any
+    services: Services, request: Request, reason: str, message_sid: str, log_at: Callable[..., Any], **fields: Any
 ) -> None:
     """Count and log a signed message deliberately left to no model run. Its reply is a 200, so Twilio never
     retries it."""
@@ -194,6 +195,6 @@ async def message_status(request: Request, services: Services = Depends(get_serv
     error_code = form.get("ErrorCode", "")
     code_label = error_code if _ERROR_CODE.fullmatch(error_code) else ("" if not error_code else "other")
     metrics.MESSAGE_STATUS.labels(status=status_label, error_code=code_label).inc()
-    level: Any = services.log.warning if status in ("failed", "undelivered") else services.log.info
+    level: Callable[..., Any] = services.log.warning if status in ("failed", "undelivered") else services.log.info
     level("message_status", message_sid=sid, status=status_label, error_code=code_label)
     return twiml([])

@@ -526,7 +526,8 @@ def build_dashboard() -> dash_m.Dashboard:
 
 def dashboard_json() -> dict[str, Any]:
     """The dashboard as plain JSON data (what Grafana imports)."""
-    return json.loads(json.dumps(build_dashboard(), cls=JSONEncoder))
+    data: dict[str, Any] = json.loads(json.dumps(build_dashboard(), cls=JSONEncoder))
+    return data
 
 
 def render() -> str:

@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
 
+from structlog.typing import FilteringBoundLogger
+
 from bot.ordering import Lanes
 from telemetry import metrics
 
@@ -107,7 +109,7 @@ def counted(op: str) -> Callable[[Callable[P, Coroutine[Any, Any, T]]], Callable
     return wrap
 
 
-async def guarded(operation: Awaitable[T], log: Any, op: str, message_sid: str) -> T | None:
+async def guarded(operation: Awaitable[T], log: FilteringBoundLogger, op: str, message_sid: str) -> T | None:
     """Run a store operation whose failure must not cost the user their answer: log it and go on.
 
     Used for bookkeeping on the reply path (journal progress, conversation state). A lost write there means at

@@ -26,7 +26,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -210,7 +210,10 @@ class RedisStore:
     async def _delete(self, sid: str) -> None:
         key = self._pending_key(sid)
         async with self._redis.pipeline(transaction=True) as pipe:
-            await pipe.delete(key).zrem(f"{_PREFIX}:pending", key).execute()
+            # A pipeline's commands queue and return the pipeline; only `execute` talks to Redis.
+            pipe.delete(key)
+            pipe.zrem(f"{_PREFIX}:pending", key)
+            await pipe.execute()
 
     @counted("drop")
     async def drop(self, sid: str) -> None:
@@ -236,12 +239,13 @@ class RedisStore:
             # Taking their replies now would answer them twice.
             return []
         claimed = []
-        for key in await self._redis.zrange(f"{_PREFIX}:pending", 0, -1):
-            owner = await self._redis.hget(key, "owner")
+        # decode_responses=True: every reply is text (redis-py types them as bytes or text).
+        for key in cast(list[str], await self._redis.zrange(f"{_PREFIX}:pending", 0, -1)):
+            owner = cast(str | None, await self._redis.hget(key, "owner"))
             if owner is None or owner == self.replica_id:
                 continue
             if await self._claim(keys=[key], args=[owner, self.replica_id, f"{_PREFIX}:replica:"]):
-                entry = await self._redis.hgetall(key)
+                entry = cast(dict[str, str], await self._redis.hgetall(key))
                 if entry:
                     claimed.append(_to_reply(entry))
         return claimed
@@ -253,12 +257,14 @@ class RedisStore:
     async def count_message(self, user_key: str, window_s: int) -> int:
         key = f"{_PREFIX}:rate:{user_key}:{int(time.time() // window_s)}"
         async with self._redis.pipeline(transaction=True) as pipe:
-            count, _ = await pipe.incr(key).expire(key, window_s * 2).execute()
+            pipe.incr(key)
+            pipe.expire(key, window_s * 2)
+            count, _ = await pipe.execute()
         return int(count)
 
     @counted("get_conversation")
     async def get_conversation(self, user_key: str) -> str | None:
-        return await self._redis.get(f"{_PREFIX}:conversation:{user_key}")
+        return cast(str | None, await self._redis.get(f"{_PREFIX}:conversation:{user_key}"))
 
     @counted("set_conversation")
     async def set_conversation(self, user_key: str, response_id: str | None) -> None:
