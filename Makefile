@@ -56,6 +56,7 @@ run: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix .
@@ -71,4 +72,4 @@ bench: install
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) $(UV_HOME) .pytest_cache .ruff_cache wabot.db*
+	rm -rf $(VENV) $(UV_HOME) .pytest_cache .ruff_cache .mypy_cache wabot.db*

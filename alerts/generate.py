@@ -431,7 +431,7 @@ def check_lines(t: Thresholds = THRESHOLDS) -> None:
 
 def build(for_override: str | None = None, t: Thresholds = THRESHOLDS) -> dict[str, Any]:
     check_lines(t)
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"name": "wabot.rules", "rules": recording_rules(t)},
         {"name": "wabot-slo.rules", "rules": slo_recording_rules(t)},
         {"name": "wabot.alerts", "rules": [*alert_rules(t), watchdog()]},

@@ -46,7 +46,7 @@ def alertmanager_test_config(
 ) -> dict[str, Any]:
     """The real Alertmanager config with every webhook URL sent to `receiver_base_url/<receiver name>` and
     every route's timers shortened. Routes, matchers, grouping and inhibit rules stay exactly as deployed."""
-    config = copy.deepcopy(yaml.safe_load(source.read_text(encoding="utf-8")))
+    config: dict[str, Any] = copy.deepcopy(yaml.safe_load(source.read_text(encoding="utf-8")))
     base = receiver_base_url.rstrip("/")
     for receiver in config.get("receivers", []):
         hooks = receiver.get("webhook_configs")
@@ -118,7 +118,7 @@ class LocalReceiver:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> LocalReceiver:
         self._thread.start()

@@ -15,6 +15,8 @@ from typing import Any
 import httpx2
 import openai
 from openai import AsyncOpenAI, DefaultAioHttpClient
+from openai.types.responses import Response, ResponseFunctionToolCall, ResponseInputParam
+from openai.types.responses.response_input_param import FunctionCallOutput
 from opentelemetry import trace
 
 from bot.settings import Settings
@@ -37,7 +39,10 @@ class AgentError(Exception):
 
 
 @dataclass(frozen=True)
-class AgentAnswer:
+class AgentResult:
+    """The model's final text after the tool loop, the response id that continues the conversation, the tool calls
+    it took."""
+
     text: str
     response_id: str
     tool_count: int
@@ -98,7 +103,7 @@ class Agent:
         self._tools = tools
         self._tracer = tracer
 
-    async def run(self, prompt: str, previous_response_id: str | None, budget_s: float) -> AgentAnswer:
+    async def run(self, prompt: str, previous_response_id: str | None, budget_s: float) -> AgentResult:
         """Answer `prompt` within `budget_s` seconds or raise AgentError."""
         with ActiveSpan(
             self._tracer,
@@ -134,7 +139,7 @@ class Agent:
 
     async def _loop(
         self, prompt: str, previous_response_id: str | None, usage: _Usage, span: trace.Span
-    ) -> AgentAnswer:
+    ) -> AgentResult:
         response = await self._first_call(prompt, previous_response_id, usage)
         tool_count = 0
         for _round in range(self._max_tool_rounds + 1):
@@ -143,7 +148,7 @@ class Agent:
                 break
             if _round == self._max_tool_rounds:
                 raise AgentError("tool_error", f"still calling tools after {self._max_tool_rounds} rounds")
-            outputs = [await self._execute_tool(call) for call in calls]
+            outputs: ResponseInputParam = [await self._execute_tool(call) for call in calls]
             tool_count += len(calls)
             response = await self._call(outputs, response.id, usage)
         span.set_attributes(
@@ -156,9 +161,9 @@ class Agent:
         text = (response.output_text or "").strip()
         if not text:
             raise AgentError("empty", "the model answered with no text")
-        return AgentAnswer(text=text, response_id=response.id, tool_count=tool_count)
+        return AgentResult(text=text, response_id=response.id, tool_count=tool_count)
 
-    async def _first_call(self, prompt: str, previous_response_id: str | None, usage: _Usage) -> Any:
+    async def _first_call(self, prompt: str, previous_response_id: str | None, usage: _Usage) -> Response:
         try:
             return await self._call(prompt, previous_response_id, usage)
         except openai.BadRequestError as exc:
@@ -168,7 +173,9 @@ class Agent:
                 return await self._call(prompt, None, usage)
             raise
 
-    async def _call(self, input_: Any, previous_response_id: str | None, usage: _Usage) -> Any:
+    async def _call(
+        self, input_: str | ResponseInputParam, previous_response_id: str | None, usage: _Usage
+    ) -> Response:
         with ActiveSpan(
             self._tracer,
             f"chat {self._model}",
@@ -207,7 +214,7 @@ class Agent:
             span.set_attributes(done)
             return response
 
-    async def _execute_tool(self, call: Any) -> dict[str, str]:
+    async def _execute_tool(self, call: ResponseFunctionToolCall) -> FunctionCallOutput:
         tool = self._tools.get(call.name)
         label = tool.name if tool else "unknown"
         with ActiveSpan(

@@ -26,7 +26,7 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None,
     `demo`, the running demo's simulator and sink, adds the chat page (/) and /status to this port; without it
     neither exists here (in production /status is on the metrics port only, which is never public).
     """
-    tracing = setup_tracing(settings, span_exporter)
+    tracing = setup_tracing(settings, span_exporter, version=__version__)
     chat = None
     if demo is not None:
         from bot.demo.chat import ChatHub

@@ -15,22 +15,24 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from opentelemetry import trace
+from structlog.typing import FilteringBoundLogger
 
 from bot.inbound import InboundMessage
 from bot.settings import Settings
 from bot.splitting import split_message
-from bot.store import PendingReply
+from bot.store import OwedReply
 from telemetry import metrics
 from telemetry.privacy import text_fingerprint
 from telemetry.tracing import ActiveSpan
 
 
 @dataclass(frozen=True)
-class Answer:
-    """What a run produced: the answer's parts, or an apology when the run failed."""
+class RunResult:
+    """What a run has for the user: the answer's parts, or the apology's when the run failed (`kind` says which).
+    The webhook returns it inline if it comes in time; otherwise it is journaled and sent as a follow-up."""
 
     parts: list[str]
     kind: str  # "answer" | "apology"
@@ -49,11 +51,11 @@ class Handoff:
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
-        self._answer: asyncio.Future[Answer] = loop.create_future()
+        self._answer: asyncio.Future[RunResult] = loop.create_future()
         self._taken: asyncio.Future[bool] = loop.create_future()
         self._closed = False
 
-    def offer(self, answer: Answer) -> bool:
+    def offer(self, answer: RunResult) -> bool:
         """Called by the run. True: the webhook is waiting and returns the answer inline, unless it gives it back
         (`taken` says which). False: nobody waits; deliver it as a follow-up."""
         if self._closed:
@@ -65,7 +67,7 @@ class Handoff:
         """After an accepted `offer`: True once the webhook took the answer, False if it gave it back."""
         return await self._taken
 
-    def close(self) -> Answer | None:
+    def close(self) -> RunResult | None:
         """Called by the webhook when it stops waiting. Takes an answer that arrived in time, if any; otherwise
         the run now owes a follow-up."""
         if self._closed:
@@ -94,16 +96,29 @@ class Handoff:
 
 
 @dataclass(frozen=True)
-class Reply:
+class WebhookReply:
+    """What the webhook returns as TwiML, and how its deadline race went (`outcome`, a metric label)."""
+
     parts: list[str]
     outcome: str  # "ok" | "timeout" | "error" | "busy"
     tool_count: int = 0
 
 
+class RunStarter(Protocol):
+    """What the deadline race needs of the runs (`bot/replies.py`): start one, and their cap (for the busy log)."""
+
+    @property
+    def max_concurrent(self) -> int: ...
+
+    async def start(self, reply: OwedReply, handoff: Handoff) -> bool:
+        """Start the run answering `reply`; True when it got a model slot at once."""
+        ...
+
+
 class DeadlineResponder:
     """Answers one accepted message within the reply deadline."""
 
-    def __init__(self, settings: Settings, runner: Any, tracer: trace.Tracer, log: Any) -> None:
+    def __init__(self, settings: Settings, runner: RunStarter, tracer: trace.Tracer, log: FilteringBoundLogger) -> None:
         self._timeout = settings.reply_timeout
         self._holding = split_message(settings.holding_message)
         self._busy = split_message(settings.busy_message)
@@ -112,7 +127,7 @@ class DeadlineResponder:
         self._tracer = tracer
         self._log = log
 
-    async def respond(self, message: InboundMessage, reply: PendingReply, arrived: float) -> Reply:
+    async def respond(self, message: InboundMessage, reply: OwedReply, arrived: float) -> WebhookReply:
         """Race the run against the deadline (counted from `arrived`, a time.monotonic() stamp)."""
         with ActiveSpan(
             self._tracer,
@@ -145,7 +160,7 @@ class DeadlineResponder:
             )
             return result
 
-    def _busy_reply(self, message: InboundMessage) -> Reply:
+    def _busy_reply(self, message: InboundMessage) -> WebhookReply:
         metrics.AI_RUNS.labels(outcome="busy").inc()
         self._log.warning(
             "runs_at_capacity",
@@ -153,9 +168,9 @@ class DeadlineResponder:
             max_concurrent_runs=self._runner.max_concurrent,
             user_msg=message.body[:80] if self._log_bodies else text_fingerprint(message.body),
         )
-        return Reply(parts=self._busy, outcome="busy")
+        return WebhookReply(parts=self._busy, outcome="busy")
 
-    def _settle(self, message: InboundMessage, answer: Answer | None, elapsed: float) -> Reply:
+    def _settle(self, message: InboundMessage, answer: RunResult | None, elapsed: float) -> WebhookReply:
         metrics.observe(metrics.AI_PROCESSING, elapsed)
         if answer is None:
             metrics.AI_RUNS.labels(outcome="timeout").inc()
@@ -166,7 +181,7 @@ class DeadlineResponder:
                 timeout_seconds=self._timeout,
                 user_msg=message.body[:80] if self._log_bodies else text_fingerprint(message.body),
             )
-            return Reply(parts=self._holding, outcome="timeout")
+            return WebhookReply(parts=self._holding, outcome="timeout")
         outcome = "ok" if answer.kind == "answer" else "error"
         metrics.AI_RUNS.labels(outcome=outcome).inc()
-        return Reply(parts=answer.parts, outcome=outcome, tool_count=answer.tool_count)
+        return WebhookReply(parts=answer.parts, outcome=outcome, tool_count=answer.tool_count)

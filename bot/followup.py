@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
+from structlog.typing import FilteringBoundLogger
+
+from bot.backoff import Backoff
 from bot.outbound import DeliveryError, Sent, TwilioSender
-from bot.store import PendingReply, Store, guarded
+from bot.store import OwedReply, Store, guarded
 from telemetry import metrics
 from telemetry.recent import RecentActivity
 
-# Between rounds of retries (each round is WABOT_TWILIO_MAX_ATTEMPTS attempts with its own backoff).
-_ROUND_PAUSE_BASE_S = 2.0
-_ROUND_PAUSE_MAX_S = 60.0
+# Between rounds of retries (each round is WABOT_TWILIO_MAX_ATTEMPTS attempts with outbound's CALL_BACKOFF).
+ROUND_BACKOFF = Backoff(base_s=2.0, cap_s=60.0)
 
 
 class FollowupDelivery:
@@ -30,7 +31,7 @@ class FollowupDelivery:
         self,
         store: Store,
         sender: TwilioSender,
-        log: Any,
+        log: FilteringBoundLogger,
         recent: RecentActivity | None = None,
         *,
         give_up_s: float = 900.0,
@@ -41,7 +42,7 @@ class FollowupDelivery:
         self._recent = recent or RecentActivity()
         self._give_up_s = give_up_s
 
-    async def deliver(self, reply: PendingReply, *, resumed: bool = False) -> bool:
+    async def deliver(self, reply: OwedReply, *, resumed: bool = False) -> bool:
         """Send what is left of `reply`; True when every part was accepted. The journal entry is closed either way.
 
         `resumed`: an earlier process journaled this answer and may have crashed while Twilio took its next part,
@@ -72,7 +73,7 @@ class FollowupDelivery:
                 parts=len(parts),
                 kind=reply.kind,
             )
-            await guarded(self._store.finish(reply.sid), self._log, "finish", reply.sid)
+            await guarded(self._store.drop(reply.sid), self._log, "drop", reply.sid)
             return False
         elapsed = time.time() - reply.arrived_at
         metrics.FOLLOWUPS.labels(outcome="delivered").inc()
@@ -88,10 +89,10 @@ class FollowupDelivery:
             attempts=attempts,
             **({"recovered": True} if recovered else {}),
         )
-        await guarded(self._store.finish(reply.sid), self._log, "finish", reply.sid)
+        await guarded(self._store.drop(reply.sid), self._log, "drop", reply.sid)
         return True
 
-    async def _send_until_given_up(self, reply: PendingReply, part: str, maybe_sent_since: float | None) -> Sent:
+    async def _send_until_given_up(self, reply: OwedReply, part: str, maybe_sent_since: float | None) -> Sent:
         """One part, in rounds of retries until Twilio takes it, refuses it, or the give-up time has come.
         `attempts` (of the result or of the raised DeliveryError) counts every attempt for this part."""
         rounds_failed = attempts_so_far = 0
@@ -101,7 +102,7 @@ class FollowupDelivery:
             except DeliveryError as exc:
                 rounds_failed += 1
                 attempts_so_far += exc.attempts
-                pause = min(_ROUND_PAUSE_BASE_S * 2 ** (rounds_failed - 1), _ROUND_PAUSE_MAX_S)
+                pause = ROUND_BACKOFF.delay(rounds_failed)
                 if exc.error_type == "rejected" or time.time() + pause > reply.arrived_at + self._give_up_s:
                     exc.attempts = attempts_so_far
                     raise

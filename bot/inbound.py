@@ -1,12 +1,12 @@
 """An inbound Twilio WhatsApp webhook, parsed and validated into the message the bot answers.
 
-Twilio adds form fields without notice, so unknown fields are kept aside, never rejected.
+Twilio adds form fields without notice, so unknown fields are ignored, never rejected.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 _SID = re.compile(r"^[A-Z]{2}[0-9a-fA-F]{32}$")
@@ -56,7 +56,6 @@ class InboundMessage:
     place: str = ""
     button_text: str = ""
     button_payload: str = ""
-    extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_form(cls, form: dict[str, str]) -> InboundMessage:

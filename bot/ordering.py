@@ -8,10 +8,18 @@ process on SQLite); the Redis store provides lines shared by every replica (`bot
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from bot.store.base import PendingReply
+
+class InLine(Protocol):
+    """What a line needs to know of an accepted message: whose it is, and the number a shared line drew for it
+    (0 when none was drawn). The store's journal record has both."""
+
+    @property
+    def user_key(self) -> str: ...
+
+    @property
+    def ticket(self) -> int: ...
 
 
 class Ticket(Protocol):
@@ -25,7 +33,7 @@ class Ticket(Protocol):
 
 
 class Lanes(Protocol):
-    async def ticket_for(self, reply: PendingReply) -> Ticket:
+    async def ticket_for(self, reply: InLine) -> Ticket:
         """The place of an accepted message in its user's line."""
         ...
 
@@ -58,7 +66,7 @@ class UserLanes:
     def __init__(self) -> None:
         self._tails: dict[str, asyncio.Future[None]] = {}
 
-    async def ticket_for(self, reply: PendingReply) -> LocalTicket:
+    async def ticket_for(self, reply: InLine) -> LocalTicket:
         # No await before the tail is replaced: tickets follow the order in which messages got here.
         key = reply.user_key
         ticket = LocalTicket(self, key, self._tails.get(key))
@@ -68,6 +76,3 @@ class UserLanes:
     def forget(self, key: str, done: asyncio.Future[None]) -> None:
         if self._tails.get(key) is done:
             del self._tails[key]
-
-    def active_users(self) -> int:
-        return len(self._tails)

@@ -2,7 +2,8 @@
 
 twilio-python's async client ignores its timeout setting, so every call is bounded here with asyncio.timeout.
 Transient failures (5xx, 429, timeouts, connection errors) are retried with exponential backoff, or after the
-Retry-After Twilio asks for when it is longer; a 4xx such as 63016 (outside WhatsApp's 24-hour window) is final.
+Retry-After Twilio asks for when it is longer (bot/backoff.py); a 4xx such as 63016 (outside WhatsApp's 24-hour
+window) is final.
 
 Twilio's Messages API has no idempotency key: when a call times out, or its connection drops, the bot cannot tell
 whether Twilio took the message. Before retrying such an ambiguous failure (never a 4xx, 429 or 5xx: Twilio answered
@@ -27,7 +28,6 @@ Timeouts are generous (`WABOT_TWILIO_CALL_TIMEOUT`, 10 s) to make all of these r
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -40,13 +40,12 @@ from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 
+from bot.backoff import Backoff, parse_retry_after
 from bot.settings import Settings
 from telemetry.tracing import ActiveSpan, record_error
 
-_BACKOFF_BASE_S = 0.5
-_BACKOFF_MAX_S = 8.0
-# A Retry-After above this is not waited for in full: the answer is already late.
-_RETRY_AFTER_MAX_S = 30.0
+# Between the attempts of one call; a Retry-After above 30 s is not waited for in full: the answer is already late.
+CALL_BACKOFF = Backoff(base_s=0.5, cap_s=8.0, retry_after_cap_s=30.0)
 # After an ambiguous failure: how many of the latest messages to the user are looked at, and how much earlier than
 # the send's start one may have been created (Twilio's timestamps are whole seconds, its clock is not ours).
 _LOOKUP_LIMIT = 20
@@ -54,21 +53,6 @@ _CLOCK_SLACK_S = 2.0
 
 # The Retry-After of the last Twilio answer in this task (the run's task sends its own messages one by one).
 _retry_after: ContextVar[float | None] = ContextVar("twilio_retry_after", default=None)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delay-seconds or an HTTP date); None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
 
 
 async def _keep_retry_after(_session: Any, _context: Any, params: aiohttp.TraceRequestEndParams) -> None:
@@ -103,7 +87,8 @@ class Sent:
 
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, TwilioRestException):
-        return exc.status >= 500 or exc.status == 429
+        status: int = exc.status
+        return status >= 500 or status == 429
     return _ambiguous(exc)
 
 
@@ -223,11 +208,8 @@ def _lookup_error_type(exc: Exception) -> str:
 
 def _backoff(exc: Exception, attempt: int) -> float:
     """Seconds before the next attempt: exponential, or Twilio's Retry-After (429, 503) when that is longer."""
-    delay = min(_BACKOFF_BASE_S * 2 ** (attempt - 1), _BACKOFF_MAX_S)
-    retry_after = _retry_after.get()
-    if isinstance(exc, TwilioRestException) and exc.status in (429, 503) and retry_after is not None:
-        delay = min(max(delay, retry_after), _RETRY_AFTER_MAX_S)
-    return delay
+    asked = isinstance(exc, TwilioRestException) and exc.status in (429, 503)
+    return CALL_BACKOFF.delay(attempt, _retry_after.get() if asked else None)
 
 
 def _recorded(span: trace.Span, error: DeliveryError) -> DeliveryError:

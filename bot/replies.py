@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from structlog.typing import FilteringBoundLogger
 
 from bot.agent import Agent, AgentError
-from bot.deadline import Answer, Handoff
+from bot.deadline import Handoff, RunResult
 from bot.followup import FollowupDelivery
 from bot.ordering import Ticket
 from bot.settings import Settings
 from bot.splitting import split_message
-from bot.store import PendingReply, Store, guarded
+from bot.store import OwedReply, Store, guarded
 from telemetry import metrics
 
 # A resumed run gets at least this much time even when its original budget ran out while the bot was down.
@@ -50,7 +50,7 @@ class ReplyRunner:
         store: Store,
         agent: Agent,
         followups: FollowupDelivery,
-        log: Any,
+        log: FilteringBoundLogger,
     ) -> None:
         self._budget = settings.followup_timeout
         self._apology = split_message(settings.apology_message)
@@ -62,7 +62,7 @@ class ReplyRunner:
         self._slots = asyncio.Semaphore(settings.max_concurrent_runs)
         self.max_concurrent = settings.max_concurrent_runs
 
-    async def start(self, reply: PendingReply, handoff: Handoff | None) -> bool:
+    async def start(self, reply: OwedReply, handoff: Handoff | None) -> bool:
         """Start the run for `reply` now; the user's place in line is taken before this returns.
 
         True when the run got a model slot at once; False when it waits for one (every slot is taken).
@@ -125,7 +125,7 @@ class ReplyRunner:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
 
-    async def _run(self, reply: PendingReply, handoff: Handoff | None, ticket: Ticket | None, has_slot: bool) -> None:
+    async def _run(self, reply: OwedReply, handoff: Handoff | None, ticket: Ticket | None, has_slot: bool) -> None:
         try:
             if ticket is not None and not await ticket.wait_turn(self._budget + _ORDER_WAIT_SLACK_S):
                 self._log.warning("order_wait_timeout", message_sid=reply.sid)
@@ -144,7 +144,7 @@ class ReplyRunner:
                     self._log_answer(reply, answer, phase="followup")
                 reply.answer_parts, reply.kind = answer.parts, answer.kind
                 await guarded(
-                    self._store.save_answer(reply.sid, answer.parts, answer.kind), self._log, "save", reply.sid
+                    self._store.save_answer(reply.sid, answer.parts, answer.kind), self._log, "save_answer", reply.sid
                 )
             try:
                 await self._followups.deliver(reply, resumed=journaled)
@@ -159,9 +159,9 @@ class ReplyRunner:
             if has_slot:  # the run ended before it used its slot (a resumed answer, a cancellation)
                 self._release_slot()
             if ticket is not None:
-                await guarded(ticket.release(), self._log, "release_ticket", reply.sid)
+                await guarded(ticket.release(), self._log, "release_turn", reply.sid)
 
-    async def _answer_in_slot(self, reply: PendingReply, *, resumed: bool, has_slot: bool) -> Answer:
+    async def _answer_in_slot(self, reply: OwedReply, *, resumed: bool, has_slot: bool) -> RunResult:
         """The model's answer, computed while holding a model slot (waiting for one first if needed)."""
         if not has_slot:
             metrics.RUNS_QUEUED.inc()
@@ -179,7 +179,7 @@ class ReplyRunner:
         metrics.RUNS_ACTIVE.dec()
         self._slots.release()
 
-    async def _answer(self, reply: PendingReply, *, resumed: bool) -> Answer:
+    async def _answer(self, reply: OwedReply, *, resumed: bool) -> RunResult:
         budget = self._budget - (time.time() - reply.arrived_at)
         if resumed:
             budget = max(budget, _MIN_RESUMED_BUDGET_S)
@@ -187,13 +187,13 @@ class ReplyRunner:
         try:
             result = await self._agent.run(reply.prompt, previous, budget)
         except AgentError as exc:
-            return Answer(parts=self._apology, kind="apology", error_type=exc.error_type)
+            return RunResult(parts=self._apology, kind="apology", error_type=exc.error_type)
         await guarded(
             self._store.set_conversation(reply.user_key, result.response_id), self._log, "set_conversation", reply.sid
         )
-        return Answer(parts=split_message(result.text), kind="answer", tool_count=result.tool_count)
+        return RunResult(parts=split_message(result.text), kind="answer", tool_count=result.tool_count)
 
-    def _log_answer(self, reply: PendingReply, answer: Answer, *, phase: str) -> None:
+    def _log_answer(self, reply: OwedReply, answer: RunResult, *, phase: str) -> None:
         elapsed = round(time.time() - reply.arrived_at, 3)
         if answer.error_type is None:
             self._log.info(

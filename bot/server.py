@@ -46,7 +46,8 @@ def metrics_wsgi_app(registry: CollectorRegistry, status_data: Callable[[], dict
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "GET")
         if path not in ("/status", "/status.json") or method not in ("GET", "HEAD"):
-            return metrics_app(environ, start_response)
+            exposition: Iterable[bytes] = metrics_app(environ, start_response)
+            return exposition
         query = parse_qs(environ.get("QUERY_STRING", ""))
         body, content_type = status.render(status_data(), status.wants_json(path, query))
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
@@ -80,7 +81,7 @@ def start_metrics_server(
         settings.metrics_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     server_class = type("MetricsServer", (_ThreadingWSGIServer,), {"address_family": family})
-    server = make_server(sockaddr[0], port, app, server_class, handler_class=_QuietHandler)
+    server: WSGIServer = make_server(str(sockaddr[0]), port, app, server_class, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
     return server
 
@@ -101,8 +102,8 @@ class _Server(uvicorn.Server):
 def tune_gc() -> None:
     """Keep the garbage collector's full passes from delaying replies that are due.
 
-    A full (generation 2) pass stops the event loop while it walks every tracked object; with a thousand runs in
-    flight that took 0.3-0.5 s here, and every holding reply due meanwhile left that late (docs/benchmarks.md).
+    A full (generation 2) pass stops the event loop while it walks every tracked object, which takes long with many
+    runs in flight, and every holding reply due meanwhile leaves that late (measured in docs/benchmarks.md).
     Those passes found next to nothing: what the bot allocates is freed by reference counting. So they run ten
     times less often, and the objects of start-up (imports, the app), which live as long as the process, are left
     out of them for good.
@@ -149,7 +150,7 @@ def serve(
         else:
             log.warning("chat_page_disabled", reason="the chat page needs --workers 1", workers=workers)
     metrics_server = start_metrics_server(settings, metrics_port, recent=_recent_of(app), workers=workers)
-    options = {
+    options: dict[str, Any] = {
         "host": host,
         "port": port,
         "log_config": None,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import Request
 from openai import AsyncOpenAI
 from prometheus_client import multiprocess
+from structlog.typing import FilteringBoundLogger
 
 from bot import __version__
 from bot.agent import Agent, make_client
@@ -39,7 +39,7 @@ class Services:
     responder: DeadlineResponder
     signature: SignatureChecker
     hasher: UserHasher
-    log: Any
+    log: FilteringBoundLogger
     recent: RecentActivity
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -100,4 +100,5 @@ class Services:
 async def get_services(request: Request) -> Services:
     """FastAPI dependency: the running app's services (async: FastAPI runs a plain `def` dependency in a thread
     pool, a thread hop per request for a dictionary lookup)."""
-    return request.app.state.services
+    services: Services = request.app.state.services
+    return services

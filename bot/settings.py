@@ -25,76 +25,70 @@ DEFAULT_RATE_LIMIT_MESSAGE = (
 )
 
 
-def _env(*names: str) -> AliasChoices:
-    return AliasChoices(*names)
-
-
 class Settings(BaseSettings):
     """Every setting of the bot. Environment names are given by each field's alias."""
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
     # OpenAI (the SDK's own variable names)
-    openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
-    openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
-    model: str = Field("gpt-4.1-mini", validation_alias=_env("WABOT_MODEL"))
-    instructions_source: str = Field(DEFAULT_INSTRUCTIONS, validation_alias=_env("WABOT_INSTRUCTIONS"))
-    max_tool_rounds: int = Field(4, ge=0, le=20, validation_alias=_env("WABOT_MAX_TOOL_ROUNDS"))
+    openai_api_key: SecretStr | None = Field(None, validation_alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(None, validation_alias="OPENAI_BASE_URL")
+    model: str = Field("gpt-4.1-mini", validation_alias="WABOT_MODEL")
+    instructions_source: str = Field(DEFAULT_INSTRUCTIONS, validation_alias="WABOT_INSTRUCTIONS")
+    max_tool_rounds: int = Field(4, ge=0, le=20, validation_alias="WABOT_MAX_TOOL_ROUNDS")
 
     # The deadline race
-    reply_timeout: float = Field(8.0, gt=0, le=14.0, validation_alias=_env("WABOT_REPLY_TIMEOUT"))
-    followup_timeout: float = Field(120.0, gt=0, le=3600, validation_alias=_env("WABOT_FOLLOWUP_TIMEOUT"))
-    holding_message: str = Field(DEFAULT_HOLDING_MESSAGE, validation_alias=_env("WABOT_HOLDING_MESSAGE"))
-    apology_message: str = Field(DEFAULT_APOLOGY_MESSAGE, validation_alias=_env("WABOT_APOLOGY_MESSAGE"))
-    busy_message: str = Field(DEFAULT_BUSY_MESSAGE, validation_alias=_env("WABOT_BUSY_MESSAGE"))
-    max_concurrent_runs: int = Field(500, ge=1, validation_alias=_env("WABOT_MAX_CONCURRENT_RUNS"))
-    user_rate_limit: int = Field(20, ge=0, validation_alias=_env("WABOT_USER_RATE_LIMIT"))
-    rate_limit_message: str = Field(DEFAULT_RATE_LIMIT_MESSAGE, validation_alias=_env("WABOT_RATE_LIMIT_MESSAGE"))
+    reply_timeout: float = Field(8.0, gt=0, le=14.0, validation_alias="WABOT_REPLY_TIMEOUT")
+    followup_timeout: float = Field(120.0, gt=0, le=3600, validation_alias="WABOT_FOLLOWUP_TIMEOUT")
+    holding_message: str = Field(DEFAULT_HOLDING_MESSAGE, validation_alias="WABOT_HOLDING_MESSAGE")
+    apology_message: str = Field(DEFAULT_APOLOGY_MESSAGE, validation_alias="WABOT_APOLOGY_MESSAGE")
+    busy_message: str = Field(DEFAULT_BUSY_MESSAGE, validation_alias="WABOT_BUSY_MESSAGE")
+    max_concurrent_runs: int = Field(500, ge=1, validation_alias="WABOT_MAX_CONCURRENT_RUNS")
+    user_rate_limit: int = Field(20, ge=0, validation_alias="WABOT_USER_RATE_LIMIT")
+    rate_limit_message: str = Field(DEFAULT_RATE_LIMIT_MESSAGE, validation_alias="WABOT_RATE_LIMIT_MESSAGE")
 
     # Twilio
-    twilio_account_sid: str | None = Field(None, validation_alias=_env("TWILIO_ACCOUNT_SID"))
-    twilio_auth_token: SecretStr | None = Field(None, validation_alias=_env("TWILIO_AUTH_TOKEN"))
-    twilio_whatsapp_from: str | None = Field(None, validation_alias=_env("TWILIO_WHATSAPP_FROM"))
-    twilio_signing_key: SecretStr | None = Field(None, validation_alias=_env("WABOT_TWILIO_SIGNING_KEY"))
-    twilio_api_url: str = Field("https://api.twilio.com", validation_alias=_env("WABOT_TWILIO_API_URL"))
-    twilio_call_timeout: float = Field(10.0, gt=0, validation_alias=_env("WABOT_TWILIO_CALL_TIMEOUT"))
-    twilio_max_attempts: int = Field(5, ge=1, le=20, validation_alias=_env("WABOT_TWILIO_MAX_ATTEMPTS"))
-    followup_give_up_s: float = Field(900.0, gt=0, le=86_400, validation_alias=_env("WABOT_FOLLOWUP_GIVE_UP"))
-    public_url: str | None = Field(None, validation_alias=_env("WABOT_PUBLIC_URL"))
-    max_body_bytes: int = Field(64 * 1024, gt=0, validation_alias=_env("WABOT_MAX_BODY_BYTES"))
+    twilio_account_sid: str | None = Field(None, validation_alias="TWILIO_ACCOUNT_SID")
+    twilio_auth_token: SecretStr | None = Field(None, validation_alias="TWILIO_AUTH_TOKEN")
+    twilio_whatsapp_from: str | None = Field(None, validation_alias="TWILIO_WHATSAPP_FROM")
+    twilio_signing_key: SecretStr | None = Field(None, validation_alias="WABOT_TWILIO_SIGNING_KEY")
+    twilio_api_url: str = Field("https://api.twilio.com", validation_alias="WABOT_TWILIO_API_URL")
+    twilio_call_timeout: float = Field(10.0, gt=0, validation_alias="WABOT_TWILIO_CALL_TIMEOUT")
+    twilio_max_attempts: int = Field(5, ge=1, le=20, validation_alias="WABOT_TWILIO_MAX_ATTEMPTS")
+    followup_give_up_s: float = Field(900.0, gt=0, le=86_400, validation_alias="WABOT_FOLLOWUP_GIVE_UP")
+    public_url: str | None = Field(None, validation_alias="WABOT_PUBLIC_URL")
+    max_body_bytes: int = Field(64 * 1024, gt=0, validation_alias="WABOT_MAX_BODY_BYTES")
 
     # Storage
-    store: str = Field("sqlite:///wabot.db", validation_alias=_env("WABOT_STORE"))
-    dedupe_ttl_s: float = Field(7 * 24 * 3600, gt=0, validation_alias=_env("WABOT_DEDUPE_TTL"))
-    redis_lease_s: float = Field(10.0, ge=0.5, le=300, validation_alias=_env("WABOT_REDIS_LEASE"))
+    store: str = Field("sqlite:///wabot.db", validation_alias="WABOT_STORE")
+    dedupe_ttl_s: float = Field(7 * 24 * 3600, gt=0, validation_alias="WABOT_DEDUPE_TTL")
+    redis_lease_s: float = Field(10.0, ge=0.5, le=300, validation_alias="WABOT_REDIS_LEASE")
 
     # Telemetry
-    metrics_host: str = Field("127.0.0.1", validation_alias=_env("WABOT_METRICS_HOST"))
-    log_message_bodies: bool = Field(False, validation_alias=_env("WABOT_LOG_MESSAGE_BODIES"))
-    log_level: str = Field("info", validation_alias=_env("WABOT_LOG_LEVEL"))
-    hash_key: SecretStr | None = Field(None, validation_alias=_env("WABOT_HASH_KEY"))
-    prometheus_multiproc_dir: str | None = Field(None, validation_alias=_env("PROMETHEUS_MULTIPROC_DIR"))
-    prometheus_url: str | None = Field(None, validation_alias=_env("WABOT_PROMETHEUS_URL"))
-    otel_service_name: str = Field("wabot", validation_alias=_env("OTEL_SERVICE_NAME"))
-    otel_traces_exporter: str = Field("otlp", validation_alias=_env("OTEL_TRACES_EXPORTER"))
-    otel_exporter_otlp_endpoint: str | None = Field(None, validation_alias=_env("OTEL_EXPORTER_OTLP_ENDPOINT"))
-    otel_exporter_otlp_traces_endpoint: str | None = Field(
-        None, validation_alias=_env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    )
+    metrics_host: str = Field("127.0.0.1", validation_alias="WABOT_METRICS_HOST")
+    log_message_bodies: bool = Field(False, validation_alias="WABOT_LOG_MESSAGE_BODIES")
+    log_level: str = Field("info", validation_alias="WABOT_LOG_LEVEL")
+    hash_key: SecretStr | None = Field(None, validation_alias="WABOT_HASH_KEY")
+    prometheus_multiproc_dir: str | None = Field(None, validation_alias="PROMETHEUS_MULTIPROC_DIR")
+    prometheus_url: str | None = Field(None, validation_alias="WABOT_PROMETHEUS_URL")
+    otel_service_name: str = Field("wabot", validation_alias="OTEL_SERVICE_NAME")
+    otel_traces_exporter: str = Field("otlp", validation_alias="OTEL_TRACES_EXPORTER")
+    otel_exporter_otlp_endpoint: str | None = Field(None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+    otel_exporter_otlp_traces_endpoint: str | None = Field(None, validation_alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     otel_exporter_otlp_protocol: str = Field(
         "http/protobuf",
-        validation_alias=_env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
     )
-    otel_traces_sampler: str = Field("parentbased_always_on", validation_alias=_env("OTEL_TRACES_SAMPLER"))
-    otel_traces_sampler_arg: float | None = Field(None, validation_alias=_env("OTEL_TRACES_SAMPLER_ARG"))
+    otel_traces_sampler: str = Field("parentbased_always_on", validation_alias="OTEL_TRACES_SAMPLER")
+    otel_traces_sampler_arg: float | None = Field(None, validation_alias="OTEL_TRACES_SAMPLER_ARG")
     # Share of the traces of messages that went fine exported; every timeout, error or rejection trace is exported
     # whatever this says (telemetry/trace_keeping.py). 1 (every trace) by default.
-    traces_keep_ok: float = Field(1.0, ge=0.0, le=1.0, validation_alias=_env("WABOT_TRACES_KEEP_OK"))
+    traces_keep_ok: float = Field(1.0, ge=0.0, le=1.0, validation_alias="WABOT_TRACES_KEEP_OK")
     # The standard switch: "true" turns tracing into a no-op (no spans, server spans included); metrics and logs stay.
-    otel_sdk_disabled: bool = Field(False, validation_alias=_env("OTEL_SDK_DISABLED"))
+    otel_sdk_disabled: bool = Field(False, validation_alias="OTEL_SDK_DISABLED")
 
     # Demo
-    demo_seed: int | None = Field(None, validation_alias=_env("WABOT_DEMO_SEED"))
+    demo_seed: int | None = Field(None, validation_alias="WABOT_DEMO_SEED")
 
     @field_validator("twilio_api_url", "public_url", "openai_base_url", "prometheus_url")
     @classmethod

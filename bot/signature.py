@@ -35,7 +35,7 @@ class SignatureChecker:
         # Upper-cased as twilio's validator does, so the secret picked always matches the hash it computes.
         algorithm = get_signature_algorithm(headers.get("x-twilio-webhooks-signature-settings")).upper()
         validator = self._sha256 if algorithm == HMAC_SHA256 else self._sha1
-        return validator.validate(self.signed_url(url), MultiParams(pairs), signature, algorithm=algorithm)
+        return bool(validator.validate(self.signed_url(url), MultiParams(pairs), signature, algorithm=algorithm))
 
 
 class MultiParams(dict[str, list[str]]):

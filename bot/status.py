@@ -14,7 +14,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,6 @@ from telemetry.recent import RecentActivity, over_key
 from telemetry.thresholds import THRESHOLDS
 
 ALERTS_TIMEOUT_S = 2.0  # a slow Prometheus must not make the status page slow
-
-RecentSource = Callable[[], RecentActivity | None]
 
 
 # ---------------------------------------------------------------------------------------------------- data

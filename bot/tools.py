@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from openai.types.responses import FunctionToolParam
+
 ToolFunc = Callable[..., Awaitable[Any]]
 
 
@@ -29,7 +31,7 @@ class Tool:
     parameters: dict[str, Any]
     func: ToolFunc
 
-    def spec(self) -> dict[str, Any]:
+    def spec(self) -> FunctionToolParam:
         """The Responses API function-tool definition."""
         return {
             "type": "function",
@@ -67,7 +69,7 @@ class ToolRegistry:
     def names(self) -> list[str]:
         return list(self._tools)
 
-    def specs(self) -> list[dict[str, Any]]:
+    def specs(self) -> list[FunctionToolParam]:
         return [tool.spec() for tool in self._tools.values()]
 
 
@@ -127,7 +129,7 @@ def _evaluate(node: ast.AST) -> float:
             if abs(right) > _MAX_EXPONENT:
                 raise ToolError("exponent too large")
             exact = isinstance(left, int) and isinstance(right, int) and right > 0
-            if exact and left.bit_length() * right > _MAX_INT_BITS + right:
+            if exact and int(left).bit_length() * right > _MAX_INT_BITS + right:
                 raise ToolError("number too large")
         return _checked(_OPERATORS[type(node.op)](left, right))
     if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -21,7 +22,7 @@ from bot.inbound import InboundMessage, MalformedRequest, form_dict, parse_form
 from bot.replies import current_traceparent
 from bot.services import Services, get_services
 from bot.splitting import split_message
-from bot.store import PendingReply
+from bot.store import OwedReply
 from bot.twiml import twiml
 from telemetry import metrics
 
@@ -98,7 +99,7 @@ def _reject(services: Services, request: Request, exc: _Rejected) -> Response:
     return PlainTextResponse(f"{exc.reason}: {exc.detail}\n", status_code=exc.status_code)
 
 
-async def _accept(services: Services, reply: PendingReply, idempotency_token: str | None) -> bool:
+async def _accept(services: Services, reply: OwedReply, idempotency_token: str | None) -> bool:
     """Dedupe and journal; False for a message seen before."""
     try:
         return await services.store.accept(reply, idempotency_token)
@@ -108,7 +109,7 @@ async def _accept(services: Services, reply: PendingReply, idempotency_token: st
         return True
 
 
-async def _rate_limited(services: Services, request: Request, reply: PendingReply) -> Response | None:
+async def _rate_limited(services: Services, request: Request, reply: OwedReply) -> Response | None:
     """The reply for a user over the per-minute limit (a notice once, then nothing), or None when within it."""
     limit = services.settings.user_rate_limit
     if limit <= 0:
@@ -128,7 +129,7 @@ async def _rate_limited(services: Services, request: Request, reply: PendingRepl
 
 
 def _not_answered(
-    services: Services, request: Request, reason: str, message_sid: str, log_at: Any, **fields: Any
+    services: Services, request: Request, reason: str, message_sid: str, log_at: Callable[..., Any], **fields: Any
 ) -> None:
     """Count and log a signed message deliberately left to no model run. Its reply is a 200, so Twilio never
     retries it."""
@@ -148,7 +149,7 @@ async def inbound_message(request: Request, services: Services = Depends(get_ser
     except _Rejected as exc:
         return _reject(services, request, exc)
 
-    reply = PendingReply(
+    reply = OwedReply(
         sid=message.sid,
         to=message.sender,
         user_key=services.hasher(message.sender),
@@ -194,6 +195,6 @@ async def message_status(request: Request, services: Services = Depends(get_serv
     error_code = form.get("ErrorCode", "")
     code_label = error_code if _ERROR_CODE.fullmatch(error_code) else ("" if not error_code else "other")
     metrics.MESSAGE_STATUS.labels(status=status_label, error_code=code_label).inc()
-    level: Any = services.log.warning if status in ("failed", "undelivered") else services.log.info
+    level: Callable[..., Any] = services.log.warning if status in ("failed", "undelivered") else services.log.info
     level("message_status", message_sid=sid, status=status_label, error_code=code_label)
     return twiml([])

@@ -322,7 +322,7 @@ def answer_path_panels(t: Thresholds) -> list[Any]:
         .with_target(target("D", f"max({sel('wabot_reply_timeout_seconds')})", "deadline (configured)"))
         .override_by_query("D", [DASHED, fixed_color("blue")])
     )
-    slow = (
+    over_lines = (
         threshold_lines(
             timeseries(
                 f"Replies over {slow} s / {limit} s",
@@ -378,7 +378,7 @@ def answer_path_panels(t: Thresholds) -> list[Any]:
             ).format(prom_m.PromQueryFormat.HEATMAP)
         )
     )
-    return [messages, timeout_ratio, response, slow, heat]
+    return [messages, timeout_ratio, response, over_lines, heat]
 
 
 def followup_panels(t: Thresholds) -> list[Any]:
@@ -551,7 +551,8 @@ def build_dashboard(t: Thresholds = THRESHOLDS) -> dash_m.Dashboard:
 
 def dashboard_json(t: Thresholds = THRESHOLDS) -> dict[str, Any]:
     """The dashboard as plain JSON data (what Grafana imports)."""
-    return json.loads(json.dumps(build_dashboard(t), cls=JSONEncoder))
+    data: dict[str, Any] = json.loads(json.dumps(build_dashboard(t), cls=JSONEncoder))
+    return data
 
 
 def render(t: Thresholds = THRESHOLDS) -> str:

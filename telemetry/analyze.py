@@ -629,7 +629,7 @@ def run(
             with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
                 analyzer.feed(handle, str(path))
         except (OSError, EOFError) as exc:
-            print(f"wabot analyze: cannot read {path}: {exc.strerror or exc}", file=err)
+            print(f"wabot analyze: cannot read {path}: {getattr(exc, 'strerror', None) or exc}", file=err)
             status = 1
     report = analyzer.report()
     if as_json:

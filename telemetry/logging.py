@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import structlog
 from opentelemetry import trace
+from structlog.typing import EventDict, FilteringBoundLogger, Processor
 
 # Libraries that log request bodies or numbers at INFO (twilio logs every request's form data).
 _QUIET_LOGGERS = (
@@ -29,7 +30,7 @@ _QUIET_LOGGERS = (
 )
 
 
-def _add_trace_ids(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _add_trace_ids(_: Any, __: str, event_dict: EventDict) -> EventDict:
     ctx = trace.get_current_span().get_span_context()
     if ctx.is_valid:
         event_dict.setdefault("trace_id", format(ctx.trace_id, "032x"))
@@ -40,7 +41,7 @@ def _add_trace_ids(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any
     return event_dict
 
 
-def _drop_console_extras(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _drop_console_extras(_: Any, __: str, event_dict: EventDict) -> EventDict:
     # uvicorn attaches an ANSI-coloured copy of its message for terminals; JSON lines do not want it.
     event_dict.pop("color_message", None)
     return event_dict
@@ -50,7 +51,7 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
     """Route structlog and the standard library's logging to one JSON-lines stream."""
     stream = stream or sys.stdout
     # No merge_contextvars: nothing binds context variables, and it copies the whole context on every line.
-    shared: list[Any] = [
+    shared: list[Processor] = [
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_trace_ids,
@@ -88,6 +89,7 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
     logging.getLogger("uvicorn.access").disabled = True
 
 
-def get_logger(name: str = "wabot") -> Any:
+def get_logger(name: str = "wabot") -> FilteringBoundLogger:
     """The structured logger; call it as `log.info("event_name", field=value)`."""
-    return structlog.get_logger(name)
+    logger: FilteringBoundLogger = structlog.get_logger(name)
+    return logger

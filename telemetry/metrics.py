@@ -9,9 +9,6 @@ Label values are all from small fixed sets; nothing user-specific is ever a labe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -189,16 +186,6 @@ def _exemplar() -> dict[str, str] | None:
 def observe(histogram: Histogram, seconds: float) -> None:
     """Observe a duration with the current trace as exemplar, so a slow bucket links to its trace."""
     histogram.observe(seconds, exemplar=_exemplar())
-
-
-@contextmanager
-def pending_followup() -> Iterator[None]:
-    """Count a follow-up as pending for as long as the block runs."""
-    FOLLOWUPS_PENDING.inc()
-    try:
-        yield
-    finally:
-        FOLLOWUPS_PENDING.dec()
 
 
 def exposition(accept_header: str) -> tuple[bytes, str]:

@@ -10,13 +10,13 @@ on, the library's own `export` runs instead, slower but correct (tests/test_otlp
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from telemetry.otlp_encoding import encode_spans
 
@@ -63,7 +63,7 @@ class HttpExporter(HttpSpanExporter):
 
 
 @cache
-def grpc_exporter_class() -> type:
+def grpc_exporter_class() -> Callable[..., SpanExporter]:
     """OTLP over gRPC. Built on first use: the library's gRPC exporter loads grpcio, which a bot exporting over
     HTTP never needs. The library builds its request in `_translate_data`, a method meant for subclasses; parsing
     our bytes back (in C) costs far less than building the request object by object in Python."""
@@ -71,6 +71,7 @@ def grpc_exporter_class() -> type:
 
     class GrpcExporter(OTLPSpanExporter):
         def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-            return ExportTraceServiceRequest.FromString(encode_spans(data))
+            request: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(encode_spans(data))
+            return request
 
     return GrpcExporter

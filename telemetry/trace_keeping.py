@@ -12,10 +12,10 @@ from everything its spans say by then:
 
 Spans that end before the root wait for it (a run answered inline ends before its webhook); spans that end after
 follow the decision (a timed-out run's spans, its follow-up). Every span is still recorded, so logs carry trace
-ids and metrics their exemplars; what is saved is the export, 0.42 M of tracing's 1.4 M instructions per message
-(docs/benchmarks.md). Memory is bounded: at most `max_pending` traces wait for their root (past that the oldest is
-exported as is, since a root that never ends is itself a sign of trouble) and `max_decided` decisions are
-remembered. With WABOT_TRACES_KEEP_OK=1 (the default) this processor is not installed at all.
+ids and metrics their exemplars; what is saved is the export, a part of tracing's cost (docs/benchmarks.md).
+Memory is bounded: at most `max_pending` traces wait for their root (past that the oldest is exported as is, since
+a root that never ends is itself a sign of trouble) and `max_decided` decisions are remembered. With
+WABOT_TRACES_KEEP_OK=1 (the default) this processor is not installed at all.
 """
 
 from __future__ import annotations

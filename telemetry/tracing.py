@@ -2,7 +2,7 @@
 
 The AI run span is ours, not an instrumentation library's: under a deadline race the run outlives the request
 that started it, and its span must end when the run really ends, with `error.type` set on failure
-(see shared/notes/openai-sdk.md).
+(the OpenAI SDK's own instrumentation would end it with the request).
 
 OTEL_SDK_DISABLED=true (the OpenTelemetry standard switch) makes tracing a no-op: the tracer creates no spans,
 `Tracing.enabled` is False so the app's server spans are off too (telemetry/server_spans.py), and trace ids in logs
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Protocol
 
 from opentelemetry import context, trace
 from opentelemetry.sdk.resources import Resource
@@ -27,12 +28,34 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.util.types import Attributes
 
-from bot import __version__
-from bot.settings import Settings
 from telemetry.otlp_export import HttpExporter, grpc_exporter_class
 from telemetry.trace_keeping import KeepWhatMatters
 
 TRACER_NAME = "wabot"
+
+
+class TracingSettings(Protocol):
+    """The settings tracing is built from (the standard OTEL_* variables and WABOT_TRACES_KEEP_OK); the bot's
+    settings class has them all. Read-only properties, so any object with these attributes fits."""
+
+    @property
+    def otel_sdk_disabled(self) -> bool: ...
+    @property
+    def otel_service_name(self) -> str: ...
+    @property
+    def otel_traces_exporter(self) -> str: ...
+    @property
+    def otel_exporter_otlp_endpoint(self) -> str | None: ...
+    @property
+    def otel_exporter_otlp_traces_endpoint(self) -> str | None: ...
+    @property
+    def otel_exporter_otlp_protocol(self) -> str: ...
+    @property
+    def otel_traces_sampler(self) -> str: ...
+    @property
+    def otel_traces_sampler_arg(self) -> float | None: ...
+    @property
+    def traces_keep_ok(self) -> float: ...
 
 
 @dataclass
@@ -65,7 +88,7 @@ def _sampler(name: str, arg: float | None) -> Sampler:
     return samplers[name]
 
 
-def _otlp_exporter(settings: Settings) -> SpanExporter:
+def _otlp_exporter(settings: TracingSettings) -> SpanExporter:
     protocol = settings.otel_exporter_otlp_protocol
     endpoint = settings.otel_exporter_otlp_traces_endpoint
     base = settings.otel_exporter_otlp_endpoint
@@ -80,16 +103,17 @@ def _otlp_exporter(settings: Settings) -> SpanExporter:
     raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not grpc or http/protobuf")
 
 
-def setup_tracing(settings: Settings, exporter: SpanExporter | None = None) -> Tracing:
+def setup_tracing(settings: TracingSettings, exporter: SpanExporter | None = None, *, version: str) -> Tracing:
     """Build the provider: OTLP (HTTP or gRPC) by default, `none` to disable, or a given exporter (tests).
+    `version` is the service's (`service.version`, and the tracer's).
 
     Without an OTLP endpoint configured nothing is exported, so a laptop run does not retry a collector that
     is not there. With OTEL_SDK_DISABLED=true there is no SDK at all: a no-op provider, `enabled` False.
     """
     if settings.otel_sdk_disabled:
         noop = trace.NoOpTracerProvider()
-        return Tracing(provider=noop, tracer=noop.get_tracer(TRACER_NAME, __version__), enabled=False)
-    resource = Resource.create({"service.name": settings.otel_service_name, "service.version": __version__})
+        return Tracing(provider=noop, tracer=noop.get_tracer(TRACER_NAME, version), enabled=False)
+    resource = Resource.create({"service.name": settings.otel_service_name, "service.version": version})
     provider = TracerProvider(
         resource=resource, sampler=_sampler(settings.otel_traces_sampler, settings.otel_traces_sampler_arg)
     )
@@ -110,15 +134,15 @@ def setup_tracing(settings: Settings, exporter: SpanExporter | None = None) -> T
         processor = KeepWhatMatters(processor, settings.traces_keep_ok)
     if processor is not None:
         provider.add_span_processor(processor)
-    return Tracing(provider=provider, tracer=provider.get_tracer(TRACER_NAME, __version__))
+    return Tracing(provider=provider, tracer=provider.get_tracer(TRACER_NAME, version))
 
 
 class ActiveSpan:
     """`with ActiveSpan(tracer, name, kind=..., attributes=...) as span:` starts a span, makes it the current span
     for the block and ends it when the block ends, however it ends.
 
-    What `Tracer.start_as_current_span` does, without its two generator-based context managers (with attributes
-    given at the start, as here, about 5 % less per span: docs/benchmarks.md). Unlike it, an exception leaving the
+    What `Tracer.start_as_current_span` does, without its two generator-based context managers, and with the
+    attributes given at the start (cheaper per span: docs/benchmarks.md). Unlike it, an exception leaving the
     block is not recorded on the span unless `record_exception` is set: the bot's spans say what failed themselves
     (`record_error`), in the GenAI conventions' terms.
     """

@@ -35,7 +35,7 @@ from twilio.request_validator import RequestValidator
 
 from bot.demo.inbound_form import inbound_form, new_message_sid
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
-from bot.store import PendingReply
+from bot.store import OwedReply
 from bot.store.redis import RedisStore
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER, Bot, LogLines, Posted, free_port, metric
 from tests.redis_server import RedisServer, wait_until
@@ -510,7 +510,7 @@ def test_sqlite_locked_by_another_process(
         assert max(p.elapsed for p in posted) < 1.0 + 1.5, [round(p.elapsed, 2) for p in posted]
         # The early message's run ends while the file is still locked: its journal entry cannot be closed now.
         wait_until(
-            lambda: events(log_lines, mark, "store_error", op="finish", message_sid=early_form["MessageSid"]),
+            lambda: events(log_lines, mark, "store_error", op="drop", message_sid=early_form["MessageSid"]),
             15,
             "the early run never tried to close its journal entry",
         )
@@ -701,7 +701,7 @@ def test_sqlite_disk_full(namespaced_bot: NamespacedBot, sim, sink) -> None:
     assert accept_error["error_type"] == "OperationalError"
     # SQLite's own words: the real SQLITE_FULL path, not some other I/O error.
     assert {e["error"] for e in bot.events("store_unwritable")} == {"database or disk is full"}
-    assert bot.events("store_error", op="finish", message_sid=early_form["MessageSid"])
+    assert bot.events("store_error", op="drop", message_sid=early_form["MessageSid"])
     assert bot.metric("wabot_store_errors_total", op="accept") >= 2
     assert bot.metric("wabot_store_errors_total", op="drop") >= 1
 
@@ -761,7 +761,7 @@ def test_redis_restarted_mid_traffic(
     assert sorted(m["body"].split("] ", 1)[1] for m in both) == ["first in line", "second in line"]
     bot.wait_idle()
     outage = events(log_lines, mark, "store_error")
-    assert {"accept", "save", "finish"} <= {e["op"] for e in outage}
+    assert {"accept", "save_answer", "drop"} <= {e["op"] for e in outage}
     assert metric("wabot_store_errors_total", {"op": "accept"}) >= 1
 
     # Redis is back: the same user's next message has its turn at once, and service is normal.
@@ -791,8 +791,8 @@ async def test_after_a_redis_outage_no_replica_takes_over_replies_a_live_one_is_
     lease = 1.0
     a, b, c = [await RedisStore.open(durable_redis.url, dedupe_ttl_s=3600, lease_s=lease) for _ in range(3)]
     try:
-        busy = PendingReply(sid=new_message_sid(), to="whatsapp:+15550779901", user_key="b", prompt="", arrived_at=0)
-        left = PendingReply(sid=new_message_sid(), to="whatsapp:+15550779902", user_key="c", prompt="", arrived_at=0)
+        busy = OwedReply(sid=new_message_sid(), to="whatsapp:+15550779901", user_key="b", prompt="", arrived_at=0)
+        left = OwedReply(sid=new_message_sid(), to="whatsapp:+15550779902", user_key="c", prompt="", arrived_at=0)
         assert await b.accept(busy)
         assert await c.accept(left)
         missed = Metrics(("wabot_store_errors_total", {"op": "renew_lease"}))
@@ -802,7 +802,7 @@ async def test_after_a_redis_outage_no_replica_takes_over_replies_a_live_one_is_
         durable_redis.start()
         assert await a.claim_orphans() == []  # b may not have renewed yet: nothing is taken right now
         await c.close()  # c stops for good (its lease goes with it)
-        claimed: list[PendingReply] = []
+        claimed: list[OwedReply] = []
 
         async def takes_over() -> bool:
             claimed.extend(await a.claim_orphans())

@@ -14,16 +14,16 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from bot.deadline import Answer, DeadlineResponder, Handoff
+from bot.deadline import DeadlineResponder, Handoff, RunResult
 from bot.inbound import InboundMessage
 from bot.settings import DEFAULT_HOLDING_MESSAGE, Settings
-from bot.store import PendingReply
+from bot.store import OwedReply
 from telemetry.logging import get_logger
 from tests.conftest import metric
 
 MESSAGE = InboundMessage(sid="SM" + "1" * 32, sender="whatsapp:+15550001111", to="whatsapp:+14155238886", body="hi")
-REPLY = PendingReply(sid=MESSAGE.sid, to=MESSAGE.sender, user_key="u", prompt="hi", arrived_at=time.time())
-ANSWER = Answer(parts=["hello"], kind="answer")
+REPLY = OwedReply(sid=MESSAGE.sid, to=MESSAGE.sender, user_key="u", prompt="hi", arrived_at=time.time())
+ANSWER = RunResult(parts=["hello"], kind="answer")
 
 
 class OfferingRun:
@@ -37,7 +37,7 @@ class OfferingRun:
         self.before_offer: list[Any] = []
         self.started = asyncio.Event()
 
-    async def start(self, _reply: PendingReply, handoff: Handoff) -> bool:
+    async def start(self, _reply: OwedReply, handoff: Handoff) -> bool:
         async def run() -> None:
             await self.go.wait()
             for step in self.before_offer:

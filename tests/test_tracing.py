@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from bot import __version__
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE, Settings
 from telemetry.privacy import UserHasher
 from telemetry.server_spans import fastapi_telemetry
@@ -513,7 +514,7 @@ def test_with_tracing_off_the_app_makes_no_spans_even_with_a_global_provider(mon
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
-    tracing = setup_tracing(Settings(_env_file=None, otel_sdk_disabled=True))
+    tracing = setup_tracing(Settings(_env_file=None, otel_sdk_disabled=True), version=__version__)
     app = FastAPI(telemetry=fastapi_telemetry(tracing))
 
     @app.get("/ping")

@@ -134,8 +134,8 @@ def _zone_in(text: str) -> str:
     for city, zone in _CITIES.items():
         if city in lowered:
             return zone
-    zone = _ZONE_RE.search(text)
-    return zone.group(1) if zone else "UTC"
+    named = _ZONE_RE.search(text)
+    return named.group(1) if named else "UTC"
 
 
 def _fallback(text: str, turn: int, earlier: str | None) -> str:

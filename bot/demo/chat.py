@@ -307,7 +307,8 @@ router = APIRouter()
 
 
 def _hub(request: Request) -> ChatHub:
-    return request.app.state.chat
+    hub: ChatHub = request.app.state.chat
+    return hub
 
 
 @router.get("/", response_class=HTMLResponse)

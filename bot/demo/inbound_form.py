@@ -12,7 +12,7 @@ def new_message_sid() -> str:
 def inbound_form(
     body: str, *, sender: str, to: str, account_sid: str, sid: str | None = None, profile_name: str = "Test"
 ) -> dict[str, str]:
-    """The fields of a real inbound text message (see shared/notes/twilio-whatsapp.md); `sender` as +E.164."""
+    """The fields of a real inbound text message, as Twilio's WhatsApp webhook sends them; `sender` as +E.164."""
     sender = sender.removeprefix("whatsapp:")
     sid = sid or new_message_sid()
     return {

@@ -12,7 +12,7 @@ import contextlib
 import socket
 import threading
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 
@@ -34,7 +34,7 @@ class _SignallingServer(uvicorn.Server):
             self._started_event.set()
 
 
-def _lifespan_mode(app: Any) -> str:
+def _lifespan_mode(app: Any) -> Literal["auto", "on"]:
     # Starlette (and FastAPI) apps always speak the lifespan protocol; "on" makes a failing startup hook fatal
     # instead of silently ignored. A bare ASGI callable may not, so let uvicorn probe it.
     try:

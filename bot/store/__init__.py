@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
-from bot.store.base import PendingReply, Store, StoreUnavailable, guarded
+from bot.store.base import OwedReply, Store, StoreUnavailable, guarded
 
 
 async def open_store(url: str, *, dedupe_ttl_s: float, lease_s: float = 10.0) -> Store:
@@ -32,4 +32,4 @@ async def open_store(url: str, *, dedupe_ttl_s: float, lease_s: float = 10.0) ->
     raise ValueError(f"WABOT_STORE={url!r}: expected sqlite:///path/to/file.db or redis://host:port/db")
 
 
-__all__ = ["PendingReply", "Store", "StoreUnavailable", "guarded", "open_store"]
+__all__ = ["OwedReply", "Store", "StoreUnavailable", "guarded", "open_store"]

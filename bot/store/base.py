@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
+
+from structlog.typing import FilteringBoundLogger
 
 from bot.ordering import Lanes
 from telemetry import metrics
@@ -16,8 +18,8 @@ class StoreUnavailable(Exception):
 
 
 @dataclass
-class PendingReply:
-    """A message we accepted and still owe an answer to.
+class OwedReply:
+    """The journal record of a reply owed: a message we accepted and still owe an answer to.
 
     Written when the message is accepted, removed once its answer went back inline or was delivered as a
     follow-up, so whatever is left after a crash is exactly what is still owed.
@@ -34,18 +36,17 @@ class PendingReply:
     traceparent: str | None = None
     owner: str = ""
     ticket: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class Store(Protocol):
     """What the bot needs from its storage backend."""
 
-    async def accept(self, reply: PendingReply, idempotency_token: str | None = None) -> bool:
+    async def accept(self, reply: OwedReply, idempotency_token: str | None = None) -> bool:
         """Record a new inbound message and journal the reply it is owed; False when it was seen before."""
         ...
 
     async def drop(self, sid: str) -> None:
-        """Forget the journal entry of a message whose answer went back inline."""
+        """Close a journal entry: the answer went back inline, or its follow-up was delivered or given up."""
         ...
 
     async def save_answer(self, sid: str, parts: list[str], kind: str) -> None:
@@ -54,14 +55,6 @@ class Store(Protocol):
 
     async def mark_sent(self, sid: str, parts_sent: int) -> None:
         """Remember how many parts of a follow-up Twilio has accepted."""
-        ...
-
-    async def finish(self, sid: str) -> None:
-        """The follow-up was delivered (or given up): nothing more is owed."""
-        ...
-
-    async def pending(self) -> list[PendingReply]:
-        """Every reply still owed, oldest first."""
         ...
 
     async def count_message(self, user_key: str, window_s: int) -> int:
@@ -76,7 +69,7 @@ class Store(Protocol):
         """Store (or with None, reset) a user's conversation state."""
         ...
 
-    async def claim_orphans(self) -> list[PendingReply]:
+    async def claim_orphans(self) -> list[OwedReply]:
         """Owed replies no live process is working on, now owned by this one (resume them)."""
         ...
 
@@ -116,7 +109,7 @@ def counted(op: str) -> Callable[[Callable[P, Coroutine[Any, Any, T]]], Callable
     return wrap
 
 
-async def guarded(operation: Awaitable[T], log: Any, op: str, message_sid: str) -> T | None:
+async def guarded(operation: Awaitable[T], log: FilteringBoundLogger, op: str, message_sid: str) -> T | None:
     """Run a store operation whose failure must not cost the user their answer: log it and go on.
 
     Used for bookkeeping on the reply path (journal progress, conversation state). A lost write there means at

@@ -26,14 +26,15 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from bot.store.base import PendingReply, counted
+from bot.ordering import InLine
+from bot.store.base import OwedReply, counted
 from telemetry import metrics
 from telemetry.logging import get_logger
 
@@ -152,7 +153,7 @@ class RedisStore:
         # BLPOP blocks for as long as a user's previous message takes: it gets its own connections with no socket
         # timeout, so a long wait is not mistaken for a dead server (and does not starve the other commands).
         # Blocking pools: past `max_connections`, a command waits for a free connection instead of failing (the
-        # default pool raises MaxConnectionsError, and a burst of 500 webhooks took every one of its 100).
+        # default pool raises MaxConnectionsError, and a burst of webhooks can take every one: docs/reliability.md).
         # Commands take well under a millisecond, so a bounded wait is short; the BLPOP pool holds a connection per
         # message waiting for its turn, so it is larger and its callers' own timeouts bound the wait.
         commands = aioredis.BlockingConnectionPool.from_url(
@@ -183,7 +184,7 @@ class RedisStore:
                 self._renewal_failed_at = time.monotonic()
 
     @counted("accept")
-    async def accept(self, reply: PendingReply, idempotency_token: str | None = None) -> bool:
+    async def accept(self, reply: OwedReply, idempotency_token: str | None = None) -> bool:
         seen = [f"{_PREFIX}:seen:{reply.sid}"] + (
             [f"{_PREFIX}:seen-token:{idempotency_token}"] if idempotency_token else []
         )
@@ -209,7 +210,10 @@ class RedisStore:
     async def _delete(self, sid: str) -> None:
         key = self._pending_key(sid)
         async with self._redis.pipeline(transaction=True) as pipe:
-            await pipe.delete(key).zrem(f"{_PREFIX}:pending", key).execute()
+            # A pipeline's commands queue and return the pipeline; only `execute` talks to Redis.
+            pipe.delete(key)
+            pipe.zrem(f"{_PREFIX}:pending", key)
+            await pipe.execute()
 
     @counted("drop")
     async def drop(self, sid: str) -> None:
@@ -228,31 +232,20 @@ class RedisStore:
     async def mark_sent(self, sid: str, parts_sent: int) -> None:
         await self._redis.hset(self._pending_key(sid), "parts_sent", str(parts_sent))
 
-    async def finish(self, sid: str) -> None:
-        await self.drop(sid)
-
-    async def pending(self) -> list[PendingReply]:
-        keys = await self._redis.zrange(f"{_PREFIX}:pending", 0, -1)
-        replies = []
-        for key in keys:
-            entry = await self._redis.hgetall(key)
-            if entry:
-                replies.append(_to_reply(entry))
-        return replies
-
     @counted("claim_orphans")
-    async def claim_orphans(self) -> list[PendingReply]:
+    async def claim_orphans(self) -> list[OwedReply]:
         if time.monotonic() - self._renewal_failed_at < self._lease_s:
             # Redis was just away: the other replicas' leases lapsed too, and they may not have renewed yet.
             # Taking their replies now would answer them twice.
             return []
         claimed = []
-        for key in await self._redis.zrange(f"{_PREFIX}:pending", 0, -1):
-            owner = await self._redis.hget(key, "owner")
+        # decode_responses=True: every reply is text (redis-py types them as bytes or text).
+        for key in cast(list[str], await self._redis.zrange(f"{_PREFIX}:pending", 0, -1)):
+            owner = cast(str | None, await self._redis.hget(key, "owner"))
             if owner is None or owner == self.replica_id:
                 continue
             if await self._claim(keys=[key], args=[owner, self.replica_id, f"{_PREFIX}:replica:"]):
-                entry = await self._redis.hgetall(key)
+                entry = cast(dict[str, str], await self._redis.hgetall(key))
                 if entry:
                     claimed.append(_to_reply(entry))
         return claimed
@@ -264,12 +257,14 @@ class RedisStore:
     async def count_message(self, user_key: str, window_s: int) -> int:
         key = f"{_PREFIX}:rate:{user_key}:{int(time.time() // window_s)}"
         async with self._redis.pipeline(transaction=True) as pipe:
-            count, _ = await pipe.incr(key).expire(key, window_s * 2).execute()
+            pipe.incr(key)
+            pipe.expire(key, window_s * 2)
+            count, _ = await pipe.execute()
         return int(count)
 
     @counted("get_conversation")
     async def get_conversation(self, user_key: str) -> str | None:
-        return await self._redis.get(f"{_PREFIX}:conversation:{user_key}")
+        return cast(str | None, await self._redis.get(f"{_PREFIX}:conversation:{user_key}"))
 
     @counted("set_conversation")
     async def set_conversation(self, user_key: str, response_id: str | None) -> None:
@@ -295,8 +290,8 @@ class RedisStore:
         await self._blocking.aclose()
 
 
-def _to_reply(entry: dict[str, str]) -> PendingReply:
-    return PendingReply(
+def _to_reply(entry: dict[str, str]) -> OwedReply:
+    return OwedReply(
         sid=entry["sid"],
         to=entry["to"],
         user_key=entry["user_key"],
@@ -367,5 +362,5 @@ class RedisLanes:
         self.owed = owed
         self.release = client.register_script(_RELEASE)
 
-    async def ticket_for(self, reply: PendingReply) -> RedisTicket:
+    async def ticket_for(self, reply: InLine) -> RedisTicket:
         return RedisTicket(self, reply.user_key, reply.ticket)

@@ -21,7 +21,7 @@ from pathlib import Path
 import aiosqlite
 
 from bot.ordering import UserLanes
-from bot.store.base import PendingReply, StoreUnavailable, counted
+from bot.store.base import OwedReply, StoreUnavailable, counted
 from telemetry.logging import get_logger
 
 _SCHEMA = """
@@ -72,7 +72,7 @@ class SQLiteStore:
         # One connection is shared by all coroutines: a statement issued while another coroutine holds a
         # transaction open would silently join (and maybe roll back with) it, so every call takes this lock.
         self._lock = asyncio.Lock()
-        self._accepts: list[tuple[PendingReply, str | None, asyncio.Future[bool]]] = []
+        self._accepts: list[tuple[OwedReply, str | None, asyncio.Future[bool]]] = []
         self._unwritable_until = 0.0
         self._owed_deletes: set[str] = set()
         self._retry_owed_task: asyncio.Task[None] | None = None
@@ -127,10 +127,10 @@ class SQLiteStore:
                 await self._write(None)
 
     @counted("accept")
-    async def accept(self, reply: PendingReply, idempotency_token: str | None = None) -> bool:
+    async def accept(self, reply: OwedReply, idempotency_token: str | None = None) -> bool:
         # Group commit: every accept queued while the connection is busy goes into the next transaction. A burst
-        # of a thousand webhooks then costs a handful of transactions instead of a thousand, each a series of
-        # hops to the connection's thread (one at a time had the last of 1,000 waiting over 2 s).
+        # of webhooks then costs a handful of transactions instead of one each, each a series of hops to the
+        # connection's thread (one at a time kept the last of a burst waiting seconds: docs/reliability.md).
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._accepts.append((reply, idempotency_token, waiter))
         async with self._lock:
@@ -162,7 +162,7 @@ class SQLiteStore:
         for (_, _, each), result in zip(batch, results, strict=True):
             each.set_result(result)
 
-    async def _accept_batch(self, batch: list[tuple[PendingReply, str | None]]) -> list[bool]:
+    async def _accept_batch(self, batch: list[tuple[OwedReply, str | None]]) -> list[bool]:
         now = time.time()
         await self._purge_expired(now)
         keys_of = [[f"sid:{reply.sid}"] + ([f"tok:{token}"] if token else []) for reply, token in batch]
@@ -234,17 +234,14 @@ class SQLiteStore:
     async def mark_sent(self, sid: str, parts_sent: int) -> None:
         await self._write("UPDATE pending SET parts_sent = ? WHERE sid = ?", (parts_sent, sid))
 
-    async def finish(self, sid: str) -> None:
-        await self.drop(sid)
-
-    async def pending(self) -> list[PendingReply]:
+    async def _owed(self) -> list[OwedReply]:
         async with self._db.execute(
             "SELECT sid, to_addr, user_key, prompt, arrived_at, answer_parts, kind, parts_sent, traceparent "
             "FROM pending ORDER BY arrived_at"
         ) as cur:
             rows = await cur.fetchall()
         return [
-            PendingReply(
+            OwedReply(
                 sid=row[0],
                 to=row[1],
                 user_key=row[2],
@@ -283,14 +280,14 @@ class SQLiteStore:
         )
 
     @counted("claim_orphans")
-    async def claim_orphans(self) -> list[PendingReply]:
+    async def claim_orphans(self) -> list[OwedReply]:
         # Only the first call of a process can find orphans: later entries belong to this process's own runs.
         # An advisory lock next to the database, held for the life of the process, makes exactly one of several
         # workers on one file the one that resumes the journal.
         if self._recovery_claimed or not self._take_recovery_lock():
             return []
         self._recovery_claimed = True
-        return await self.pending()
+        return await self._owed()
 
     def _take_recovery_lock(self) -> bool:
         if self._path == ":memory:":
