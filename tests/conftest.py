@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import socket
 import threading
@@ -33,6 +34,7 @@ from bot.demo.openai_simulator import OpenAISimulator
 from bot.demo.twilio_sink import TwilioSink
 from bot.settings import Settings
 from telemetry.logging import setup_logging
+from tests.waiting import wait_until
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "test-auth-token"
@@ -40,23 +42,37 @@ BOT_NUMBER = "whatsapp:+14155238886"
 
 
 _PORTS = random.Random()  # its own generator: hypothesis and the tests' seeds must not make two runs pick alike
+_PORT_RANGE = (20_000, 32_000)
+
+
+def _worker_ports() -> range:
+    """This process's share of the port range: under pytest-xdist each worker picks from its own slice, so two
+    workers never probe the same port in the moment between a check and a server's bind."""
+    low, high = _PORT_RANGE
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    size = (high - low) // max(count, 1)
+    start = low + int(worker or 0) % max(count, 1) * size
+    return range(start, start + size)
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now, chosen below the kernel's ephemeral range (32768-60999 here).
+    """A port free on 127.0.0.1 now, chosen below the kernel's ephemeral range (32768-60999 here); the suite's one
+    way to pick a port for a server it starts (its own or Prometheus', Alertmanager's, Redis', a subprocess bot's).
 
     Binding port 0 would pick from that range, where every outgoing connection of the suite also takes its local
     port: one of them can grab the port between this check and the server's bind (seen in CI as EADDRINUSE).
     """
+    ports = _worker_ports()
     for _ in range(200):
-        port = _PORTS.randrange(20_000, 32_000)
+        port = _PORTS.choice(ports)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free port between 20000 and 32000 on 127.0.0.1")
+    raise RuntimeError(f"no free port between {ports.start} and {ports.stop} on 127.0.0.1")
 
 
 new_sid = new_message_sid
@@ -185,12 +201,10 @@ class Bot:
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Bounded poll of /readyz until no run is in flight."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.client.get(f"{self.url}/readyz").json().get("runs_in_flight") == 0:
-                return
-            time.sleep(0.05)
-        raise TimeoutError("bot still has runs in flight")
+
+        wait_until(
+            lambda: self.client.get(f"{self.url}/readyz").json().get("runs_in_flight") == 0, timeout, "no run in flight"
+        )
 
     def stop(self) -> None:
         self.client.close()

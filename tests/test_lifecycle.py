@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from bot.settings import DEFAULT_HOLDING_MESSAGE
 from tests.conftest import AUTH_TOKEN, Bot, free_port
 from tests.served import DemoProcess
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 WABOT = [sys.executable, "-m", "bot"]
@@ -93,10 +93,8 @@ def test_sigterm_finishes_in_flight_webhooks_and_keeps_owed_replies(served, tmp_
     # SIGTERM must land while the webhook is in flight: wait until the simulator has the model call.
     [started] = [e for e in server.events() if e.get("event") == "demo_started"]
     calls_url = str(started["openai"]).removesuffix("/v1") + "/_sim/calls"
-    deadline = time.monotonic() + 10
-    while not any("quick one" in call["text"] for call in httpx2.get(calls_url).json()):
-        assert time.monotonic() < deadline, "the in-flight message never reached the model"
-        time.sleep(0.02)
+    reached = lambda: any("quick one" in call["text"] for call in httpx2.get(calls_url).json())  # noqa: E731
+    wait_until(reached, 10, "the in-flight message to reach the model", 0.02)
     server.process.send_signal(signal.SIGTERM)
     sender.join(30)
     assert server.process.wait(20) == 0

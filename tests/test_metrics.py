@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from bot.demo.runner import DEMO_AUTH_TOKEN
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from telemetry.metrics import SECONDS_BUCKETS, exposition
 from tests.served import DemoProcess
+from tests.waiting import wait_until
 
 HOLDING = [DEFAULT_HOLDING_MESSAGE]
 
@@ -198,10 +198,9 @@ def test_two_workers_aggregate_through_the_multiprocess_dir(tmp_path: Path) -> N
     )
     try:
         demo.wait_ready()
-        deadline = time.monotonic() + 20
-        while demo.text().count("Application startup complete.") < 2:  # /healthz answers once one worker is up
-            assert time.monotonic() < deadline, demo.text()
-            time.sleep(0.05)
+        # /healthz answers once one worker is up
+        both_up = lambda: demo.text().count("Application startup complete.") >= 2  # noqa: E731
+        wait_until(both_up, 20, "both workers to start", details=demo.text)
         workers = sorted(int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", demo.text()))
         assert len(workers) == 2, demo.text()
         # Which worker accepts a connection is the kernel's choice, and one may take every burst. To have both

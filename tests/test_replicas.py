@@ -17,7 +17,8 @@ import pytest
 
 from bot.settings import DEFAULT_HOLDING_MESSAGE, DEFAULT_RATE_LIMIT_MESSAGE
 from tests.conftest import Bot
-from tests.redis_server import RedisServer, wait_until
+from tests.redis_server import RedisServer
+from tests.waiting import wait_until
 from tests.served import ServedBot, bot_env
 
 

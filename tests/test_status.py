@@ -25,6 +25,7 @@ from tests.binaries import find_binary
 from tests.conftest import free_port
 from tests.served import ROOT, DemoProcess
 from tests.test_end_to_end_alerts import Process
+from tests.waiting import wait_until
 
 REPLY_TIMEOUT_S = 1.0
 FAST = "[sim:delay=0.05]"
@@ -63,12 +64,7 @@ def status_json(demo: DemoProcess) -> dict[str, Any]:
 
 def wait_for(what: str, probe: Any, timeout: float = 15.0) -> Any:
     """Call `probe` until it returns something truthy; fail with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not (result := probe()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.05)  # poll interval of a bounded loop
-    return result
+    return wait_until(probe, timeout, what)
 
 
 @pytest.fixture
