@@ -220,8 +220,15 @@ def make_bot(
 ) -> Iterator[Callable[..., Bot]]:
     bots: list[Bot] = []
 
-    def start(port: int | None = None, store: str | None = None, memory_spans: bool = True, **overrides: Any) -> Bot:
-        """`memory_spans=False` leaves span export to the settings (OTLP, none), as in production."""
+    def start(
+        port: int | None = None,
+        store: str | None = None,
+        memory_spans: bool = True,
+        clock: Callable[[], float] = time.time,
+        **overrides: Any,
+    ) -> Bot:
+        """`memory_spans=False` leaves span export to the settings (OTLP, none), as in production; `clock` places
+        the rate-limit windows (a `tests.clock.DrivenClock` lets a test move time instead of waiting)."""
         port = port or free_port()
         url = f"http://127.0.0.1:{port}"
         values: dict[str, Any] = {
@@ -241,7 +248,7 @@ def make_bot(
         values.update(overrides)
         settings = Settings.model_construct(**{**Settings(_env_file=None).model_dump(), **values})
         spans = InMemorySpanExporter()
-        app = create_app(settings, span_exporter=spans if memory_spans else None)
+        app = create_app(settings, span_exporter=spans if memory_spans else None, clock=clock)
         server = LoopbackServer(app, port=port, name=f"wabot-{port}")
         server.start()
         bot = Bot(url=url, settings=settings, spans=spans, server=server)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from xml.etree import ElementTree
@@ -16,10 +15,11 @@ from xml.etree import ElementTree
 import pytest
 
 from bot.settings import DEFAULT_HOLDING_MESSAGE, DEFAULT_RATE_LIMIT_MESSAGE
+from tests.clock import DrivenClock
 from tests.conftest import Bot
 from tests.redis_server import RedisServer
-from tests.waiting import wait_until
 from tests.served import ServedBot, bot_env
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="session")
@@ -76,14 +76,15 @@ def test_conversation_state_is_shared_between_replicas(make_bot: Callable[..., B
 
 
 def test_rate_limit_counts_a_users_messages_across_replicas(make_bot: Callable[..., Bot], redis_url: str, sim) -> None:
-    a, b = make_bot(store=redis_url, user_rate_limit=3), make_bot(store=redis_url, user_rate_limit=3)
+    clock = DrivenClock()  # the limit counts per wall-clock minute: both replicas read one clock, inside a minute
+    a, b = (make_bot(store=redis_url, user_rate_limit=3, clock=clock) for _ in range(2))
     user = "+15550505050"
-    if time.time() % 60 > 50:  # the limit counts per wall-clock minute: don't straddle a window boundary
-        time.sleep(60 - time.time() % 60 + 0.05)
     replies = [bot.send(f"m{i}", sender=user).messages for i, bot in enumerate([a, b, a, b, a])]
     assert replies[:3] == [["[turn 1] m0"], ["[turn 2] m1"], ["[turn 3] m2"]]
     assert replies[3:] == [[DEFAULT_RATE_LIMIT_MESSAGE], []]  # one notice in all, from whichever replica
     assert len(sim.calls()) == 3
+    clock.advance(60)  # the next minute, on both replicas: the shared count starts afresh
+    assert b.send("m5", sender=user).messages == ["[turn 4] m5"]
 
 
 @pytest.fixture
