@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint format install system-deps clean bench
+.PHONY: run test test-fast lint format install system-deps clean bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "wabot needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -36,8 +36,16 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The whole suite (CI's), on every core: pytest-xdist, with the tests that must not share the machine with each
+# other (memory, load, timing) kept on one worker by their xdist_group. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= auto
 test: install system-deps lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
+
+# The inner loop: everything but the browser, Prometheus/Alertmanager/promtool and the slow tests (load, memory,
+# real deadlines). Needs only redis-server. Exit code 5 (no test selected) fails like any other.
+test-fast: install
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup -m "not browser and not prometheus and not slow"
 
 # Speed, not behaviour: runs the bot, stubs and wrk (installed from Debian's package if missing) on 127.0.0.1 for
 # about 25 minutes and rewrites docs/benchmarks.md. BENCH_QUICK=1 makes it a three-minute smoke run.

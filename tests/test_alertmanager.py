@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "alerts" / "alertmanager.yml"
 NOTIFY_TIMEOUT = 15.0
 
+pytestmark = pytest.mark.prometheus
+
 
 def alertmanager_binary() -> str:
     return find_binary(

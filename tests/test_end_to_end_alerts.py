@@ -52,7 +52,7 @@ from tests.binaries import find_binary
 from tests.conftest import free_port
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "alerts" / "wabot.rules.yml"

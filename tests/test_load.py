@@ -22,6 +22,9 @@ MODEL_S = 12
 # bot's own memory does not grow with anything but the conversations in flight.
 PEAK_RSS_LIMIT_MIB = 512
 
+# A thousand users at once: never beside the other tests that load the machine or measure memory.
+pytestmark = pytest.mark.xdist_group("heavy")
+
 
 def _bot_env(simulator_url: str, sink_url: str, **extra: str) -> dict[str, str]:
     return bot_env(simulator_url, sink_url, WABOT_REPLY_TIMEOUT=str(DEADLINE_S), WABOT_FOLLOWUP_TIMEOUT="120", **extra)

@@ -182,6 +182,7 @@ def test_with_several_workers_status_says_their_windows_are_not_visible(tmp_path
         demo.stop()
 
 
+@pytest.mark.prometheus
 def test_alerts_pending_or_firing_in_prometheus_are_listed_and_an_unreachable_one_is_said(tmp_path: Path) -> None:
     prometheus_bin = find_binary("prometheus", "prometheus", "/usr/bin/prometheus")
     rules, config = tmp_path / "rules.yml", tmp_path / "prometheus.yml"
