@@ -6,11 +6,13 @@ requests signed by twilio's own validator, exactly as Twilio would.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import random
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -73,6 +75,30 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError(f"no free port between {ports.start} and {ports.stop} on 127.0.0.1")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Under pytest-xdist, a test marked `exclusive` (it loads every core: a thousand users at once) runs while no
+    other worker runs a test, so no deadline elsewhere is measured on a machine it saturates; the others run side
+    by side. Setup and teardown (module servers included) count as part of the test; so does none of the wait."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:  # one process: tests never overlap
+        yield
+        return
+    exclusive = item.get_closest_marker("exclusive") is not None
+    base = Path(tempfile.gettempdir()) / f"wabot-tests-{run}"
+    # A turnstile before the lock itself: once an exclusive test waits, no new test starts until it has run.
+    with open(f"{base}.turnstile", "a") as turnstile, open(f"{base}.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 new_sid = new_message_sid

@@ -22,8 +22,9 @@ MODEL_S = 12
 # bot's own memory does not grow with anything but the conversations in flight.
 PEAK_RSS_LIMIT_MIB = 512
 
-# A thousand users at once: never beside the other tests that load the machine or measure memory.
-pytestmark = pytest.mark.xdist_group("heavy")
+# A thousand users at once load every core: nothing else runs meanwhile (its deadlines would be measured on a
+# saturated machine), and these run on the worker of the other tests that load the machine or measure memory.
+pytestmark = [pytest.mark.exclusive, pytest.mark.xdist_group("heavy")]
 
 
 def _bot_env(simulator_url: str, sink_url: str, **extra: str) -> dict[str, str]:

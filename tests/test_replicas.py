@@ -171,6 +171,7 @@ def test_crash_after_twilio_took_a_followup_part_does_not_send_it_again(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.exclusive
 @pytest.mark.xdist_group("heavy")
 def test_a_burst_of_500_users_on_redis_is_answered_without_store_errors(
     replica: Callable[..., ServedBot], redis_url: str, sim, sink
