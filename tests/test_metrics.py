@@ -45,6 +45,17 @@ def demo(tmp_path: Path) -> Iterator[DemoProcess]:
         process.stop()
 
 
+@pytest.fixture(scope="module")
+def quiet_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoProcess]:
+    """One process for the tests that send it no message (what they read, no other test changes)."""
+    process = DemoProcess(tmp_path_factory.mktemp("quiet"), env={"WABOT_REPLY_TIMEOUT": "2.5"})
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
 def test_scraped_metrics_equal_the_scripted_traffic(demo: DemoProcess) -> None:
     ok = [
         ("quick one [sim:delay=0.1]", "+15557650001"),
@@ -150,7 +161,8 @@ def test_exemplars_only_in_openmetrics(demo: DemoProcess) -> None:
     assert exemplars["wabot_ai_processing_seconds_bucket"] == exemplars["wabot_response_seconds_bucket"]
 
 
-def test_metrics_and_webhook_ports_are_separate(demo: DemoProcess) -> None:
+def test_metrics_and_webhook_ports_are_separate(quiet_demo: DemoProcess) -> None:
+    demo = quiet_demo
     assert demo.client.get(f"{demo.url}/metrics").status_code == 404
     form = demo.form("to the wrong port [sim:delay=0.1]", "+15557650011")
     signature = RequestValidator(DEMO_AUTH_TOKEN).compute_signature(f"{demo.url}/whatsapp", form)
@@ -176,9 +188,9 @@ def _listening_on(port: int) -> set[str]:
     return addresses
 
 
-def test_metrics_port_listens_on_loopback_unless_configured(demo: DemoProcess, tmp_path: Path) -> None:
+def test_metrics_port_listens_on_loopback_unless_configured(quiet_demo: DemoProcess, tmp_path: Path) -> None:
     # The webhook must be reachable by Twilio; the metrics (and /status) only by the local Prometheus.
-    assert _listening_on(demo.metrics_port) == {"127.0.0.1"}
+    assert _listening_on(quiet_demo.metrics_port) == {"127.0.0.1"}
     exposed = DemoProcess(tmp_path, env={"WABOT_METRICS_HOST": "0.0.0.0"}).wait_ready()
     try:
         assert _listening_on(exposed.metrics_port) == {"0.0.0.0"}
