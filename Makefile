@@ -36,8 +36,8 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The whole suite (CI's), on every core: pytest-xdist, with the tests that must not share the machine with each
-# other (memory, load, timing) kept on one worker by their xdist_group. TEST_WORKERS=0 runs it in one process.
+# The whole suite (CI's), on every core: pytest-xdist. A test marked `exclusive` (it loads every core) runs while
+# no other does (tests/conftest.py); those share one worker (xdist_group "heavy"). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= auto
 test: install system-deps lint
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup

@@ -353,7 +353,6 @@ def test_validly_signed_odd_forms_never_5xx(target: Target, sim, sink, log_lines
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("heavy")
 def test_memory_stays_flat_over_thousands_of_hostile_requests(target: Target, sim, log_lines: LogLines) -> None:
     """After a warm-up, 3,000 more requests of every refused kind (and signed status callbacks and replays) leave
     the bot's Python heap where it was."""

@@ -23,7 +23,7 @@ MODEL_S = 12
 PEAK_RSS_LIMIT_MIB = 512
 
 # A thousand users at once load every core: nothing else runs meanwhile (its deadlines would be measured on a
-# saturated machine), and these run on the worker of the other tests that load the machine or measure memory.
+# saturated machine), and these run on one worker, with the other test that loads every core.
 pytestmark = [pytest.mark.exclusive, pytest.mark.xdist_group("heavy")]
 
 

@@ -241,7 +241,6 @@ def _heap(snapshot: tracemalloc.Snapshot) -> tuple[int, int, int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@pytest.mark.xdist_group("heavy")
 def test_reply_path_leaves_the_heap_flat(
     make_bot: Callable[..., Bot],
     doubles: tuple[OpenAISimulator, TwilioSink, _Gate, str, str],
