@@ -12,7 +12,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint format install lock system-deps clean bench
+.PHONY: run test test-fast lint format install lock system-deps clean bench
 
 # The machine's pip installs uv straight into .uv/ (uv is one binary; a venv with a pip of its own would cost more
 # CPU time than the whole `uv sync`); a Python without pip gets a throwaway venv for it.
@@ -62,9 +62,17 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The whole suite (CI's), on every core: pytest-xdist. A test marked `exclusive` (it loads every core) runs while
+# no other does (tests/conftest.py); those share one worker (xdist_group "heavy"). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= auto
 test: install system-deps lint
 	$(UV) lock --check --python $(PYTHON)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
+
+# The inner loop: everything but the browser, Prometheus/Alertmanager/promtool and the slow tests (load, memory,
+# real deadlines). Needs only redis-server. Exit code 5 (no test selected) fails like any other.
+test-fast: install
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup -m "not browser and not prometheus and not slow"
 
 # Speed, not behaviour: runs the bot, stubs and wrk (installed from Debian's package if missing) on 127.0.0.1 for
 # about 25 minutes and rewrites docs/benchmarks.md. BENCH_QUICK=1 makes it a three-minute smoke run.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -27,13 +26,6 @@ import yaml
 
 ALERTS_DIR = Path(__file__).resolve().parent
 ALERTMANAGER_CONFIG = ALERTS_DIR / "alertmanager.yml"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def alertmanager_test_config(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,15 @@ if TYPE_CHECKING:
     from bot.demo.runner import Demo
 
 
-def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None, demo: Demo | None = None) -> FastAPI:
-    """Build the app. `span_exporter` replaces the OTLP exporter (tests read spans from memory).
+def create_app(
+    settings: Settings,
+    *,
+    span_exporter: SpanExporter | None = None,
+    demo: Demo | None = None,
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    """Build the app. `span_exporter` replaces the OTLP exporter (tests read spans from memory); `clock`, the
+    wall clock that places per-user rate-limit windows, is one the tests drive.
 
     `demo`, the running demo's simulator and sink, adds the chat page (/) and /status to this port; without it
     neither exists here (in production /status is on the metrics port only, which is never public).
@@ -35,7 +43,7 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.services = await Services.start(settings, tracing)
+        app.state.services = await Services.start(settings, tracing, clock)
         if chat is not None:
             chat.start()
         try:

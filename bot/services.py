@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -44,8 +46,9 @@ class Services:
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, settings: Settings, tracing: Tracing) -> Services:
-        """Open the store, build the clients, and resume replies a previous process left owing."""
+    async def start(cls, settings: Settings, tracing: Tracing, clock: Callable[[], float] = time.time) -> Services:
+        """Open the store, build the clients, and resume replies a previous process left owing. `clock` places
+        the per-user rate-limit windows (tests drive it)."""
         log = get_logger("wabot")
         metrics.init(
             __version__,
@@ -53,7 +56,9 @@ class Services:
             max_concurrent_runs=settings.max_concurrent_runs,
             multiprocess_dir=settings.prometheus_multiproc_dir,
         )
-        store = await open_store(settings.store, dedupe_ttl_s=settings.dedupe_ttl_s, lease_s=settings.redis_lease_s)
+        store = await open_store(
+            settings.store, dedupe_ttl_s=settings.dedupe_ttl_s, lease_s=settings.redis_lease_s, clock=clock
+        )
         client = make_client(settings)
         sender = TwilioSender(settings, tracing.tracer)
         agent = Agent(client, settings, registry, tracing.tracer)

@@ -6,10 +6,13 @@ requests signed by twilio's own validator, exactly as Twilio would.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import os
 import random
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +36,7 @@ from bot.demo.openai_simulator import OpenAISimulator
 from bot.demo.twilio_sink import TwilioSink
 from bot.settings import Settings
 from telemetry.logging import setup_logging
+from tests.waiting import wait_until
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "test-auth-token"
@@ -40,23 +44,61 @@ BOT_NUMBER = "whatsapp:+14155238886"
 
 
 _PORTS = random.Random()  # its own generator: hypothesis and the tests' seeds must not make two runs pick alike
+_PORT_RANGE = (20_000, 32_000)
+
+
+def _worker_ports() -> range:
+    """This process's share of the port range: under pytest-xdist each worker picks from its own slice, so two
+    workers never probe the same port in the moment between a check and a server's bind."""
+    low, high = _PORT_RANGE
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    size = (high - low) // max(count, 1)
+    start = low + int(worker or 0) % max(count, 1) * size
+    return range(start, start + size)
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now, chosen below the kernel's ephemeral range (32768-60999 here).
+    """A port free on 127.0.0.1 now, chosen below the kernel's ephemeral range (32768-60999 here); the suite's one
+    way to pick a port for a server it starts (its own or Prometheus', Alertmanager's, Redis', a subprocess bot's).
 
     Binding port 0 would pick from that range, where every outgoing connection of the suite also takes its local
     port: one of them can grab the port between this check and the server's bind (seen in CI as EADDRINUSE).
     """
+    ports = _worker_ports()
     for _ in range(200):
-        port = _PORTS.randrange(20_000, 32_000)
+        port = _PORTS.choice(ports)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free port between 20000 and 32000 on 127.0.0.1")
+    raise RuntimeError(f"no free port between {ports.start} and {ports.stop} on 127.0.0.1")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Under pytest-xdist, a test marked `exclusive` (it loads every core: a thousand users at once) runs while no
+    other worker runs a test, so no deadline elsewhere is measured on a machine it saturates; the others run side
+    by side. Setup and teardown (module servers included) count as part of the test; so does none of the wait."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:  # one process: tests never overlap
+        yield
+        return
+    exclusive = item.get_closest_marker("exclusive") is not None
+    base = Path(tempfile.gettempdir()) / f"wabot-tests-{run}"
+    # A turnstile before the lock itself: once an exclusive test waits, no new test starts until it has run.
+    with open(f"{base}.turnstile", "a") as turnstile, open(f"{base}.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 new_sid = new_message_sid
@@ -185,12 +227,10 @@ class Bot:
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Bounded poll of /readyz until no run is in flight."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.client.get(f"{self.url}/readyz").json().get("runs_in_flight") == 0:
-                return
-            time.sleep(0.05)
-        raise TimeoutError("bot still has runs in flight")
+
+        wait_until(
+            lambda: self.client.get(f"{self.url}/readyz").json().get("runs_in_flight") == 0, timeout, "no run in flight"
+        )
 
     def stop(self) -> None:
         self.client.close()
@@ -206,8 +246,15 @@ def make_bot(
 ) -> Iterator[Callable[..., Bot]]:
     bots: list[Bot] = []
 
-    def start(port: int | None = None, store: str | None = None, memory_spans: bool = True, **overrides: Any) -> Bot:
-        """`memory_spans=False` leaves span export to the settings (OTLP, none), as in production."""
+    def start(
+        port: int | None = None,
+        store: str | None = None,
+        memory_spans: bool = True,
+        clock: Callable[[], float] = time.time,
+        **overrides: Any,
+    ) -> Bot:
+        """`memory_spans=False` leaves span export to the settings (OTLP, none), as in production; `clock` places
+        the rate-limit windows (a `tests.clock.DrivenClock` lets a test move time instead of waiting)."""
         port = port or free_port()
         url = f"http://127.0.0.1:{port}"
         values: dict[str, Any] = {
@@ -227,7 +274,7 @@ def make_bot(
         values.update(overrides)
         settings = Settings.model_construct(**{**Settings(_env_file=None).model_dump(), **values})
         spans = InMemorySpanExporter()
-        app = create_app(settings, span_exporter=spans if memory_spans else None)
+        app = create_app(settings, span_exporter=spans if memory_spans else None, clock=clock)
         server = LoopbackServer(app, port=port, name=f"wabot-{port}")
         server.start()
         bot = Bot(url=url, settings=settings, spans=spans, server=server)

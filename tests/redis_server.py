@@ -8,21 +8,11 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from tests.binaries import find_binary
 from tests.conftest import free_port
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Bounded poll: return once `predicate()` is true, raise TimeoutError(`what`) after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(interval)  # the poll interval of a bounded loop, not a wait for something
+from tests.waiting import wait_until
 
 
 class RedisServer:

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -26,6 +25,7 @@ from twilio.request_validator import RequestValidator
 from bot.demo.inbound_form import inbound_form
 from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER, free_port
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -79,27 +79,22 @@ class ServedBot:
     # --- lifecycle ------------------------------------------------------------------------------------------
 
     def wait_ready(self, timeout: float = 30.0) -> ServedBot:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"wabot serve exited with {self.process.returncode}:\n{self.text()}")
-            try:
-                if self.client.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.05)  # poll interval of a bounded loop
-        raise TimeoutError(f"wabot serve not ready within {timeout} s:\n{self.text()}")
+        wait_until(self._ready, timeout, f"wabot serve to answer {self.url}/readyz", details=self.text)
+        return self
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"wabot serve exited with {self.process.returncode}:\n{self.text()}")
+        try:
+            return self.client.get(f"{self.url}/readyz", timeout=1.0).status_code == 200
+        except httpx2.HTTPError:
+            return False
 
     def runs_in_flight(self) -> int:
         return int(self.client.get(f"{self.url}/readyz", timeout=5.0).json()["runs_in_flight"])
 
     def wait_idle(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.runs_in_flight() > 0:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"runs still in flight after {timeout} s")
-            time.sleep(0.1)  # poll interval of a bounded loop
+        wait_until(lambda: self.runs_in_flight() == 0, timeout, "no run in flight")
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL to the whole session (workers too) after a bounded wait."""
@@ -178,11 +173,7 @@ class ServedBot:
 
     def wait_for_sample(self, name: str, labels: dict[str, str], value: float, timeout: float = 15.0) -> None:
         key = (name, tuple(sorted(labels.items())))
-        deadline = time.monotonic() + timeout
-        while (got := self.samples().get(key)) != value:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name}{labels} is {got}, not {value}, after {timeout} s")
-            time.sleep(0.05)  # poll interval of a bounded loop
+        wait_until(lambda: self.samples().get(key) == value, timeout, f"{name}{labels} == {value}")
 
 
 class DemoProcess(ServedBot):

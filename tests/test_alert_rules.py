@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from alerts import generate
@@ -84,12 +85,14 @@ def test_generator_check_mode() -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.prometheus
 def test_promtool_check_rules() -> None:
     result = _run(promtool(), "check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
 
+@pytest.mark.prometheus
 def test_promtool_unit_tests() -> None:
     assert RULE_TESTS, "no alerts/tests/*.yml"
     result = _run(promtool(), "test", "rules", *map(str, RULE_TESTS), timeout=120)
@@ -195,6 +198,7 @@ def test_every_alert_has_a_runbook() -> None:
     assert orphans == set(), "runbooks without an alert"
 
 
+@pytest.mark.prometheus
 def test_for_override_copy_passes_promtool(tmp_path: Path) -> None:
     out = tmp_path / "wabot.rules.short.yml"
     result = _run(sys.executable, "alerts/generate.py", "--for-override", "5s", "--out", str(out))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,10 +22,14 @@ import yaml
 
 from alerts import testing
 from tests.binaries import find_binary
+from tests.conftest import free_port
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "alerts" / "alertmanager.yml"
 NOTIFY_TIMEOUT = 15.0
+
+pytestmark = pytest.mark.prometheus
 
 
 def alertmanager_binary() -> str:
@@ -92,18 +95,16 @@ class Alertmanager:
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if process.poll() is not None:
             pytest.fail(f"alertmanager exited with {process.returncode}:\n{log.read_text(errors='replace')}")
         try:
             with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
-                if response.status == 200:
-                    return
+                return response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.05)  # bounded poll interval of a readiness loop, not a wait for an outcome
-    pytest.fail(f"alertmanager not ready within {timeout} s:\n{log.read_text(errors='replace')}")
+            return False
+
+    wait_until(ready, timeout, f"alertmanager ready at {url}", details=lambda: log.read_text(errors="replace"))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def alertmanager(receiver: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     workdir = tmp_path_factory.mktemp("alertmanager")
     config_path = workdir / "alertmanager.yml"
     config_path.write_text(yaml.safe_dump(testing.alertmanager_test_config(CONFIG, receiver.url)), encoding="utf-8")
-    port = testing.free_port()
+    port = free_port()
     log = workdir / "alertmanager.log"
     with log.open("wb") as log_file:
         process = subprocess.Popen(
@@ -208,13 +209,11 @@ def test_critical_inhibits_warning_of_the_same_alertname(alertmanager: Alertmana
     assert [a["labels"]["severity"] for a in note.alerts] == ["critical"]
 
     # Alertmanager itself reports the warning as suppressed by the critical one.
-    deadline = time.monotonic() + NOTIFY_TIMEOUT
-    while True:
+    def suppressed() -> dict[str, Any]:
         states = {a["labels"]["severity"]: a["status"] for a in alertmanager.alerts(name)}
-        if states.get("warning", {}).get("state") == "suppressed":
-            break
-        assert time.monotonic() < deadline, f"warning never suppressed: {states}"
-        time.sleep(0.05)  # bounded poll of the API
+        return states if states.get("warning", {}).get("state") == "suppressed" else {}
+
+    states = wait_until(suppressed, NOTIFY_TIMEOUT, "the warning to be suppressed")
     assert states["warning"]["inhibitedBy"], states
     assert states["critical"]["state"] == "active"
 

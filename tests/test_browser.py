@@ -37,6 +37,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+pytestmark = pytest.mark.browser
 WAIT_MS = 10_000  # the longest path here (holding reply, then the apology at the 3 s budget) takes ~3 s
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from bot.demo.loopback import LoopbackServer
 from bot.demo.runner import Demo, start_demo
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE, Settings
 from tests.conftest import Bot, LogLines, free_port
+from tests.waiting import wait_until
 
 REPLY_TIMEOUT_S = 1.0
 FOLLOWUP_TIMEOUT_S = 3.0
@@ -70,10 +70,8 @@ class DemoBot:
 
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Bounded poll of /readyz until no run is in flight."""
-        deadline = time.monotonic() + timeout
-        while self.client.get(f"{self.url}/readyz").json().get("runs_in_flight") != 0:
-            assert time.monotonic() < deadline, "the bot still has runs in flight"
-            time.sleep(0.05)
+        idle = lambda: self.client.get(f"{self.url}/readyz").json().get("runs_in_flight") == 0  # noqa: E731
+        wait_until(idle, timeout, "no run in flight")
 
     def stop(self) -> None:
         self.client.close()
@@ -249,17 +247,17 @@ def test_bad_input_is_refused_and_numbers_stay_out_of_the_logs(demo_bot: DemoBot
 def test_a_stop_signal_ends_open_event_streams(demo_bot: DemoBot) -> None:
     """begin_shutdown (called from the SIGTERM handler by bot/server.py) ends the streams, so uvicorn's graceful
     shutdown does not wait for open chat tabs."""
-    ended = threading.Event()
+    opened, ended = threading.Event(), threading.Event()
 
     def read() -> None:
         with httpx2.stream("GET", f"{demo_bot.url}/demo/events", params={"user": "+15550001007"}) as response:
             for _ in response.iter_lines():
-                pass
+                opened.set()  # the stream's first line: the server is inside its event loop
         ended.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    time.sleep(0.3)  # let the stream open; its end, not this pause, is what is asserted
+    assert opened.wait(5.0), "the event stream never opened"
     assert not ended.is_set()
     begin_shutdown(demo_bot.server._app)
     assert ended.wait(5.0), "the event stream did not end"

@@ -271,6 +271,7 @@ def test_every_selector_filters_job(dashboard: dict[str, Any]) -> None:
                 assert 'job=~"$job"' in matchers, f'{p["title"]}: selector {name}{matchers} lacks job=~"$job"'
 
 
+@pytest.mark.prometheus
 def test_every_expr_parses_with_promtool(dashboard: dict[str, Any], tmp_path: Path) -> None:
     exprs = [
         (f"{p['title']} {t['refId']}", gen.substitute(t["expr"])) for p in query_panels(dashboard) for t in p["targets"]
@@ -280,6 +281,7 @@ def test_every_expr_parses_with_promtool(dashboard: dict[str, Any], tmp_path: Pa
     assert f"SUCCESS: {len(exprs)} rules found" in result.stdout, result.stdout
 
 
+@pytest.mark.prometheus
 def test_promtool_harness_rejects_bad_promql(tmp_path: Path) -> None:
     # Guards the check above: a broken expression must make promtool fail and name it.
     result = check_rules(tmp_path, [("Broken panel A", "sum(rate(wabot_tokens_total[1m])")])

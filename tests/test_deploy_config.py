@@ -75,6 +75,7 @@ def _flag(command: list[str], name: str) -> str:
 # --- Prometheus ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.prometheus
 def test_promtool_check_config() -> None:
     result = subprocess.run(
         [promtool(), "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True, timeout=60

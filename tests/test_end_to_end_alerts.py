@@ -50,8 +50,10 @@ from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from dashboards import generate as dashboards
 from telemetry.thresholds import THRESHOLDS, duration_seconds, seconds_name
 from tests.binaries import find_binary
+from tests.conftest import free_port
+from tests.waiting import wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "alerts" / "wabot.rules.yml"
@@ -129,17 +131,15 @@ class Process:
         return f"--- {self.name} ({self.log}) ---\n{text[-chars:]}"
 
     def wait_ready(self, url: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             if self.popen.poll() is not None:
                 pytest.fail(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
             try:
-                if httpx2.get(url, timeout=1.0).status_code == 200:
-                    return
+                return httpx2.get(url, timeout=1.0).status_code == 200
             except httpx2.HTTPError:
-                pass
-            time.sleep(0.05)  # poll interval of a bounded readiness loop
-        pytest.fail(f"{self.name} not ready at {url} within {timeout} s:\n{self.tail()}")
+                return False
+
+        wait_until(ready, timeout, f"{self.name} ready at {url}", details=self.tail)
 
 
 class Prometheus:
@@ -203,14 +203,14 @@ class Stack:
 
     def poll(self, what: str, probe: Callable[[], tuple[bool, Any]], timeout: float = SETTLE_TIMEOUT_S) -> Any:
         """Call `probe` until it reports done; fail with its last observation (and the logs) after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            done, observed = probe()
-            if done:
-                return observed
-            if time.monotonic() > deadline:
-                pytest.fail(f"{what}: not within {timeout} s; last observed: {observed!r}\n{self.diagnostics()}")
-            time.sleep(0.1)  # poll interval of a bounded loop
+        last: list[Any] = [None]
+
+        def done() -> bool:
+            finished, last[0] = probe()
+            return finished
+
+        wait_until(done, timeout, what, 0.1, details=lambda: f"last observed: {last[0]!r}\n{self.diagnostics()}")
+        return last[0]
 
     # -- traffic
 
@@ -277,7 +277,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s: Stack | None = None
     try:
         # The bot first: Prometheus must find it up at its first scrape, with every counter at 0.
-        port, metrics_port = testing.free_port(), testing.free_port()
+        port, metrics_port = free_port(), free_port()
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "WABOT_", "PROMETHEUS_", "TWILIO_"))},
             "WABOT_REPLY_TIMEOUT": f"{REPLY_TIMEOUT_S:g}",
@@ -298,7 +298,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         processes.append(bot)
 
-        alertmanager_port = testing.free_port()
+        alertmanager_port = free_port()
         am_config = work / "alertmanager.yml"
         am_config.write_text(
             yaml.safe_dump(testing.alertmanager_test_config(testing.ALERTMANAGER_CONFIG, receiver.url)),
@@ -330,7 +330,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         bot.wait_ready(f"http://127.0.0.1:{port}/readyz")
         alertmanager.wait_ready(f"http://127.0.0.1:{alertmanager_port}/-/ready")
 
-        prometheus_port = testing.free_port()
+        prometheus_port = free_port()
         prom_config = work / "prometheus.yml"
         prom_config.write_text(
             yaml.safe_dump(prometheus_test_config(rules_copy, metrics_port, alertmanager_port)), encoding="utf-8"

@@ -11,7 +11,6 @@ empty answer's apology, two Twilio 500s retried, 63016 at send time (failed foll
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import itertools
@@ -38,7 +37,8 @@ from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from bot.store import OwedReply
 from bot.store.redis import RedisStore
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER, Bot, LogLines, Posted, free_port, metric
-from tests.redis_server import RedisServer, wait_until
+from tests.redis_server import RedisServer
+from tests.waiting import until, wait_until
 
 _numbers = itertools.count(1)
 
@@ -813,12 +813,3 @@ async def test_after_a_redis_outage_no_replica_takes_over_replies_a_live_one_is_
     finally:
         await a.close()
         await b.close()
-
-
-async def until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
-    """Bounded poll for async tests (the stores' own tasks must keep running meanwhile)."""
-    deadline = time.monotonic() + timeout
-    while not ((await result) if asyncio.iscoroutine(result := predicate()) else result):
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.05)  # the poll interval of a bounded loop

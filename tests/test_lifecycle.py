@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import pytest
 from bot.settings import DEFAULT_HOLDING_MESSAGE
 from tests.conftest import AUTH_TOKEN, Bot, free_port
 from tests.served import DemoProcess
+from tests.waiting import wait_until
 
-REPO = Path(__file__).resolve().parent.parent
 WABOT = [sys.executable, "-m", "bot"]
 
 
@@ -69,40 +68,25 @@ def served(tmp_path: Path) -> Iterator[Callable[..., DemoProcess]]:
         process.stop()
 
 
-def _send(url: str, text: str, sender: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*WABOT, "send", text, "--from", sender, "--url", url],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=REPO,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "WABOT_"))},
-    )
-
-
 def test_sigterm_finishes_in_flight_webhooks_and_keeps_owed_replies(served, tmp_path: Path) -> None:
     server = served(WABOT_REPLY_TIMEOUT="2")
-    owed = _send(server.url, "a long think [sim:delay=60]", "+15550003434")
-    assert DEFAULT_HOLDING_MESSAGE in owed.stdout
+    # Signed posts as Twilio makes them (`wabot send`, a process of its own, is tested on its own below).
+    assert server.send("a long think [sim:delay=60]", "+15550003434") == [DEFAULT_HOLDING_MESSAGE]
 
-    in_flight: dict[str, subprocess.CompletedProcess[str]] = {}
+    in_flight: dict[str, list[str]] = {}
     sender = threading.Thread(
-        target=lambda: in_flight.setdefault(
-            "r", _send(server.url, "quick one [sim:delay=1] [sim:echo]", "+15550003535")
-        )
+        target=lambda: in_flight.setdefault("r", server.send("quick one [sim:delay=1] [sim:echo]", "+15550003535"))
     )
     sender.start()
     # SIGTERM must land while the webhook is in flight: wait until the simulator has the model call.
     [started] = [e for e in server.events() if e.get("event") == "demo_started"]
     calls_url = str(started["openai"]).removesuffix("/v1") + "/_sim/calls"
-    deadline = time.monotonic() + 10
-    while not any("quick one" in call["text"] for call in httpx2.get(calls_url).json()):
-        assert time.monotonic() < deadline, "the in-flight message never reached the model"
-        time.sleep(0.02)
+    reached = lambda: any("quick one" in call["text"] for call in httpx2.get(calls_url).json())  # noqa: E731
+    wait_until(reached, 30, "the in-flight message to reach the model", 0.02)
     server.process.send_signal(signal.SIGTERM)
     sender.join(30)
     assert server.process.wait(20) == 0
-    assert "[turn 1] quick one" in in_flight["r"].stdout
+    assert in_flight["r"] == ["[turn 1] quick one"]
     with sqlite3.connect(f"{tmp_path}/served.db") as db:
         rows = db.execute("SELECT prompt, answer_parts FROM pending").fetchall()
     assert rows == [("a long think [sim:delay=60]", None)]

@@ -7,30 +7,23 @@ new message gets the busy holding reply at once, and its answer still arrives as
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from collections.abc import Callable
 
 from bot.settings import DEFAULT_BUSY_MESSAGE, DEFAULT_HOLDING_MESSAGE, DEFAULT_RATE_LIMIT_MESSAGE
+from tests.clock import DrivenClock
 from tests.conftest import Bot, LogLines, metric
 
 LIMIT = 3
 
 
-def _start_of_a_fresh_minute_window(margin_s: float = 10.0) -> None:
-    """The limit counts per wall-clock minute; a test sending a burst must not straddle a window boundary."""
-    into_window = time.time() % 60
-    if into_window > 60 - margin_s:
-        time.sleep(60 - into_window + 0.05)  # waiting for the clock itself: nothing to poll
-
-
 def test_over_the_rate_limit_one_notice_then_silence_and_no_model_call(
     make_bot: Callable[..., Bot], sim, log_lines: LogLines
 ) -> None:
-    bot = make_bot(user_rate_limit=LIMIT)
+    # The limit counts per wall-clock minute: a driven clock keeps the burst inside one window.
+    bot = make_bot(user_rate_limit=LIMIT, clock=DrivenClock())
     flooder, other = "+15550101010", "+15550202020"
     before = metric("wabot_webhook_rejections_total", {"reason": "rate_limited"})
     mark = log_lines.mark()
-    _start_of_a_fresh_minute_window()
 
     answered = [bot.send(f"message {i}", sender=flooder) for i in range(LIMIT)]
     notice = bot.send("one too many", sender=flooder)
@@ -52,12 +45,25 @@ def test_over_the_rate_limit_one_notice_then_silence_and_no_model_call(
     assert all("0101010" not in line for line in log_lines.lines[mark:])  # the number is hashed
 
 
+def test_the_limit_counts_per_minute_window_and_a_new_window_starts_afresh(make_bot: Callable[..., Bot], sim) -> None:
+    clock = DrivenClock(start=1_800_000_000.0)  # the first second of a minute
+    bot = make_bot(user_rate_limit=1, clock=clock)
+    user = "+15550111111"
+    assert bot.send("first", sender=user).messages == ["[turn 1] first"]
+    clock.advance(59.9)  # still the same minute
+    assert bot.send("same minute", sender=user).messages == [DEFAULT_RATE_LIMIT_MESSAGE]
+    clock.advance(0.1)  # the next minute: counted afresh, and over the limit again gets a notice again
+    assert bot.send("next minute", sender=user).messages == ["[turn 2] next minute"]
+    assert bot.send("again", sender=user).messages == [DEFAULT_RATE_LIMIT_MESSAGE]
+    assert bot.send("and again", sender=user).messages == []
+    assert [c["text"] for c in sim.calls()] == ["first", "next minute"]
+
+
 def test_rate_limited_messages_are_not_journaled(make_bot: Callable[..., Bot], sim, tmp_path) -> None:
     import sqlite3
 
     store = tmp_path / "limited.db"
-    bot = make_bot(user_rate_limit=1, store=f"sqlite:///{store}")
-    _start_of_a_fresh_minute_window()
+    bot = make_bot(user_rate_limit=1, store=f"sqlite:///{store}", clock=DrivenClock())
     bot.send("first", sender="+15550303030")
     over = bot.send("second", sender="+15550303030")
     assert over.messages == [DEFAULT_RATE_LIMIT_MESSAGE]

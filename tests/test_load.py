@@ -22,6 +22,10 @@ MODEL_S = 12
 # bot's own memory does not grow with anything but the conversations in flight.
 PEAK_RSS_LIMIT_MIB = 512
 
+# A thousand users at once load every core: nothing else runs meanwhile (its deadlines would be measured on a
+# saturated machine), and these run on one worker, with the other test that loads every core.
+pytestmark = [pytest.mark.exclusive, pytest.mark.xdist_group("heavy")]
+
 
 def _bot_env(simulator_url: str, sink_url: str, **extra: str) -> dict[str, str]:
     return bot_env(simulator_url, sink_url, WABOT_REPLY_TIMEOUT=str(DEADLINE_S), WABOT_FOLLOWUP_TIMEOUT="120", **extra)

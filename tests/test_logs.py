@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.conftest import AUTH_TOKEN, Bot, LogLines
 from tests.served import ROOT, DemoProcess
 from tests.test_metrics import json_lines
 from tests.test_tracing import OtlpHttpReceiver, flatten
+from tests.waiting import wait_until
 
 REQUIRED_KEYS = {"event", "level", "timestamp", "trace_id", "span_id"}
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -33,23 +33,19 @@ LEVELS = {"debug", "info", "warning", "error", "critical"}
 
 def wait_for_events(log_lines: LogLines, mark: int, expected: dict[str, int], timeout: float = 15.0) -> list[dict]:
     """Bounded poll until the log since `mark` holds at least the expected count of each event."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def complete() -> list[dict]:
         events = log_lines.events(mark)
         counts = Counter(e["event"] for e in events)
-        if all(counts[name] >= n for name, n in expected.items()):
-            return events
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"expected events {expected}, got {dict(counts)}")
-        time.sleep(0.02)
+        return events if all(counts[name] >= n for name, n in expected.items()) else []
+
+    counts = lambda: f"got {dict(Counter(e['event'] for e in log_lines.events(mark)))}"  # noqa: E731
+    return wait_until(complete, timeout, f"log events {expected}", 0.02, details=counts)
 
 
 def wait_for_span_count(bot: Bot, name: str, n: int, timeout: float = 10.0) -> list[ReadableSpan]:
-    deadline = time.monotonic() + timeout
-    while len([s for s in bot.spans.get_finished_spans() if s.name == name]) < n:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"fewer than {n} {name!r} spans ended within {timeout} s")
-        time.sleep(0.02)
+    ended = lambda: len([s for s in bot.spans.get_finished_spans() if s.name == name]) >= n  # noqa: E731
+    wait_until(ended, timeout, f"{n} {name!r} spans to end", 0.02)
     return list(bot.spans.get_finished_spans())
 
 

@@ -38,7 +38,7 @@ from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, Bot
 
 HELD = 100  # webhooks per batch that get the holding reply, all posted at once
 INLINE = 4  # messages per batch answered inline, one after the other
-DEADLINE_S = 0.5  # inline answers took 0.07-0.19 s here with tracemalloc on
+DEADLINE_S = 1.0  # inline answers took 0.07-0.19 s here with tracemalloc on, 0.5 s and more on a loaded host
 WARMUP_BATCHES = 5
 MEASURED_BATCHES = 6
 MEASURED = MEASURED_BATCHES * (HELD + INLINE)  # 624 messages

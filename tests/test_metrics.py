@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from bot.demo.runner import DEMO_AUTH_TOKEN
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from telemetry.metrics import SECONDS_BUCKETS, exposition
 from tests.served import DemoProcess
+from tests.waiting import wait_until
 
 HOLDING = [DEFAULT_HOLDING_MESSAGE]
 
@@ -38,6 +38,17 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[DemoProcess]:
     process = DemoProcess(tmp_path, env={"WABOT_REPLY_TIMEOUT": "2.5"})
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def quiet_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoProcess]:
+    """One process for the tests that send it no message (what they read, no other test changes)."""
+    process = DemoProcess(tmp_path_factory.mktemp("quiet"), env={"WABOT_REPLY_TIMEOUT": "2.5"})
     try:
         process.wait_ready()
         yield process
@@ -150,7 +161,8 @@ def test_exemplars_only_in_openmetrics(demo: DemoProcess) -> None:
     assert exemplars["wabot_ai_processing_seconds_bucket"] == exemplars["wabot_response_seconds_bucket"]
 
 
-def test_metrics_and_webhook_ports_are_separate(demo: DemoProcess) -> None:
+def test_metrics_and_webhook_ports_are_separate(quiet_demo: DemoProcess) -> None:
+    demo = quiet_demo
     assert demo.client.get(f"{demo.url}/metrics").status_code == 404
     form = demo.form("to the wrong port [sim:delay=0.1]", "+15557650011")
     signature = RequestValidator(DEMO_AUTH_TOKEN).compute_signature(f"{demo.url}/whatsapp", form)
@@ -176,9 +188,9 @@ def _listening_on(port: int) -> set[str]:
     return addresses
 
 
-def test_metrics_port_listens_on_loopback_unless_configured(demo: DemoProcess, tmp_path: Path) -> None:
+def test_metrics_port_listens_on_loopback_unless_configured(quiet_demo: DemoProcess, tmp_path: Path) -> None:
     # The webhook must be reachable by Twilio; the metrics (and /status) only by the local Prometheus.
-    assert _listening_on(demo.metrics_port) == {"127.0.0.1"}
+    assert _listening_on(quiet_demo.metrics_port) == {"127.0.0.1"}
     exposed = DemoProcess(tmp_path, env={"WABOT_METRICS_HOST": "0.0.0.0"}).wait_ready()
     try:
         assert _listening_on(exposed.metrics_port) == {"0.0.0.0"}
@@ -198,10 +210,9 @@ def test_two_workers_aggregate_through_the_multiprocess_dir(tmp_path: Path) -> N
     )
     try:
         demo.wait_ready()
-        deadline = time.monotonic() + 20
-        while demo.text().count("Application startup complete.") < 2:  # /healthz answers once one worker is up
-            assert time.monotonic() < deadline, demo.text()
-            time.sleep(0.05)
+        # /healthz answers once one worker is up
+        both_up = lambda: demo.text().count("Application startup complete.") >= 2  # noqa: E731
+        wait_until(both_up, 20, "both workers to start", details=demo.text)
         workers = sorted(int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", demo.text()))
         assert len(workers) == 2, demo.text()
         # Which worker accepts a connection is the kernel's choice, and one may take every burst. To have both

@@ -113,7 +113,7 @@ def test_one_users_messages_are_answered_in_order_without_delaying_others(
     user, other = "+15550006666", "+15550007777"
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         first = pool.submit(bot.send, "first [sim:delay=1.5]", sender=user)
-        time.sleep(0.1)  # the second message must arrive after the first: that is what is being tested
+        sim.wait_for_calls(1, timeout=5)  # the second message must arrive after the first: that is what is tested
         second = pool.submit(bot.send, "second", sender=user)
         third_other = pool.submit(bot.send, "not waiting", sender=other)
         assert third_other.result().messages == ["[turn 1] not waiting"]

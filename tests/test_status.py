@@ -26,6 +26,7 @@ from tests.binaries import find_binary
 from tests.conftest import free_port
 from tests.served import ROOT, DemoProcess
 from tests.test_end_to_end_alerts import Process
+from tests.waiting import wait_until
 
 REPLY_TIMEOUT_S = 1.0
 FAST = "[sim:delay=0.05] [sim:echo]"  # answered within the deadline with the echo "[turn 1] <text>"
@@ -64,12 +65,7 @@ def status_json(demo: DemoProcess) -> dict[str, Any]:
 
 def wait_for(what: str, probe: Any, timeout: float = 15.0) -> Any:
     """Call `probe` until it returns something truthy; fail with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not (result := probe()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.05)  # poll interval of a bounded loop
-    return result
+    return wait_until(probe, timeout, what)
 
 
 @pytest.fixture
@@ -189,6 +185,7 @@ def test_with_several_workers_status_says_their_windows_are_not_visible(tmp_path
         demo.stop()
 
 
+@pytest.mark.prometheus
 def test_alerts_pending_or_firing_in_prometheus_are_listed_and_an_unreachable_one_is_said(tmp_path: Path) -> None:
     prometheus_bin = find_binary("prometheus", "prometheus", "/usr/bin/prometheus")
     rules, config = tmp_path / "rules.yml", tmp_path / "prometheus.yml"

@@ -32,6 +32,7 @@ from telemetry.privacy import UserHasher
 from telemetry.server_spans import fastapi_telemetry
 from telemetry.tracing import ActiveSpan, Tracing, setup_tracing
 from tests.conftest import AUTH_TOKEN, Bot, free_port, metric
+from tests.waiting import wait_until
 
 TOOL_MESSAGE = 'what is 6*7 [sim:tool=calculate:{"expression":"6*7"}]'
 TOOL_ANSWER = 'Tool calculate said: {"expression": "6*7", "result": 42}'
@@ -39,15 +40,14 @@ TOOL_ANSWER = 'Tool calculate said: {"expression": "6*7", "result": 42}'
 
 def wait_for_spans(bot: Bot, *names: str, timeout: float = 10.0) -> list[ReadableSpan]:
     """Bounded poll of the exporter until a span of every given name (repeats count) has ended."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def ended() -> list[ReadableSpan]:
         spans = list(bot.spans.get_finished_spans())
-        ended = [span.name for span in spans]
-        if all(ended.count(name) >= names.count(name) for name in names):
-            return spans
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"spans {sorted(names)} not all ended within {timeout} s; ended: {sorted(ended)}")
-        time.sleep(0.02)
+        names_ended = [span.name for span in spans]
+        return spans if all(names_ended.count(name) >= names.count(name) for name in names) else []
+
+    ended_names = lambda: str(sorted(span.name for span in bot.spans.get_finished_spans()))  # noqa: E731
+    return wait_until(ended, timeout, f"spans {sorted(names)} to end", 0.02, details=ended_names)
 
 
 def only(spans: Sequence[ReadableSpan], name: str) -> ReadableSpan:

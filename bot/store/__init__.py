@@ -9,13 +9,18 @@ without deduplication or journal): `sqlite:///wabot.db?busy_timeout_ms=5000` (th
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 from bot.store.base import OwedReply, Store, StoreUnavailable, guarded
 
 
-async def open_store(url: str, *, dedupe_ttl_s: float, lease_s: float = 10.0) -> Store:
-    """Open (and create when needed) the store named by a `WABOT_STORE` URL."""
+async def open_store(
+    url: str, *, dedupe_ttl_s: float, lease_s: float = 10.0, clock: Callable[[], float] = time.time
+) -> Store:
+    """Open (and create when needed) the store named by a `WABOT_STORE` URL. `clock` (wall-clock seconds) places
+    the per-user rate-limit windows; tests pass one they drive instead of waiting for the next minute."""
     if url.startswith("sqlite://"):
         from bot.store.sqlite import SQLiteStore
 
@@ -24,11 +29,11 @@ async def open_store(url: str, *, dedupe_ttl_s: float, lease_s: float = 10.0) ->
         busy_timeout = options.pop("busy_timeout_ms", "5000")
         if options or not busy_timeout.isdigit():
             raise ValueError(f"WABOT_STORE={url!r}: the only SQLite option is busy_timeout_ms=<milliseconds>")
-        return await SQLiteStore.open(path or ":memory:", dedupe_ttl_s, busy_timeout_ms=int(busy_timeout))
+        return await SQLiteStore.open(path or ":memory:", dedupe_ttl_s, busy_timeout_ms=int(busy_timeout), clock=clock)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from bot.store.redis import RedisStore
 
-        return await RedisStore.open(url, dedupe_ttl_s, lease_s)
+        return await RedisStore.open(url, dedupe_ttl_s, lease_s, clock=clock)
     raise ValueError(f"WABOT_STORE={url!r}: expected sqlite:///path/to/file.db or redis://host:port/db")
 
 

@@ -125,7 +125,15 @@ return 1
 class RedisStore:
     """The Store interface on Redis, for several replicas."""
 
-    def __init__(self, client: aioredis.Redis, blocking: aioredis.Redis, dedupe_ttl_s: float, lease_s: float) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        blocking: aioredis.Redis,
+        dedupe_ttl_s: float,
+        lease_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._clock = clock
         self._lease_s = lease_s
         # Looking twice per lease bounds a dead replica's replies to about 1.5 leases without an owner.
         self.takeover_interval_s = lease_s / 2
@@ -141,7 +149,9 @@ class RedisStore:
         self._renewal_failed_at = -math.inf
 
     @classmethod
-    async def open(cls, url: str, dedupe_ttl_s: float, lease_s: float) -> RedisStore:
+    async def open(
+        cls, url: str, dedupe_ttl_s: float, lease_s: float, *, clock: Callable[[], float] = time.time
+    ) -> RedisStore:
         options: dict[str, Any] = {
             "decode_responses": True,
             "socket_connect_timeout": 5.0,
@@ -162,7 +172,7 @@ class RedisStore:
         turns = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=_TURN_CONNECTIONS, timeout=None, socket_timeout=None, **options
         )
-        store = cls(aioredis.Redis.from_pool(commands), aioredis.Redis.from_pool(turns), dedupe_ttl_s, lease_s)
+        store = cls(aioredis.Redis.from_pool(commands), aioredis.Redis.from_pool(turns), dedupe_ttl_s, lease_s, clock)
         await store._renew_lease()
         store._heartbeat = asyncio.create_task(store._keep_lease(), name="redis lease")
         return store
@@ -255,7 +265,7 @@ class RedisStore:
 
     @counted("count_message")
     async def count_message(self, user_key: str, window_s: int) -> int:
-        key = f"{_PREFIX}:rate:{user_key}:{int(time.time() // window_s)}"
+        key = f"{_PREFIX}:rate:{user_key}:{int(self._clock() // window_s)}"
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.incr(key)
             pipe.expire(key, window_s * 2)

@@ -16,6 +16,7 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiosqlite
@@ -59,8 +60,11 @@ def _fail_waiters(waiters: list[asyncio.Future[bool]], exc: BaseException) -> No
 class SQLiteStore:
     """The Store interface on one SQLite file."""
 
-    def __init__(self, db: aiosqlite.Connection, dedupe_ttl_s: float, path: str) -> None:
+    def __init__(
+        self, db: aiosqlite.Connection, dedupe_ttl_s: float, path: str, clock: Callable[[], float] = time.time
+    ) -> None:
         self._db = db
+        self._clock = clock
         self._path = path
         self._recovery_lock: int | None = None
         self._recovery_claimed = False
@@ -78,7 +82,9 @@ class SQLiteStore:
         self._retry_owed_task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, path: str, dedupe_ttl_s: float, *, busy_timeout_ms: int = 5000) -> SQLiteStore:
+    async def open(
+        cls, path: str, dedupe_ttl_s: float, *, busy_timeout_ms: int = 5000, clock: Callable[[], float] = time.time
+    ) -> SQLiteStore:
         if path != ":memory:":
             Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
@@ -89,7 +95,7 @@ class SQLiteStore:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(_SCHEMA)
-        return cls(db, dedupe_ttl_s, path)
+        return cls(db, dedupe_ttl_s, path, clock)
 
     async def _purge_expired(self, now: float) -> None:
         if now - self._last_purge >= _PURGE_EVERY_S:
@@ -258,7 +264,7 @@ class SQLiteStore:
     async def count_message(self, user_key: str, window_s: int) -> int:
         # One process owns a SQLite store, so the counts live in memory; a restart forgets them, which only
         # means a user briefly gets a fresh allowance.
-        window = int(time.time() // window_s)
+        window = int(self._clock() // window_s)
         if window != self._rate_window:
             self._rate_window, self._rate_counts = window, {}
         self._rate_counts[user_key] = self._rate_counts.get(user_key, 0) + 1
