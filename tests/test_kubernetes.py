@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
-from pydantic import SecretStr
+from pydantic import AliasChoices, SecretStr
 
 from bot.settings import Settings
 from deploy.kubernetes import generate
@@ -60,8 +60,9 @@ def settings_aliases() -> dict[str, str]:
     """Environment name -> field name of every setting."""
     out = {}
     for name, field in Settings.model_fields.items():
-        for alias in getattr(field.validation_alias, "choices", []):
-            out[str(alias)] = name
+        alias = field.validation_alias
+        for choice in alias.choices if isinstance(alias, AliasChoices) else [alias] if alias else []:
+            out[str(choice)] = name
     return out
 
 

@@ -52,7 +52,7 @@ _SIM_PREFIX = "[sim:"
 _ELON_RE = re.compile(r"elon\s+musk", re.IGNORECASE)
 _FIRST_MESSAGE_RE = re.compile(r"first message\?", re.IGNORECASE)
 _LONG_SENTENCE = "Sentence {n} of the long answer."
-_ANSWERS_KEPT = 1000  # answers remembered for tools_used(): the chat page asks right after each answer
+_ANSWERS_KEPT = 1000  # answers that used tools, remembered for tools_used(): the chat page asks right after each
 
 
 class DirectiveError(ValueError):
@@ -834,7 +834,7 @@ class OpenAISimulator:
         plan.body = body
         if store:
             plan.stored = _Stored(body=body, conversation=conversation, pending_calls=pending, turn_tools=turn_tools)
-        if answer:
+        if answer and turn_tools:  # an answer without tools needs no record: tools_used() says [] for it
             plan.answered = _Answered(text=text, answer=answer, tools=tuple(dict.fromkeys(turn_tools)))
         return plan
 
