@@ -41,6 +41,7 @@ from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 
 from bot.settings import Settings
+from bot.xml_text import xml_safe
 from telemetry.tracing import ActiveSpan, record_error
 
 _BACKOFF_BASE_S = 0.5
@@ -137,6 +138,8 @@ class TwilioSender:
         `maybe_sent_since` (a time.time() stamp): an earlier process may have sent this message since then (it
         crashed before journaling that Twilio took it); it is looked up first and sent only when it is not there.
         """
+        # What TwiML cannot carry is garbage here too; stripped first, so a lookup compares what was really sent.
+        body = xml_safe(body)
         with ActiveSpan(
             self._tracer,
             "twilio.messages.create",
