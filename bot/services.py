@@ -23,7 +23,7 @@ from bot.store import Store, open_store
 from bot.tools import registry
 from telemetry import metrics
 from telemetry.logging import get_logger
-from telemetry.privacy import UserHasher
+from telemetry.privacy import UserHasher, hasher_for
 from telemetry.recent import RecentActivity
 from telemetry.tracing import Tracing
 
@@ -73,7 +73,7 @@ class Services:
                 settings.public_url,
                 settings.secret("twilio_signing_key"),
             ),
-            hasher=UserHasher(settings.secret("hash_key") or settings.secret("twilio_auth_token")),
+            hasher=hasher_for(settings),
             log=log,
             recent=recent,
         )

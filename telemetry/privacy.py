@@ -1,4 +1,5 @@
-"""Keyed hashing of personal identifiers, so telemetry can correlate a user's messages without naming them.
+"""Keyed hashing of personal identifiers and message bodies, so telemetry can correlate a user's messages
+without naming them or quoting them.
 
 A plain hash of a phone number is reversible by enumerating the number space; an HMAC with a secret key is not.
 """
@@ -7,6 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bot.settings import Settings
 
 # Used only when no key is configured (demo, tests): hashes are then stable but not secret.
 _FALLBACK_KEY = b"wabot-demo-hash-key"
@@ -24,7 +29,17 @@ class UserHasher:
         normalized = identifier.removeprefix("whatsapp:").strip()
         return hmac.new(self._key, normalized.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 
+    def fingerprint(self, text: str) -> dict[str, int | str]:
+        """Length and a short keyed digest of a message body: enough to spot repeats, not enough to read it.
 
-def text_fingerprint(text: str) -> dict[str, int | str]:
-    """Length and a short digest of a message body: enough to spot repeats, not enough to read it."""
-    return {"length": len(text), "sha256_8": hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]}
+        Keyed like the numbers: a plain hash of a short text is reversed by trying texts ("My code is 482913" fell
+        in under a second). The field keeps its name, `sha256_8`, as logs and `wabot analyze` know it."""
+        return {
+            "length": len(text),
+            "sha256_8": hmac.new(self._key, text.encode("utf-8"), hashlib.sha256).hexdigest()[:8],
+        }
+
+
+def hasher_for(settings: Settings) -> UserHasher:
+    """The bot's hasher: keyed with WABOT_HASH_KEY, or with the Twilio auth token when that is not set."""
+    return UserHasher(settings.secret("hash_key") or settings.secret("twilio_auth_token"))
