@@ -237,7 +237,7 @@ def _recorded(span: trace.Span, error: DeliveryError) -> DeliveryError:
     """`error`, once the span says the call failed with it."""
     if error.code is not None:
         span.set_attribute("twilio.error_code", error.code)
-    record_error(span, error.error_type, str(error))
+    record_error(span, error.error_type)
     return error
 
 

@@ -243,7 +243,7 @@ def test_run_past_the_followup_budget_ends_with_error_type_timeout(make_bot: Cal
     assert reply.attributes["wabot.reply.outcome"] == "timeout"
     assert agent.status.status_code == StatusCode.ERROR
     assert agent.attributes["error.type"] == "timeout"
-    assert agent.status.description == "no answer within 1.5 s"
+    assert agent.status.description == "timeout"
     # The budget counts from arrival: the span ends ~1.5 s after the message came in, not 1.5 s after the deadline.
     assert 1.4 <= seconds(reply.start_time, agent.end_time) < 2.0
     assert time.monotonic() - started >= 1.5
@@ -556,7 +556,7 @@ def test_active_span_records_an_escaping_exception_only_when_asked_and_never_a_c
             raise error
         assert trace.get_current_span() is before  # the context is restored however the block ends
     loud, quiet, cancelled = exporter.get_finished_spans()
-    assert loud.status.status_code is StatusCode.ERROR and loud.status.description == "ValueError: boom"
+    assert loud.status.status_code is StatusCode.ERROR and loud.status.description == "ValueError"
     assert [event.name for event in loud.events] == ["exception"]
     assert quiet.status.status_code is StatusCode.UNSET and not quiet.events
     assert cancelled.status.status_code is StatusCode.UNSET and not cancelled.events
