@@ -22,6 +22,7 @@ from bot.signature import SignatureChecker
 from bot.store import Store, open_store
 from bot.tools import registry
 from telemetry import metrics
+from telemetry.flood import RejectionThrottle
 from telemetry.logging import get_logger
 from telemetry.privacy import UserHasher, hasher_for
 from telemetry.recent import RecentActivity
@@ -41,6 +42,7 @@ class Services:
     hasher: UserHasher
     log: Any
     recent: RecentActivity
+    rejections: RejectionThrottle = field(default_factory=RejectionThrottle)
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod

@@ -29,6 +29,7 @@ from opentelemetry.util.types import Attributes
 
 from bot import __version__
 from bot.settings import Settings
+from telemetry.flood import DropSampledOut
 from telemetry.otlp_export import HttpExporter, grpc_exporter_class
 from telemetry.trace_keeping import KeepWhatMatters
 
@@ -109,7 +110,8 @@ def setup_tracing(settings: Settings, exporter: SpanExporter | None = None) -> T
     if processor is not None and settings.traces_keep_ok < 1.0:
         processor = KeepWhatMatters(processor, settings.traces_keep_ok)
     if processor is not None:
-        provider.add_span_processor(processor)
+        # Outermost: a rejection left out under a flood is not exported, kept or not (telemetry/flood.py).
+        provider.add_span_processor(DropSampledOut(processor))
     return Tracing(provider=provider, tracer=provider.get_tracer(TRACER_NAME, __version__))
 
 
