@@ -95,6 +95,8 @@ class Settings(BaseSettings):
 
     # Demo
     demo_seed: int | None = Field(None, validation_alias=_env("WABOT_DEMO_SEED"))
+    # Where `wabot serve --demo` leaves the token it generated (owner-only), for `wabot send` run in the same place.
+    demo_token_file: str = Field(".wabot-demo-token", validation_alias=_env("WABOT_DEMO_TOKEN_FILE"))
 
     @field_validator("twilio_api_url", "public_url", "openai_base_url", "prometheus_url")
     @classmethod

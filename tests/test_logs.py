@@ -16,11 +16,10 @@ from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 
-from bot.demo.runner import DEMO_AUTH_TOKEN
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from telemetry.privacy import UserHasher
 from tests.conftest import AUTH_TOKEN, Bot, LogLines
-from tests.served import ROOT, DemoProcess
+from tests.served import DEMO_AUTH_TOKEN, ROOT, DemoProcess
 from tests.test_metrics import json_lines
 from tests.test_tracing import OtlpHttpReceiver, flatten
 

@@ -41,6 +41,10 @@ _SIM_PREFIX = "[sim:"
 _ELON_RE = re.compile(r"elon\s+musk", re.IGNORECASE)
 _FIRST_MESSAGE_RE = re.compile(r"first message\?", re.IGNORECASE)
 _LONG_SENTENCE = "Sentence {n} of the long answer."
+# Caps on what one message can ask of the simulator: anyone who can reach the demo can send directives.
+_MAX_LONG_CHARS = 100_000
+_MAX_DELAY_S = 600.0
+_MAX_FLAKY_CALLS = 1_000
 
 
 class DirectiveError(ValueError):
@@ -115,8 +119,8 @@ def _apply_directive(d: Directives, body: str) -> None:
             d.delay = float(value)
         except ValueError:
             raise DirectiveError(f"[sim:delay=S] needs seconds, got {value!r}") from None
-        if d.delay < 0:
-            raise DirectiveError("[sim:delay=S] needs a non-negative delay")
+        if not 0 <= d.delay <= _MAX_DELAY_S:
+            raise DirectiveError(f"[sim:delay=S] needs a delay between 0 and {_MAX_DELAY_S:g} s")
     elif name == "error":
         d.error = _status_code(value, "error")
     elif name == "flaky":
@@ -125,6 +129,8 @@ def _apply_directive(d: Directives, body: str) -> None:
             n = int(count)
         except ValueError:
             raise DirectiveError(f"[sim:flaky=CODE:N] needs a count, got {value!r}") from None
+        if not 0 <= n <= _MAX_FLAKY_CALLS:
+            raise DirectiveError(f"[sim:flaky=CODE:N] needs a count between 0 and {_MAX_FLAKY_CALLS}")
         d.flaky = (_status_code(code, "flaky"), n)
     elif name == "hang" and not sep:
         d.hang = True
@@ -150,8 +156,8 @@ def _apply_directive(d: Directives, body: str) -> None:
             d.long = int(value)
         except ValueError:
             raise DirectiveError(f"[sim:long=N] needs a character count, got {value!r}") from None
-        if d.long < 0:
-            raise DirectiveError("[sim:long=N] needs a non-negative count")
+        if not 0 <= d.long <= _MAX_LONG_CHARS:
+            raise DirectiveError(f"[sim:long=N] needs a count between 0 and {_MAX_LONG_CHARS}")
     elif name == "empty" and not sep:
         d.empty = True
     elif name == "retry_after":
@@ -159,8 +165,8 @@ def _apply_directive(d: Directives, body: str) -> None:
             d.retry_after = float(value)
         except ValueError:
             raise DirectiveError(f"[sim:retry_after=S] needs seconds, got {value!r}") from None
-        if d.retry_after < 0:
-            raise DirectiveError("[sim:retry_after=S] needs a non-negative number of seconds")
+        if not 0 <= d.retry_after <= _MAX_DELAY_S:
+            raise DirectiveError(f"[sim:retry_after=S] needs seconds between 0 and {_MAX_DELAY_S:g}")
     else:
         raise DirectiveError(f"unknown simulator directive [sim:{body}]")
 
