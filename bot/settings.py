@@ -88,7 +88,8 @@ class Settings(BaseSettings):
     otel_traces_sampler: str = Field("parentbased_always_on", validation_alias=_env("OTEL_TRACES_SAMPLER"))
     otel_traces_sampler_arg: float | None = Field(None, validation_alias=_env("OTEL_TRACES_SAMPLER_ARG"))
     # Share of the traces of messages that went fine exported; every timeout, error or rejection trace is exported
-    # whatever this says (telemetry/trace_keeping.py). 1 (every trace) by default.
+    # whatever this says (telemetry/trace_keeping.py; rejections up to 10 a second per reason, telemetry/flood.py).
+    # 1 (every trace) by default.
     traces_keep_ok: float = Field(1.0, ge=0.0, le=1.0, validation_alias=_env("WABOT_TRACES_KEEP_OK"))
     # The standard switch: "true" turns tracing into a no-op (no spans, server spans included); metrics and logs stay.
     otel_sdk_disabled: bool = Field(False, validation_alias=_env("OTEL_SDK_DISABLED"))
