@@ -17,7 +17,7 @@ import pytest
 
 from bot.settings import DEFAULT_HOLDING_MESSAGE
 from tests.conftest import AUTH_TOKEN, Bot, free_port
-from tests.served import DemoProcess
+from tests.served import DEMO_AUTH_TOKEN, DemoProcess
 
 REPO = Path(__file__).resolve().parent.parent
 WABOT = [sys.executable, "-m", "bot"]
@@ -76,7 +76,10 @@ def _send(url: str, text: str, sender: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=30,
         cwd=REPO,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "WABOT_"))},
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "WABOT_"))},
+            "TWILIO_AUTH_TOKEN": DEMO_AUTH_TOKEN,  # the token the served demo signs with
+        },
     )
 
 
