@@ -120,16 +120,16 @@ class Agent:
                 async with asyncio.timeout(budget_s) as usage.deadline:
                     answer = await self._loop(prompt, previous_response_id, usage, span)
             except TimeoutError:
-                record_error(span, "timeout", f"no answer within {budget_s:.1f} s")
+                record_error(span, "timeout")
                 raise AgentError("timeout", f"no answer within {budget_s:.1f} s") from None
             except AgentError as exc:
-                record_error(span, exc.error_type, str(exc))
+                record_error(span, exc.error_type)
                 raise
             except asyncio.CancelledError:
                 record_error(span, "cancelled")
                 raise
             except Exception as exc:
-                record_error(span, exc.__class__.__name__, str(exc))
+                record_error(span, exc.__class__.__name__)
                 raise AgentError("other", str(exc)) from exc
             finally:
                 span.set_attributes(
@@ -241,11 +241,11 @@ class Agent:
                 # A failing tool is the model's problem to explain, not a failed run.
                 output = json.dumps({"error": str(exc) or exc.__class__.__name__})
                 error_type = exc.__class__.__name__
-                record_error(span, error_type, str(exc))
+                record_error(span, error_type)
             except Exception as exc:
                 output = json.dumps({"error": "the tool failed unexpectedly"})
                 error_type = exc.__class__.__name__
-                record_error(span, error_type, str(exc))
+                record_error(span, error_type)
             metrics.TOOL_CALLS.labels(tool=label, outcome="ok" if error_type is None else "error").inc()
             if error_type is not None:
                 # The error text may quote the user's arguments, so only its type is logged (as for bodies).

@@ -22,7 +22,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="wabot: a Wha
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Interface for the webhook.")] = "0.0.0.0",
+    host: Annotated[
+        str | None, typer.Option(help="Interface for the webhook [default: 0.0.0.0; 127.0.0.1 with --demo].")
+    ] = None,
     port: Annotated[int, typer.Option(help="Port for the webhook.")] = 8000,
     metrics_port: Annotated[int, typer.Option(help="Port for /metrics (Prometheus).")] = 9464,
     demo: Annotated[bool, typer.Option(help="Run against a local OpenAI simulator and Twilio sink.")] = False,
@@ -42,11 +44,27 @@ def serve(
     if demo:
         from bot.demo.runner import start_demo
 
+        # The demo signs messages for anyone who can reach its chat page: this machine only, unless told otherwise.
+        host = host or "127.0.0.1"
+        if not _loopback(host):
+            log.warning("demo_exposed", host=host, reason="--host puts the demo and its chat page on the network")
+            typer.echo(
+                f"WARNING: the demo listens on {host}: anyone who can reach port {port} can use its chat page, "
+                "send messages as any number and read every conversation. Use it on a trusted network only.",
+                err=True,
+            )
         local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         settings, demo_handle = start_demo(settings, bot_url=f"http://{local}:{port}")
         if workers > 1:
             settings = _export(settings, demo_handle.overrides)
-        log.info("demo_started", openai=settings.openai_base_url, twilio=settings.twilio_api_url)
+        if demo_handle.token_generated:
+            _write_private(Path(settings.demo_token_file), settings.secret("twilio_auth_token"))
+        log.info(
+            "demo_started",
+            openai=settings.openai_base_url,
+            twilio=settings.twilio_api_url,
+            token_file=str(Path(settings.demo_token_file).resolve()) if demo_handle.token_generated else None,
+        )
     else:
         missing = settings.missing_for_production()
         if missing:
@@ -58,10 +76,37 @@ def serve(
             raise typer.Exit(2)
     log.info("serving", port=port, metrics_port=metrics_port, reply_timeout_s=settings.reply_timeout)
     try:
-        run_server(settings, host=host, port=port, metrics_port=metrics_port, workers=workers, demo=demo_handle)
+        run_server(
+            settings, host=host or "0.0.0.0", port=port, metrics_port=metrics_port, workers=workers, demo=demo_handle
+        )
     finally:
         if demo_handle is not None:
             demo_handle.stop()
+            if demo_handle.token_generated:
+                _remove_token(Path(settings.demo_token_file), settings.secret("twilio_auth_token"))
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to a file only its owner can read (created 0600; an existing file is made so first)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def _remove_token(path: Path, token: str) -> None:
+    """Remove the demo's token file, unless another demo run has written its own there since."""
+    try:
+        if path.read_text(encoding="utf-8").strip() == token:
+            path.unlink()
+    except OSError:
+        pass
 
 
 def _export(settings: Settings, updates: dict[str, Any]) -> Settings:
@@ -82,10 +127,17 @@ def send(
 ) -> None:
     """Sign and post a message the way Twilio would, and print the bot's reply."""
     from bot.demo.inbound_form import inbound_form
-    from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
+    from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_FROM
 
     settings = Settings()
-    token = settings.secret("twilio_auth_token") or DEMO_AUTH_TOKEN
+    token = settings.secret("twilio_auth_token") or _demo_token(Path(settings.demo_token_file))
+    if not token:
+        typer.echo(
+            "wabot send: no TWILIO_AUTH_TOKEN, and no demo token file "
+            f"({settings.demo_token_file}, written by `wabot serve --demo` where it runs).",
+            err=True,
+        )
+        raise typer.Exit(2)
     form = inbound_form(
         text,
         sender=from_,
@@ -115,6 +167,13 @@ def send(
         typer.echo(f"(no reply, {elapsed:.2f} s)")
     for message in messages:
         typer.echo(f"[{elapsed:.2f} s] {message}")
+
+
+def _demo_token(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
 
 
 @app.command()

@@ -25,7 +25,7 @@ from bot.settings import Settings
 from bot.splitting import split_message
 from bot.store import OwedReply
 from telemetry import metrics
-from telemetry.privacy import text_fingerprint
+from telemetry.privacy import UserHasher
 from telemetry.tracing import ActiveSpan
 
 
@@ -123,6 +123,7 @@ class DeadlineResponder:
         self._holding = split_message(settings.holding_message)
         self._busy = split_message(settings.busy_message)
         self._log_bodies = settings.log_message_bodies
+        self._hasher = UserHasher(settings.hash_key_value())  # keyed fingerprints of bodies when they are not logged
         self._runner = runner
         self._tracer = tracer
         self._log = log
@@ -166,7 +167,7 @@ class DeadlineResponder:
             "runs_at_capacity",
             message_sid=message.sid,
             max_concurrent_runs=self._runner.max_concurrent,
-            user_msg=message.body[:80] if self._log_bodies else text_fingerprint(message.body),
+            user_msg=message.body[:80] if self._log_bodies else self._hasher.fingerprint(message.body),
         )
         return WebhookReply(parts=self._busy, outcome="busy")
 
@@ -179,7 +180,7 @@ class DeadlineResponder:
                 message_sid=message.sid,
                 elapsed_seconds=round(elapsed, 3),
                 timeout_seconds=self._timeout,
-                user_msg=message.body[:80] if self._log_bodies else text_fingerprint(message.body),
+                user_msg=message.body[:80] if self._log_bodies else self._hasher.fingerprint(message.body),
             )
             return WebhookReply(parts=self._holding, outcome="timeout")
         outcome = "ok" if answer.kind == "answer" else "error"

@@ -42,6 +42,7 @@ from twilio.rest import Client
 
 from bot.backoff import Backoff, parse_retry_after
 from bot.settings import Settings
+from bot.xml_text import xml_safe
 from telemetry.tracing import ActiveSpan, record_error
 
 # Between the attempts of one call; a Retry-After above 30 s is not waited for in full: the answer is already late.
@@ -122,6 +123,8 @@ class TwilioSender:
         `maybe_sent_since` (a time.time() stamp): an earlier process may have sent this message since then (it
         crashed before journaling that Twilio took it); it is looked up first and sent only when it is not there.
         """
+        # What TwiML cannot carry is garbage here too; stripped first, so a lookup compares what was really sent.
+        body = xml_safe(body)
         with ActiveSpan(
             self._tracer,
             "twilio.messages.create",
@@ -216,7 +219,7 @@ def _recorded(span: trace.Span, error: DeliveryError) -> DeliveryError:
     """`error`, once the span says the call failed with it."""
     if error.code is not None:
         span.set_attribute("twilio.error_code", error.code)
-    record_error(span, error.error_type, str(error))
+    record_error(span, error.error_type)
     return error
 
 

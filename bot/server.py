@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import gc
 import signal
-import socket
-import threading
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import uvicorn
 from fastapi import FastAPI
@@ -19,22 +15,12 @@ from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app, multip
 
 from bot import status
 from bot.app import begin_shutdown, create_app
+from bot.metrics_http import MetricsServer, WSGIApp
 from bot.settings import Settings
 from telemetry.recent import RecentActivity
 
 if TYPE_CHECKING:
     from bot.demo.runner import Demo
-
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a stuck scrape must not keep the process from exiting
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """No access log: Prometheus scrapes every 15 s."""
 
 
 def metrics_wsgi_app(registry: CollectorRegistry, status_data: Callable[[], dict[str, Any]]) -> WSGIApp:
@@ -63,7 +49,8 @@ def start_metrics_server(
     *,
     recent: Callable[[], RecentActivity | None] = lambda: None,
     workers: int = 1,
-) -> WSGIServer:
+    connection_timeout_s: float = 5.0,
+) -> MetricsServer:
     """Serve /metrics and /status on `port` (127.0.0.1 unless WABOT_METRICS_HOST says otherwise), in a thread.
 
     prometheus-client picks OpenMetrics with exemplars when the scraper asks for it. With several workers
@@ -76,14 +63,8 @@ def start_metrics_server(
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     app = metrics_wsgi_app(registry, lambda: status.collect(settings, recent(), workers=workers))
-    # Same address-family choice as prometheus_client.start_http_server, so WABOT_METRICS_HOST may be IPv6.
-    family, _, _, _, sockaddr = socket.getaddrinfo(
-        settings.metrics_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    server_class = type("MetricsServer", (_ThreadingWSGIServer,), {"address_family": family})
-    server: WSGIServer = make_server(str(sockaddr[0]), port, app, server_class, handler_class=_QuietHandler)
-    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
-    return server
+    # A connection that sends no request within `connection_timeout_s` is closed; threads stay few (metrics_http).
+    return MetricsServer(app, settings.metrics_host, port, connection_timeout_s=connection_timeout_s).start()
 
 
 class _Server(uvicorn.Server):
@@ -169,5 +150,4 @@ def serve(
             tune_gc()
             _Server(uvicorn.Config(app, **options), app).run()
     finally:
-        metrics_server.shutdown()
-        metrics_server.server_close()
+        metrics_server.stop()

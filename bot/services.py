@@ -24,6 +24,7 @@ from bot.signature import SignatureChecker
 from bot.store import Store, open_store
 from bot.tools import registry
 from telemetry import metrics
+from telemetry.flood import RejectionThrottle
 from telemetry.logging import get_logger
 from telemetry.privacy import UserHasher
 from telemetry.recent import RecentActivity
@@ -43,6 +44,7 @@ class Services:
     hasher: UserHasher
     log: FilteringBoundLogger
     recent: RecentActivity
+    rejections: RejectionThrottle = field(default_factory=RejectionThrottle)
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -78,7 +80,7 @@ class Services:
                 settings.public_url,
                 settings.secret("twilio_signing_key"),
             ),
-            hasher=UserHasher(settings.secret("hash_key") or settings.secret("twilio_auth_token")),
+            hasher=UserHasher(settings.hash_key_value()),
             log=log,
             recent=recent,
         )

@@ -82,13 +82,16 @@ class Settings(BaseSettings):
     otel_traces_sampler: str = Field("parentbased_always_on", validation_alias="OTEL_TRACES_SAMPLER")
     otel_traces_sampler_arg: float | None = Field(None, validation_alias="OTEL_TRACES_SAMPLER_ARG")
     # Share of the traces of messages that went fine exported; every timeout, error or rejection trace is exported
-    # whatever this says (telemetry/trace_keeping.py). 1 (every trace) by default.
+    # whatever this says (telemetry/trace_keeping.py; rejections up to 10 a second per reason, telemetry/flood.py).
+    # 1 (every trace) by default.
     traces_keep_ok: float = Field(1.0, ge=0.0, le=1.0, validation_alias="WABOT_TRACES_KEEP_OK")
     # The standard switch: "true" turns tracing into a no-op (no spans, server spans included); metrics and logs stay.
     otel_sdk_disabled: bool = Field(False, validation_alias="OTEL_SDK_DISABLED")
 
     # Demo
     demo_seed: int | None = Field(None, validation_alias="WABOT_DEMO_SEED")
+    # Where `wabot serve --demo` leaves the token it generated (owner-only), for `wabot send` run in the same place.
+    demo_token_file: str = Field(".wabot-demo-token", validation_alias="WABOT_DEMO_TOKEN_FILE")
 
     @field_validator("twilio_api_url", "public_url", "openai_base_url", "prometheus_url")
     @classmethod
@@ -122,3 +125,8 @@ class Settings(BaseSettings):
         """The plain value of a SecretStr field, or '' when unset."""
         value = getattr(self, name)
         return value.get_secret_value() if value is not None else ""
+
+    def hash_key_value(self) -> str:
+        """Key of the hashes that stand for phone numbers and bodies in telemetry: WABOT_HASH_KEY, else the Twilio
+        auth token ('' in a bare test set-up: telemetry/privacy.py then uses its fixed fallback)."""
+        return self.secret("hash_key") or self.secret("twilio_auth_token")

@@ -1,7 +1,8 @@
 """The Twilio-facing HTTP endpoints: inbound messages (`POST /whatsapp`) and status callbacks.
 
 Every request is checked in the same order: size, form encoding, signature, fields. A request that fails a
-check gets a clear 4xx and a `webhook_rejected` log line, and never reaches the model or the store.
+check (or whose client leaves before its body ends) gets a clear 4xx, is counted, and never reaches the model or
+the store; its `webhook_rejected` log line and trace are bounded under a flood (telemetry/flood.py).
 
 A signed, well-formed message from a user over WABOT_USER_RATE_LIMIT messages a minute is not answered by the
 model: the first one over the limit gets a polite notice, the rest of that minute an empty reply.
@@ -16,6 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse, Response
+from starlette.requests import ClientDisconnect
 
 from bot.arrival import ARRIVED
 from bot.inbound import InboundMessage, MalformedRequest, form_dict, parse_form
@@ -64,11 +66,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise _Rejected(413, "too_large", f"request body over {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _Rejected(413, "too_large", f"request body over {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _Rejected(413, "too_large", f"request body over {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody is left to answer; counted and logged like any refused request, not a server error.
+        raise _Rejected(400, "disconnected", "the client closed the connection before the body ended") from None
     return b"".join(chunks)
 
 
@@ -89,13 +95,17 @@ async def _signed_form(request: Request, services: Services) -> list[tuple[str, 
 
 def _reject(services: Services, request: Request, exc: _Rejected) -> Response:
     metrics.REJECTIONS.labels(reason=exc.reason).inc()
-    services.log.warning(
-        "webhook_rejected",
-        reason=exc.reason,
-        status_code=exc.status_code,
-        path=request.url.path,
-        detail=exc.detail,
-    )
+    # Anyone can send these: under a flood only the first few a second are logged and traced (telemetry/flood.py).
+    suppressed = services.rejections.admit(exc.reason)
+    if suppressed is not None:
+        services.log.warning(
+            "webhook_rejected",
+            reason=exc.reason,
+            status_code=exc.status_code,
+            path=request.url.path,
+            detail=exc.detail,
+            **({"suppressed": suppressed} if suppressed else {}),
+        )
     return PlainTextResponse(f"{exc.reason}: {exc.detail}\n", status_code=exc.status_code)
 
 

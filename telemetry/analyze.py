@@ -407,7 +407,10 @@ class Analyzer:
         elif name == "followup_failed":
             self._followups_failed += 1
         elif name == "webhook_rejected":
-            self._rejections[_text(obj.get("reason")) or "unknown"] += 1
+            # Under a flood a line stands for itself and the `suppressed` rejections left out before it.
+            suppressed = obj.get("suppressed")
+            left_out = suppressed if isinstance(suppressed, int) and not isinstance(suppressed, bool) else 0
+            self._rejections[_text(obj.get("reason")) or "unknown"] += 1 + max(left_out, 0)
         elif name == "message_status":
             self._statuses[(_text(obj.get("status")) or "unknown", _code(obj.get("error_code")))] += 1
 

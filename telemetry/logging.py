@@ -2,7 +2,8 @@
 
 Event names are a contract with dashboards, habits and `wabot analyze`: `ai_processing_time`, `ai_timeout`,
 `ai_error_in_timeout`, `total_time`, `debug_response`, `followup_sent`, `followup_retry`, `followup_failed`,
-`webhook_rejected` (`reason` = signature, malformed, too_large, duplicate, rate_limited), `message_status`,
+`webhook_rejected` (`reason` = signature, malformed, too_large, disconnected, duplicate, rate_limited; `suppressed`
+when lines were left out under a flood), `message_status`,
 `runs_at_capacity`, `tool_error`, `store_error` (with `op`), `store_unwritable`.
 """
 

@@ -6,6 +6,8 @@ middleware took 1.36 M instructions per webhook with its span's export, FastAPI'
 record OTel HTTP metrics this bot never exports, nor match each request against every route a second time). The span
 follows the stable HTTP semantic conventions: `{method} {route}`, `http.response.status_code`, ERROR on a 5xx.
 
+A caller's trace context (`traceparent`) is ignored: the span is always a new trace's root (drop_trace_context).
+
 Only spans: FastAPI's HTTP metrics and logs stay off (metrics are Prometheus', logs are ours), and so does
 everything when tracing is off, even if some library sets a global provider. Probes and pages are not traced.
 """
@@ -24,6 +26,17 @@ from telemetry.tracing import Tracing
 UNTRACED_PATHS = frozenset({"/", "/healthz", "/readyz", "/status", "/status.json", "/demo/events"})
 UNTRACED_PREFIXES = ("/demo/static/",)
 _OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+_TRACE_CONTEXT_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
+
+
+def drop_trace_context(scope: MutableMapping[str, Any]) -> None:
+    """Remove the W3C trace context headers a caller sent, before the server span reads them.
+
+    Twilio never sends any; anyone else could pick the trace id of a webhook's trace, or with a sampled flag of 0
+    switch its tracing off. Every webhook trace starts here."""
+    headers = scope.get("headers") or []
+    if any(name in _TRACE_CONTEXT_HEADERS for name, _ in headers):
+        scope["headers"] = [(name, value) for name, value in headers if name not in _TRACE_CONTEXT_HEADERS]
 
 
 def traced(path: str) -> bool:

@@ -6,7 +6,8 @@ when the trace's local root ends (the webhook's server span, or the first span o
 from everything its spans say by then:
 
 - kept: any span in ERROR, a `wabot.reply.outcome` other than `ok` (timeout, error, busy), an HTTP status of 400 or
-  more (a rejected webhook), a run resumed after a restart;
+  more (a rejected webhook; under a flood only the first few a second reach here, telemetry/flood.py), a run
+  resumed after a restart;
 - otherwise kept with probability `keep_ok` (WABOT_TRACES_KEEP_OK), decided from the trace id as the ratio sampler
   does, so every process keeps the same traces.
 

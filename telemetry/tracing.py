@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.util.types import Attributes
 
+from telemetry.flood import DropSampledOut
 from telemetry.otlp_export import HttpExporter, grpc_exporter_class
 from telemetry.trace_keeping import KeepWhatMatters
 
@@ -133,7 +134,8 @@ def setup_tracing(settings: TracingSettings, exporter: SpanExporter | None = Non
     if processor is not None and settings.traces_keep_ok < 1.0:
         processor = KeepWhatMatters(processor, settings.traces_keep_ok)
     if processor is not None:
-        provider.add_span_processor(processor)
+        # Outermost: a rejection left out under a flood is not exported, kept or not (telemetry/flood.py).
+        provider.add_span_processor(DropSampledOut(processor))
     return Tracing(provider=provider, tracer=provider.get_tracer(TRACER_NAME, version))
 
 
@@ -143,8 +145,8 @@ class ActiveSpan:
 
     What `Tracer.start_as_current_span` does, without its two generator-based context managers, and with the
     attributes given at the start (cheaper per span: docs/benchmarks.md). Unlike it, an exception leaving the
-    block is not recorded on the span unless `record_exception` is set: the bot's spans say what failed themselves
-    (`record_error`), in the GenAI conventions' terms.
+    block is not recorded on the span unless `record_exception` is set, and then with its type only, no text: the
+    bot's spans say what failed themselves (`record_error`), in the GenAI conventions' terms.
     """
 
     __slots__ = ("_record_exception", "_span", "_token")
@@ -175,13 +177,18 @@ class ActiveSpan:
             context.detach(self._token)
             # As start_as_current_span: Exceptions only; a cancellation is not the span's failure.
             if self._record_exception and isinstance(exc, Exception) and span.is_recording():
-                span.record_exception(exc)
-                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                # The type only: an exception's text can quote the user, the model or a vendor (record_error).
+                span.add_event("exception", {"exception.type": type(exc).__name__})
+                span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
         finally:
             span.end()
 
 
-def record_error(span: trace.Span, error_type: str, message: str = "") -> None:
-    """Mark a span failed the GenAI-conventions way: status ERROR and `error.type`."""
+def record_error(span: trace.Span, error_type: str) -> None:
+    """Mark a span failed the GenAI-conventions way: status ERROR and `error.type`.
+
+    The type is all a span says of an error (with a vendor's error code as its own attribute): an error's text can
+    quote the user's message, a tool's arguments or a vendor's message about the recipient, and spans leave the
+    process for a tracing backend that is not meant to hold any of that."""
     span.set_attribute("error.type", error_type)
-    span.set_status(trace.Status(trace.StatusCode.ERROR, message or error_type))
+    span.set_status(trace.Status(trace.StatusCode.ERROR, error_type))

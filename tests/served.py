@@ -23,9 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from twilio.request_validator import RequestValidator
 
 from bot.demo.inbound_form import inbound_form
-from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
+from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_FROM
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER, free_port
 from tests.waiting import wait_until
+
+# The demo signs with TWILIO_AUTH_TOKEN when it is set (a token of its own per run otherwise): tests set this one.
+DEMO_AUTH_TOKEN = "test-demo-auth-token"
 
 ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -63,6 +66,7 @@ class ServedBot:
             "WABOT_PUBLIC_URL": self.url,
             "OTEL_TRACES_EXPORTER": "none",
             "PYTHONUNBUFFERED": "1",
+            **({"TWILIO_AUTH_TOKEN": DEMO_AUTH_TOKEN} if demo else {}),
             **(env or {}),
         }
         command = [sys.executable, "-m", "bot", "serve", "--host", "127.0.0.1", "--port", str(self.port)]

@@ -212,3 +212,45 @@ def test_grafana_provisioning_matches_the_mounts() -> None:
     urls = {d["type"]: d["url"] for d in datasources}
     assert urls["prometheus"] == "http://prometheus:9090"
     assert urls["tempo"] == "http://tempo:3200"
+
+
+# --- what the stack exposes (security review) -----------------------------------------------------------------
+
+
+def _published(entry: Any) -> tuple[str, str]:
+    """(host address, host port) of a `ports` entry; address '' means every interface."""
+    if isinstance(entry, dict):
+        return entry.get("host_ip", ""), str(entry.get("published", ""))
+    parts = str(entry).split(":")
+    if len(parts) == 3:
+        return parts[0], parts[1]
+    return "", parts[0]
+
+
+def test_only_the_webhook_is_published_on_every_interface() -> None:
+    services = _compose()["services"]
+    public = {
+        (name, port)
+        for name, service in services.items()
+        for address, port in map(_published, service.get("ports", []))
+        if address not in ("127.0.0.1", "::1", "localhost")
+    }
+    assert public == {("wabot", "8000")}
+    # The collector's OTLP ingest is for the compose network only.
+    assert not services["otel-collector"].get("ports")
+
+
+def test_grafana_anonymous_users_only_view_and_prometheus_cannot_be_shut_down_over_http() -> None:
+    services = _compose()["services"]
+    grafana = services["grafana"]["environment"]
+    if str(grafana.get("GF_AUTH_ANONYMOUS_ENABLED", "false")).lower() == "true":
+        assert grafana.get("GF_AUTH_ANONYMOUS_ORG_ROLE") == "Viewer"
+    assert "--web.enable-lifecycle" not in services["prometheus"]["command"]
+
+
+def test_the_image_keeps_the_metrics_port_on_loopback() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert not re.search(r"WABOT_METRICS_HOST\s*=\s*0\.0\.0\.0", text)
+    # Compose opens it inside the container for its Prometheus, and publishes it on the host's loopback only.
+    wabot = _compose()["services"]["wabot"]
+    assert [_published(p) for p in wabot["ports"] if _published(p)[1] == "9464"] == [("127.0.0.1", "9464")]

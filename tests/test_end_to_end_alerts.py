@@ -45,12 +45,13 @@ from twilio.request_validator import RequestValidator
 
 from alerts import testing
 from bot.demo.inbound_form import inbound_form
-from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
+from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_FROM
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from dashboards import generate as dashboards
 from telemetry.thresholds import THRESHOLDS, duration_seconds, seconds_name
 from tests.binaries import find_binary
 from tests.conftest import free_port
+from tests.served import DEMO_AUTH_TOKEN
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
@@ -283,6 +284,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "WABOT_REPLY_TIMEOUT": f"{REPLY_TIMEOUT_S:g}",
             "WABOT_FOLLOWUP_TIMEOUT": f"{FOLLOWUP_TIMEOUT_S:g}",
             "WABOT_STORE": f"sqlite:///{work}/e2e.db",
+            "TWILIO_AUTH_TOKEN": DEMO_AUTH_TOKEN,  # the demo signs with it (a token of its own per run otherwise)
             "OTEL_TRACES_EXPORTER": "none",
             "PYTHONUNBUFFERED": "1",
         }

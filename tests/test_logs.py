@@ -15,11 +15,10 @@ from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 
-from bot.demo.runner import DEMO_AUTH_TOKEN
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
-from telemetry.privacy import UserHasher, text_fingerprint
+from telemetry.privacy import UserHasher
 from tests.conftest import AUTH_TOKEN, Bot, LogLines
-from tests.served import ROOT, DemoProcess
+from tests.served import DEMO_AUTH_TOKEN, ROOT, DemoProcess
 from tests.test_metrics import json_lines
 from tests.test_tracing import OtlpHttpReceiver, flatten
 from tests.waiting import wait_until
@@ -127,7 +126,7 @@ def test_a_scripted_conversation_logs_the_seed_events_with_their_trace_ids(
         assert fields(event) == {"elapsed_seconds", "timeout_seconds", "user_msg"}
         assert event["timeout_seconds"] == 0.8
         assert 0.8 <= event["elapsed_seconds"] < 1.3
-        assert event["user_msg"] == text_fingerprint(script[name][0])
+        assert event["user_msg"] == UserHasher(AUTH_TOKEN).fingerprint(script[name][0])  # keyed: no hash key set
         assert event["level"] == "warning"
 
     # ai_error_in_timeout {error_type, elapsed_seconds}: before the deadline and after it.

@@ -22,10 +22,9 @@ from prometheus_client import multiprocess
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from twilio.request_validator import RequestValidator
 
-from bot.demo.runner import DEMO_AUTH_TOKEN
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from telemetry.metrics import SECONDS_BUCKETS, exposition
-from tests.served import DemoProcess
+from tests.served import DEMO_AUTH_TOKEN, DemoProcess
 from tests.waiting import wait_until
 
 HOLDING = [DEFAULT_HOLDING_MESSAGE]

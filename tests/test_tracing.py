@@ -244,7 +244,7 @@ def test_run_past_the_followup_budget_ends_with_error_type_timeout(make_bot: Cal
     assert reply.attributes["wabot.reply.outcome"] == "timeout"
     assert agent.status.status_code == StatusCode.ERROR
     assert agent.attributes["error.type"] == "timeout"
-    assert agent.status.description == "no answer within 1.5 s"
+    assert agent.status.description == "timeout"
     # The budget counts from arrival: the span ends ~1.5 s after the message came in, not 1.5 s after the deadline.
     assert 1.4 <= seconds(reply.start_time, agent.end_time) < 2.0
     assert time.monotonic() - started >= 1.5
@@ -441,10 +441,8 @@ def test_traces_exporter_none_exports_nothing(make_bot: Callable[..., Bot], sim,
 # ---------------------------------------------------------------------------------------------- the server span
 
 
-def test_server_span_continues_the_callers_trace_and_follows_http_conventions(
-    make_bot: Callable[..., Bot], sim
-) -> None:
-    """A caller's W3C `traceparent` (a load balancer or gateway in front of the bot) becomes the span's parent."""
+def test_server_span_ignores_the_callers_trace_and_follows_http_conventions(make_bot: Callable[..., Bot], sim) -> None:
+    """A caller's W3C `traceparent` is ignored: Twilio never sends one, and anyone else must not pick the trace."""
     bot = make_bot(reply_timeout=3.0)
     caller_trace, caller_span = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
     traceparent = f"00-{caller_trace:032x}-{caller_span:016x}-01"
@@ -452,8 +450,7 @@ def test_server_span_continues_the_callers_trace_and_follows_http_conventions(
     assert posted.messages == ["[turn 1] hi there"]
     spans = wait_for_spans(bot, "POST /whatsapp", "wabot.reply")
     server = only(spans, "POST /whatsapp")
-    assert server.context.trace_id == caller_trace
-    assert server.parent is not None and server.parent.span_id == caller_span and server.parent.is_remote
+    assert server.context.trace_id != caller_trace and server.parent is None
     assert parent_id(only(spans, "wabot.reply")) == server.context.span_id
     port = int(bot.url.rsplit(":", 1)[1])
     assert dict(server.attributes) == {
@@ -557,7 +554,7 @@ def test_active_span_records_an_escaping_exception_only_when_asked_and_never_a_c
             raise error
         assert trace.get_current_span() is before  # the context is restored however the block ends
     loud, quiet, cancelled = exporter.get_finished_spans()
-    assert loud.status.status_code is StatusCode.ERROR and loud.status.description == "ValueError: boom"
+    assert loud.status.status_code is StatusCode.ERROR and loud.status.description == "ValueError"
     assert [event.name for event in loud.events] == ["exception"]
     assert quiet.status.status_code is StatusCode.UNSET and not quiet.events
     assert cancelled.status.status_code is StatusCode.UNSET and not cancelled.events

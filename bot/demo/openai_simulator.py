@@ -53,6 +53,10 @@ _ELON_RE = re.compile(r"elon\s+musk", re.IGNORECASE)
 _FIRST_MESSAGE_RE = re.compile(r"first message\?", re.IGNORECASE)
 _LONG_SENTENCE = "Sentence {n} of the long answer."
 _ANSWERS_KEPT = 1000  # answers that used tools, remembered for tools_used(): the chat page asks right after each
+# Caps on what one message can ask of the simulator: anyone who can reach the demo can send directives.
+_MAX_LONG_CHARS = 100_000
+_MAX_DELAY_S = 600.0
+_MAX_FLAKY_CALLS = 1_000
 
 
 class DirectiveError(ValueError):
@@ -128,8 +132,8 @@ def _apply_directive(d: Directives, body: str) -> None:
             d.delay = float(value)
         except ValueError:
             raise DirectiveError(f"[sim:delay=S] needs seconds, got {value!r}") from None
-        if d.delay < 0:
-            raise DirectiveError("[sim:delay=S] needs a non-negative delay")
+        if not 0 <= d.delay <= _MAX_DELAY_S:
+            raise DirectiveError(f"[sim:delay=S] needs a delay between 0 and {_MAX_DELAY_S:g} s")
     elif name == "error":
         d.error = _status_code(value, "error")
     elif name == "flaky":
@@ -138,6 +142,8 @@ def _apply_directive(d: Directives, body: str) -> None:
             n = int(count)
         except ValueError:
             raise DirectiveError(f"[sim:flaky=CODE:N] needs a count, got {value!r}") from None
+        if not 0 <= n <= _MAX_FLAKY_CALLS:
+            raise DirectiveError(f"[sim:flaky=CODE:N] needs a count between 0 and {_MAX_FLAKY_CALLS}")
         d.flaky = (_status_code(code, "flaky"), n)
     elif name == "hang" and not sep:
         d.hang = True
@@ -163,8 +169,8 @@ def _apply_directive(d: Directives, body: str) -> None:
             d.long = int(value)
         except ValueError:
             raise DirectiveError(f"[sim:long=N] needs a character count, got {value!r}") from None
-        if d.long < 0:
-            raise DirectiveError("[sim:long=N] needs a non-negative count")
+        if not 0 <= d.long <= _MAX_LONG_CHARS:
+            raise DirectiveError(f"[sim:long=N] needs a count between 0 and {_MAX_LONG_CHARS}")
     elif name == "empty" and not sep:
         d.empty = True
     elif name == "echo" and not sep:
@@ -174,8 +180,8 @@ def _apply_directive(d: Directives, body: str) -> None:
             d.retry_after = float(value)
         except ValueError:
             raise DirectiveError(f"[sim:retry_after=S] needs seconds, got {value!r}") from None
-        if d.retry_after < 0:
-            raise DirectiveError("[sim:retry_after=S] needs a non-negative number of seconds")
+        if not 0 <= d.retry_after <= _MAX_DELAY_S:
+            raise DirectiveError(f"[sim:retry_after=S] needs seconds between 0 and {_MAX_DELAY_S:g}")
     else:
         raise DirectiveError(f"unknown simulator directive [sim:{body}]")
 

@@ -1,4 +1,4 @@
-"""SQLite store through aiosqlite: one file, WAL mode, fine for a single bot process.
+"""SQLite store through aiosqlite: one file, WAL mode, shared by the worker processes of one bot (`--workers N`).
 
 When the file refuses a write (another process holds the lock past the busy timeout, the disk is full), the store
 fails every write at once for a short pause instead of letting each caller wait out its own busy timeout in turn:
@@ -18,6 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -40,6 +41,7 @@ CREATE TABLE IF NOT EXISTS pending (
     parts_sent INTEGER NOT NULL DEFAULT 0,
     traceparent TEXT
 );
+CREATE TABLE IF NOT EXISTS rate_counts (user_key TEXT PRIMARY KEY, window INTEGER NOT NULL, count INTEGER NOT NULL);
 """
 _PURGE_EVERY_S = 60.0
 _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
@@ -50,7 +52,7 @@ _RETRY_OWED_S = 1.0
 _log = get_logger("wabot")
 
 
-def _fail_waiters(waiters: list[asyncio.Future[bool]], exc: BaseException) -> None:
+def _fail_waiters(waiters: list[asyncio.Future[Any]], exc: BaseException) -> None:
     failure = exc if isinstance(exc, Exception) else RuntimeError("accept batch interrupted")
     for waiter in waiters:
         if not waiter.done():
@@ -69,8 +71,7 @@ class SQLiteStore:
         self._recovery_lock: int | None = None
         self._recovery_claimed = False
         self._lanes = UserLanes()
-        self._rate_window = 0
-        self._rate_counts: dict[str, int] = {}
+        self._counts: list[tuple[str, int, asyncio.Future[int]]] = []
         self._ttl = dedupe_ttl_s
         self._last_purge = 0.0
         # One connection is shared by all coroutines: a statement issued while another coroutine holds a
@@ -87,6 +88,8 @@ class SQLiteStore:
     ) -> SQLiteStore:
         if path != ":memory:":
             Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            # It holds the prompts of owed replies: owner-only. SQLite gives its -wal and -shm the same mode.
+            os.close(os.open(Path(path).expanduser(), os.O_CREAT | os.O_RDWR, 0o600))
         db = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
         # WAL + NORMAL: a crash loses at most the last transaction's fsync, never corrupts; busy_timeout
         # makes a briefly locked file wait instead of failing the webhook.
@@ -261,14 +264,64 @@ class SQLiteStore:
             for row in rows
         ]
 
+    @counted("count_message")
     async def count_message(self, user_key: str, window_s: int) -> int:
-        # One process owns a SQLite store, so the counts live in memory; a restart forgets them, which only
-        # means a user briefly gets a fresh allowance.
-        window = int(self._clock() // window_s)
-        if window != self._rate_window:
-            self._rate_window, self._rate_counts = window, {}
-        self._rate_counts[user_key] = self._rate_counts.get(user_key, 0) + 1
-        return self._rate_counts[user_key]
+        # In the file, not in memory: worker processes share the file, and each must see the others' counts.
+        # Counts queued while the connection is busy go into one statement, as accepts do.
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._counts.append((user_key, int(self._clock() // window_s), waiter))
+        async with self._lock:
+            if not waiter.done():
+                await self._count_queued(waiter)
+        try:
+            return waiter.result()
+        finally:
+            del waiter  # as in accept: no cycle through the exception's traceback
+
+    async def _count_queued(self, waiter: asyncio.Future[int]) -> None:
+        """One transaction for every count queued so far; a failure is raised here and set on the others."""
+        batch, self._counts = self._counts, []
+        try:
+            self._check_writable()
+            totals = await self._add_counts([(user_key, window) for user_key, window, _ in batch])
+        except BaseException as exc:
+            self._write_failed(exc)
+            _fail_waiters([other for _, _, other in batch if other is not waiter], exc)
+            del batch
+            raise
+        # Each message gets its own place in the count: the last of a user's in this batch gets the total.
+        for user_key, _, each in reversed(batch):
+            each.set_result(totals[user_key])
+            totals[user_key] -= 1
+        del batch
+
+    async def _add_counts(self, batch: list[tuple[str, int]]) -> dict[str, int]:
+        added: dict[str, tuple[int, int]] = {}
+        for user_key, window in batch:
+            added[user_key] = (window, added.get(user_key, (window, 0))[1] + 1)
+        rows = [(user_key, window, n) for user_key, (window, n) in added.items()]
+        totals: dict[str, int] = {}
+        # One row per user; a row of an earlier window starts over. Upserts in one write transaction, so two
+        # processes counting at once both land in the total.
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for start in range(0, len(rows), _KEYS_PER_QUERY // 3):
+                chunk = rows[start : start + _KEYS_PER_QUERY // 3]
+                async with self._db.execute(
+                    f"INSERT INTO rate_counts (user_key, window, count) VALUES {','.join(['(?, ?, ?)'] * len(chunk))} "
+                    "ON CONFLICT(user_key) DO UPDATE SET count = CASE WHEN window = excluded.window "
+                    "THEN count + excluded.count WHEN window > excluded.window THEN count ELSE excluded.count END, "
+                    "window = MAX(window, excluded.window) RETURNING user_key, count",
+                    [value for row in chunk for value in row],
+                ) as cur:
+                    totals.update({row[0]: row[1] for row in await cur.fetchall()})
+            await self._db.execute("COMMIT")
+        except BaseException as exc:
+            if not isinstance(exc, sqlite3.Error) or self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
+            raise
+        return totals
 
     @counted("get_conversation")
     async def get_conversation(self, user_key: str) -> str | None:
