@@ -62,12 +62,14 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The whole suite (CI's), on every core: pytest-xdist. A test marked `exclusive` (it loads every core) runs while
-# no other does (tests/conftest.py); those share one worker (xdist_group "heavy"). TEST_WORKERS=0: one process.
+# The whole suite (CI's), on every core: pytest-xdist. The tests marked `exclusive` load every core and measure a
+# deadline while they do: they run afterwards, one at a time, with nothing else alive (not even another worker's
+# module-scoped Prometheus or demo process). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= auto
 test: install system-deps lint
 	$(UV) lock --check --python $(PYTHON)
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup -m "not exclusive"
+	$(BIN)/pytest -n 0 -m exclusive
 
 # The inner loop: everything but the browser, Prometheus/Alertmanager/promtool and the slow tests (load, memory,
 # real deadlines). Needs only redis-server. Exit code 5 (no test selected) fails like any other.

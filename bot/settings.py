@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from telemetry.thresholds import THRESHOLDS
+
 DEFAULT_INSTRUCTIONS = (
     "You are a helpful assistant answering on WhatsApp. Keep answers short and plain: no markdown tables, "
     "no headings. Use the tools when they help."
@@ -38,7 +40,10 @@ class Settings(BaseSettings):
     max_tool_rounds: int = Field(4, ge=0, le=20, validation_alias="WABOT_MAX_TOOL_ROUNDS")
 
     # The deadline race
-    reply_timeout: float = Field(8.0, gt=0, le=14.0, validation_alias="WABOT_REPLY_TIMEOUT")
+    # At most a second under Twilio's limit: the holding reply itself must still reach Twilio in time.
+    reply_timeout: float = Field(
+        8.0, gt=0, le=THRESHOLDS.total_time.twilio_limit_s - 1, validation_alias="WABOT_REPLY_TIMEOUT"
+    )
     followup_timeout: float = Field(120.0, gt=0, le=3600, validation_alias="WABOT_FOLLOWUP_TIMEOUT")
     holding_message: str = Field(DEFAULT_HOLDING_MESSAGE, validation_alias="WABOT_HOLDING_MESSAGE")
     apology_message: str = Field(DEFAULT_APOLOGY_MESSAGE, validation_alias="WABOT_APOLOGY_MESSAGE")

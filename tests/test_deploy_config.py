@@ -153,7 +153,12 @@ def test_dockerfile_copies_existing_files_and_serves_on_all_interfaces() -> None
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
                 assert (context / source).exists(), f"Dockerfile copies missing {source}"
-    assert "pip install ." in text
+    # The image installs what the tests ran with: the lock's runtime part, every hash checked, then the project alone.
+    assert (
+        "uv export --frozen --no-emit-project" in text
+        and "pip install --require-hashes -r /tmp/requirements.txt" in text
+    )
+    assert "pip install --no-deps ." in text
     cmd = _compose()["services"]["wabot"]["command"]
     assert cmd[:2] == ["wabot", "serve"] and "--host" in cmd and cmd[cmd.index("--host") + 1] == "0.0.0.0"
     assert cmd[cmd.index("--metrics-port") + 1] == "9464"

@@ -33,7 +33,7 @@ from bot.demo.inbound_form import inbound_form
 from bot.demo.openai_simulator import DirectiveError, parse_directives
 from bot.server import start_metrics_server
 from bot.settings import DEFAULT_HOLDING_MESSAGE, Settings
-from bot.store.base import PendingReply
+from bot.store.base import OwedReply
 from bot.store.sqlite import SQLiteStore
 from telemetry.flood import REJECTION_LOGS_PER_SECOND
 from telemetry.privacy import UserHasher
@@ -137,7 +137,7 @@ def test_demo_listens_on_loopback_with_a_token_of_its_own_that_wabot_send_finds(
     assert _post_signed(demo.url, token, "mine [sim:delay=0]").status_code == 200
     # `wabot send`, run where the demo runs, reads the token from the file.
     sent = subprocess.run(
-        [sys.executable, "-m", "bot", "send", "hello there [sim:delay=0]", "--url", demo.url],
+        [sys.executable, "-m", "bot", "send", "hello there [sim:delay=0] [sim:echo]", "--url", demo.url],
         cwd=tmp_path,
         env=_clean_env(),
         capture_output=True,
@@ -458,7 +458,7 @@ def test_database_files_are_private(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = await SQLiteStore.open(str(tmp_path / "wabot.db"), 3600)
         try:
-            reply = PendingReply(sid=new_sid(), to="whatsapp:+15550001111", user_key="u", prompt="p", arrived_at=0.0)
+            reply = OwedReply(sid=new_sid(), to="whatsapp:+15550001111", user_key="u", prompt="p", arrived_at=0.0)
             assert await store.accept(reply)
             for name in ("wabot.db", "wabot.db-wal", "wabot.db-shm"):
                 mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
