@@ -23,6 +23,7 @@ from bot.settings import Settings
 from bot.signature import SignatureChecker
 from bot.store import Store, open_store
 from bot.tools import registry
+from bot.warmup import warm_up_openai
 from telemetry import metrics
 from telemetry.flood import RejectionThrottle
 from telemetry.logging import get_logger
@@ -84,6 +85,8 @@ class Services:
             log=log,
             recent=recent,
         )
+        # Before the first webhook and the first resumed run: neither should pay for the SDK's first call.
+        await warm_up_openai(registry.specs())
         await runner.resume_orphans()
         interval = getattr(store, "takeover_interval_s", None)
         if interval:
