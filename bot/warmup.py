@@ -19,19 +19,26 @@ _MODEL = "warm-up"
 
 
 def _response(output: list[dict[str, object]]) -> dict[str, object]:
+    """A completed Response with every field OpenAI's reference requires (tests/test_warmup.py checks it)."""
     return {
         "id": "resp_warmup",
         "object": "response",
         "created_at": int(time.time()),
         "status": "completed",
+        "error": None,
+        "incomplete_details": None,
+        "instructions": None,
+        "metadata": {},
         "model": _MODEL,
         "output": output,
         "parallel_tool_calls": True,
+        "temperature": 1.0,
         "tool_choice": "auto",
         "tools": [],
+        "top_p": 1.0,
         "usage": {
             "input_tokens": 1,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": 1,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": 2,
@@ -52,7 +59,7 @@ _MESSAGE: dict[str, object] = {
     "id": "msg_warmup",
     "role": "assistant",
     "status": "completed",
-    "content": [{"type": "output_text", "text": "ok", "annotations": []}],
+    "content": [{"type": "output_text", "text": "ok", "annotations": [], "logprobs": []}],
 }
 
 
