@@ -74,6 +74,13 @@ def test_a_conversation_silent_past_its_ttl_starts_afresh(
     calls = sim.calls()
     assert [c["previous_response_id"] is None for c in calls] == [True, False, False, True]
     assert calls[1]["previous_response_id"] == calls[0]["id"]
+    if backend == "redis":
+        import redis
+
+        # Redis forgets the conversation by itself too: each answer set the key again with the TTL as its expiry.
+        with redis.Redis.from_url(store) as client:
+            [key] = client.keys("wabot:conversation:*")
+            assert 3500 < client.ttl(key) <= 3600
 
 
 def test_sqlite_purges_expired_conversations_in_its_periodic_purge(make_bot: Callable[..., Bot], sim) -> None:
