@@ -100,6 +100,7 @@ class Agent:
         self._model = settings.model
         self._instructions = settings.instructions
         self._max_tool_rounds = settings.max_tool_rounds
+        self._max_output_tokens = settings.max_output_tokens
         self._tools = tools
         self._tracer = tracer
 
@@ -159,6 +160,11 @@ class Agent:
             }
         )
         text = (response.output_text or "").strip()
+        if response.status == "incomplete":
+            # Cut by WABOT_MAX_OUTPUT_TOKENS (or a content filter): the text written so far is the answer.
+            reason = response.incomplete_details.reason if response.incomplete_details else None
+            span.set_attribute("gen_ai.response.finish_reasons", [reason or "incomplete"])
+            _log.warning("answer_incomplete", reason=reason, answer_chars=len(text))
         if not text:
             raise AgentError("empty", "the model answered with no text")
         return AgentResult(text=text, response_id=response.id, tool_count=tool_count)
@@ -193,6 +199,9 @@ class Agent:
                     input=input_,
                     tools=self._tools.specs(),
                     previous_response_id=previous_response_id,
+                    max_output_tokens=self._max_output_tokens,
+                    # A long conversation drops its oldest turns instead of failing once it outgrows the context.
+                    truncation="auto",
                 )
             except BaseException as exc:
                 if isinstance(exc, asyncio.CancelledError) and not usage.deadline_expired():

@@ -185,4 +185,6 @@ class DeadlineResponder:
             return WebhookReply(parts=self._holding, outcome="timeout")
         outcome = "ok" if answer.kind == "answer" else "error"
         metrics.AI_RUNS.labels(outcome=outcome).inc()
+        if answer.kind == "answer":
+            metrics.REPLY_PARTS.inc(len(answer.parts))
         return WebhookReply(parts=answer.parts, outcome=outcome, tool_count=answer.tool_count)

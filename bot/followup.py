@@ -59,6 +59,8 @@ class FollowupDelivery:
                 attempts += sent.attempts
                 recovered = recovered or sent.recovered
                 reply.parts_sent = index + 1
+                if reply.kind == "answer":
+                    metrics.REPLY_PARTS.inc()
                 await guarded(self._store.mark_sent(reply.sid, reply.parts_sent), self._log, "mark_sent", reply.sid)
         except DeliveryError as exc:
             metrics.FOLLOWUPS.labels(outcome="failed").inc()

@@ -23,7 +23,7 @@ from bot.deadline import Handoff, RunResult
 from bot.followup import FollowupDelivery
 from bot.ordering import Ticket
 from bot.settings import Settings
-from bot.splitting import split_message
+from bot.splitting import split_capped, split_message
 from bot.store import OwedReply, Store, guarded
 from telemetry import metrics
 
@@ -54,6 +54,7 @@ class ReplyRunner:
     ) -> None:
         self._budget = settings.followup_timeout
         self._apology = split_message(settings.apology_message)
+        self._max_parts = settings.max_reply_parts
         self._store = store
         self._agent = agent
         self._followups = followups
@@ -191,7 +192,18 @@ class ReplyRunner:
         await guarded(
             self._store.set_conversation(reply.user_key, result.response_id), self._log, "set_conversation", reply.sid
         )
-        return RunResult(parts=split_message(result.text), kind="answer", tool_count=result.tool_count)
+        # Capped here, before the answer is offered inline or journaled: TwiML and follow-ups send the same parts.
+        parts, needed = split_capped(result.text, self._max_parts)
+        if needed > len(parts):
+            self._log.warning(
+                "answer_shortened",
+                message_sid=reply.sid,
+                parts_needed=needed,
+                parts_sent=len(parts),
+                answer_chars=len(result.text),
+                max_reply_parts=self._max_parts,
+            )
+        return RunResult(parts=parts, kind="answer", tool_count=result.tool_count)
 
     def _log_answer(self, reply: OwedReply, answer: RunResult, *, phase: str) -> None:
         elapsed = round(time.time() - reply.arrived_at, 3)

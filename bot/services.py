@@ -51,7 +51,7 @@ class Services:
     @classmethod
     async def start(cls, settings: Settings, tracing: Tracing, clock: Callable[[], float] = time.time) -> Services:
         """Open the store, build the clients, and resume replies a previous process left owing. `clock` places
-        the per-user rate-limit windows (tests drive it)."""
+        the per-user rate-limit windows and ages conversations (tests drive it)."""
         log = get_logger("wabot")
         metrics.init(
             __version__,
@@ -60,7 +60,11 @@ class Services:
             multiprocess_dir=settings.prometheus_multiproc_dir,
         )
         store = await open_store(
-            settings.store, dedupe_ttl_s=settings.dedupe_ttl_s, lease_s=settings.redis_lease_s, clock=clock
+            settings.store,
+            dedupe_ttl_s=settings.dedupe_ttl_s,
+            lease_s=settings.redis_lease_s,
+            clock=clock,
+            conversation_ttl_s=settings.conversation_ttl_s,
         )
         client = make_client(settings)
         sender = TwilioSender(settings, tracing.tracer)

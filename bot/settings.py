@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     model: str = Field("gpt-4.1-mini", validation_alias="WABOT_MODEL")
     instructions_source: str = Field(DEFAULT_INSTRUCTIONS, validation_alias="WABOT_INSTRUCTIONS")
     max_tool_rounds: int = Field(4, ge=0, le=20, validation_alias="WABOT_MAX_TOOL_ROUNDS")
+    # Spend bounds: what one model call may write (the Responses API's minimum is 16), and how many WhatsApp
+    # messages (each one paid) one answer may take; the rest of a longer answer is cut with a marker.
+    max_output_tokens: int = Field(1024, ge=16, validation_alias="WABOT_MAX_OUTPUT_TOKENS")
+    max_reply_parts: int = Field(4, ge=1, validation_alias="WABOT_MAX_REPLY_PARTS")
 
     # The deadline race
     # At most a second under Twilio's limit: the holding reply itself must still reach Twilio in time.
@@ -67,6 +71,9 @@ class Settings(BaseSettings):
     # Storage
     store: str = Field("sqlite:///wabot.db", validation_alias="WABOT_STORE")
     dedupe_ttl_s: float = Field(7 * 24 * 3600, gt=0, validation_alias="WABOT_DEDUPE_TTL")
+    # Seconds of silence after which a user's next message starts a new conversation (WhatsApp's session window):
+    # an old conversation would be re-sent, and paid for, with every turn.
+    conversation_ttl_s: float = Field(24 * 3600, gt=0, validation_alias="WABOT_CONVERSATION_TTL")
     redis_lease_s: float = Field(10.0, ge=0.5, le=300, validation_alias="WABOT_REDIS_LEASE")
 
     # Telemetry

@@ -1,10 +1,13 @@
-"""Splitting long answers into Twilio-sized messages at sentence or word boundaries, dropping nothing."""
+"""Splitting long answers into Twilio-sized messages at sentence or word boundaries, dropping nothing unless an
+answer needs more messages than it may take (`split_capped`: each message is a paid WhatsApp message)."""
 
 from __future__ import annotations
 
 import re
 
 TWILIO_MAX_CHARS = 1600
+# Ends the last message of an answer that was cut, so the user knows there was more.
+SHORTENED_MARKER = "\n\n… (answer shortened: it was too long for WhatsApp)"
 _SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|\n+")
 
 
@@ -27,6 +30,18 @@ def split_message(text: str, limit: int = TWILIO_MAX_CHARS) -> list[str]:
     if rest:
         parts.append(rest)
     return parts
+
+
+def split_capped(
+    text: str, max_parts: int, limit: int = TWILIO_MAX_CHARS, marker: str = SHORTENED_MARKER
+) -> tuple[list[str], int]:
+    """`split_message`, but at most `max_parts` parts: past that the last part kept is cut again at a boundary, to
+    leave room for `marker`, and the rest is dropped. Returns the parts and how many the whole text would take."""
+    parts = split_message(text, limit)
+    if len(parts) <= max_parts:
+        return parts, len(parts)
+    last = split_message(parts[max_parts - 1], limit - len(marker))[0]
+    return [*parts[: max_parts - 1], last + marker], len(parts)
 
 
 def _last_boundary(window: str, limit: int) -> int:

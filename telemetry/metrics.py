@@ -70,6 +70,12 @@ TOKENS = Counter(
     "Model tokens used, by direction.",
     ["direction"],
 )
+REPLY_PARTS = Counter(
+    "wabot_reply_parts_total",
+    "WhatsApp messages sent as parts of the model's answers (inline TwiML <Message>s and REST follow-up parts "
+    "Twilio accepted; holding replies, notices and apologies are not counted). Each is a paid message; one answer "
+    "takes at most WABOT_MAX_REPLY_PARTS, and a cut answer is an `answer_shortened` log event.",
+)
 REJECTIONS = Counter(
     "wabot_webhook_rejections_total",
     "Webhook requests not processed, by reason.",

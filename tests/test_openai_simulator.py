@@ -234,6 +234,37 @@ async def test_long_answer_has_exact_length(client: openai.AsyncOpenAI, n: int) 
     assert prefix.startswith(r.output_text) or r.output_text.startswith(prefix)
 
 
+async def test_max_output_tokens_cuts_the_answer_as_the_api_does(client: openai.AsyncOpenAI) -> None:
+    r = await client.responses.create(
+        model=MODEL, input="tell me everything [sim:long=5000]", max_output_tokens=40, truncation="auto"
+    )
+    assert r.status == "incomplete"
+    assert r.incomplete_details is not None and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output_text.startswith("Sentence 1 of the long answer.")
+    assert len(r.output_text.split()) == 40
+    assert r.usage is not None and r.usage.output_tokens == 40
+    assert (r.max_output_tokens, r.truncation) == (40, "auto")
+    # Under the cap nothing changes.
+    whole = await client.responses.create(model=MODEL, input="[sim:long=100]", max_output_tokens=1024)
+    assert (whole.status, whole.incomplete_details, len(whole.output_text)) == ("completed", None, 100)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"max_output_tokens": 15}, "max_output_tokens"),
+        ({"max_output_tokens": "many"}, "max_output_tokens"),
+        ({"truncation": "sometimes"}, "truncation"),
+    ],
+)
+async def test_invalid_spend_bounds_are_refused(
+    client: openai.AsyncOpenAI, extra: dict[str, object], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        await client.responses.create(model=MODEL, input="hi", extra_body=extra)
+    assert bad.value.param == param
+
+
 async def test_unknown_previous_response_id(client: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         await client.responses.create(model=MODEL, input="hi", previous_response_id="resp_missing")

@@ -87,8 +87,11 @@ def test_every_kind_of_simulator_answer_is_a_valid_response(http: httpx2.Client)
     answers["tool directive"] = create(http, '[sim:tool=calculate:{"expression": "6*7"}]')
     answers["long"] = create(http, "[sim:long=2000]", instructions="be brief")
     answers["empty"] = create(http, "[sim:empty]", store=False)
+    answers["cut"] = create(http, "[sim:long=2000]", max_output_tokens=16, truncation="auto")
     assert answers["calculate call"]["output"][0]["type"] == "function_call"
     assert answers["calculate answer"]["output"][0]["content"][0]["text"] == "17% of 2,340 is 397.8."
+    assert answers["cut"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert (answers["cut"]["max_output_tokens"], answers["cut"]["truncation"]) == (16, "auto")
     # What the live API sends too (the README's known discrepancies), and nothing else, is tolerated.
     assert problems(RESPONSE, answers["greeting"], closed=True) == [
         "$.user: None is not of type 'string'",
@@ -105,6 +108,8 @@ def test_every_error_body_is_a_valid_error_response(http: httpx2.Client) -> None
     errors = {
         "400 directive": http.post("/v1/responses", json={"model": MODEL, "input": "[sim:explode]"}),
         "400 no model": http.post("/v1/responses", json={"input": "hi"}),
+        "400 output cap": http.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 8}),
+        "400 truncation": http.post("/v1/responses", json={"model": MODEL, "input": "hi", "truncation": "yes"}),
         "400 not json": http.post("/v1/responses", content=b"{", headers={"content-type": "application/json"}),
         "401": http.post("/v1/responses", json={"model": MODEL, "input": "hi"}, headers={"Authorization": ""}),
         "404": http.get("/v1/responses/resp_missing"),
@@ -137,3 +142,6 @@ def test_every_request_the_bot_sends_is_a_valid_create_response_without_unknown_
     assert any(c["previous_response_id"] for c in calls)
     for call in calls:
         assert problems(CREATE, call["request"], closed=True) == [], call["request"]
+        # The spend bounds ride on every call, the tool round trips' included.
+        assert call["request"]["max_output_tokens"] == assistant_bot.settings.max_output_tokens
+        assert call["request"]["truncation"] == "auto"

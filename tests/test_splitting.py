@@ -12,7 +12,7 @@ import re
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from bot.splitting import TWILIO_MAX_CHARS, split_message
+from bot.splitting import SHORTENED_MARKER, TWILIO_MAX_CHARS, split_capped, split_message
 
 SMALL_LIMIT = 40  # small enough that Hypothesis' texts are split many times over
 
@@ -53,6 +53,31 @@ def test_at_twilios_limit_too(text: str) -> None:
     parts = split_message(text)
     assert all(0 < len(part) <= TWILIO_MAX_CHARS for part in parts)
     assert rebuilds(text, parts)
+
+
+@given(st.text(max_size=8 * SMALL_LIMIT), st.integers(min_value=1, max_value=5))
+@example("x" * (3 * SMALL_LIMIT + 1), 1)
+def test_capped_answers_keep_at_most_max_parts_and_end_a_cut_one_with_the_marker(text: str, max_parts: int) -> None:
+    marker = " [cut]"
+    whole = split_message(text, SMALL_LIMIT)
+    parts, needed = split_capped(text, max_parts, SMALL_LIMIT, marker)
+    assert needed == len(whole)
+    assert all(0 < len(part) <= SMALL_LIMIT for part in parts)
+    if len(whole) <= max_parts:
+        assert parts == whole
+        return
+    assert len(parts) == max_parts
+    assert parts[:-1] == whole[: max_parts - 1]
+    assert parts[-1].endswith(marker)
+    kept = parts[-1].removesuffix(marker)
+    assert kept and whole[max_parts - 1].startswith(kept)  # a boundary cut of the part it replaces
+
+
+def test_the_marker_fits_in_twilios_limit_with_room_for_text() -> None:
+    parts, needed = split_capped("word " * 2000, 2)
+    assert (len(parts), needed) == (2, 7)
+    assert parts[1].endswith(SHORTENED_MARKER) and len(parts[1]) <= TWILIO_MAX_CHARS
+    assert len(parts[1]) > TWILIO_MAX_CHARS - len(SHORTENED_MARKER) - 10
 
 
 @given(prose())

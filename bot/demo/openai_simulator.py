@@ -11,6 +11,10 @@ the tool's output the answer quotes its result; anything else gets ``"[turn N] (
 the user turns of the conversation. With `echo` (the tests' simulator) or ``[sim:echo]`` in the message, every
 answer is the echo ``"[turn N] <user text>"`` instead.
 
+`max_output_tokens` is honoured (a word counts as a token): a longer answer is cut there and the Response is
+`"status": "incomplete"` with `incomplete_details.reason` `"max_output_tokens"`, as the real API answers.
+`truncation` is checked and echoed; the simulator has no context window to truncate.
+
 Directives: ``[sim:delay=S]``, ``[sim:error=CODE]``, ``[sim:flaky=CODE:N]`` (the first N calls carrying this text
 fail), ``[sim:retry_after=S]`` (the Retry-After header of an error answer; a 429 says 1 s unless told),
 ``[sim:hang]``, ``[sim:reset]``, ``[sim:tool=NAME:{json}]``, ``[sim:toolloop]``, ``[sim:long=N]``, ``[sim:empty]``,
@@ -690,6 +694,20 @@ class OpenAISimulator:
         store = payload.get("store", True)
         if not isinstance(store, bool):
             raise _RequestError("Invalid type for 'store': expected a boolean.", param="store")
+        max_output_tokens = payload.get("max_output_tokens")
+        if max_output_tokens is not None and (
+            not isinstance(max_output_tokens, int) or isinstance(max_output_tokens, bool) or max_output_tokens < 16
+        ):
+            raise _RequestError(
+                "Invalid 'max_output_tokens': expected an integer of at least 16.",
+                param="max_output_tokens",
+                code="integer_below_min_value",
+            )
+        truncation = payload.get("truncation") or "disabled"
+        if truncation not in ("auto", "disabled"):
+            raise _RequestError(
+                f"Invalid value for 'truncation': {truncation!r}; expected 'auto' or 'disabled'.", param="truncation"
+            )
         tools = payload.get("tools") or []
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise _RequestError("Invalid type for 'tools': expected an array of objects.", param="tools")
@@ -789,13 +807,17 @@ class OpenAISimulator:
         # A new user turn starts its own list of tools; tool outputs alone continue the previous response's turn.
         turn_tools = list(previous.turn_tools) if previous is not None and not parsed.turns else []
         turn_tools += [item["name"] for item in output_items if item["type"] == "function_call"]
+        # A word is a token here; past max_output_tokens the answer stops mid-way, as the real model's does.
+        cut = answer is not None and max_output_tokens is not None and _words(answer) > max_output_tokens
+        if answer is not None and max_output_tokens is not None and cut:
+            answer = " ".join(answer.split()[:max_output_tokens])
         if answer is not None:
             output_items.append(
                 {
                     "type": "message",
                     "id": _hex_id("msg_"),
                     "role": "assistant",
-                    "status": "completed",
+                    "status": "incomplete" if cut else "completed",
                     "content": [{"type": "output_text", "text": answer, "annotations": [], "logprobs": []}],
                 }
             )
@@ -809,12 +831,12 @@ class OpenAISimulator:
             "id": _hex_id("resp_"),
             "object": "response",
             "created_at": int(time.time()),
-            "status": "completed",
+            "status": "incomplete" if cut else "completed",
             "background": False,
             "error": None,
-            "incomplete_details": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
             "instructions": instructions,
-            "max_output_tokens": None,
+            "max_output_tokens": max_output_tokens,
             "model": model,
             "output": output_items,
             "parallel_tool_calls": bool(payload.get("parallel_tool_calls", True)),
@@ -826,7 +848,7 @@ class OpenAISimulator:
             "tool_choice": "auto",
             "tools": [_echo_tool(t) for t in tools],
             "top_p": 1.0,
-            "truncation": "disabled",
+            "truncation": truncation,
             "usage": {
                 "input_tokens": input_tokens,
                 "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},

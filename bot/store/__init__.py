@@ -17,10 +17,16 @@ from bot.store.base import OwedReply, Store, StoreUnavailable, guarded
 
 
 async def open_store(
-    url: str, *, dedupe_ttl_s: float, lease_s: float = 10.0, clock: Callable[[], float] = time.time
+    url: str,
+    *,
+    dedupe_ttl_s: float,
+    lease_s: float = 10.0,
+    clock: Callable[[], float] = time.time,
+    conversation_ttl_s: float = 24 * 3600,
 ) -> Store:
     """Open (and create when needed) the store named by a `WABOT_STORE` URL. `clock` (wall-clock seconds) places
-    the per-user rate-limit windows; tests pass one they drive instead of waiting for the next minute."""
+    the per-user rate-limit windows and ages conversations (which end after `conversation_ttl_s` of silence); tests
+    pass one they drive instead of waiting for the next minute or day."""
     if url.startswith("sqlite://"):
         from bot.store.sqlite import SQLiteStore
 
@@ -29,11 +35,17 @@ async def open_store(
         busy_timeout = options.pop("busy_timeout_ms", "5000")
         if options or not busy_timeout.isdigit():
             raise ValueError(f"WABOT_STORE={url!r}: the only SQLite option is busy_timeout_ms=<milliseconds>")
-        return await SQLiteStore.open(path or ":memory:", dedupe_ttl_s, busy_timeout_ms=int(busy_timeout), clock=clock)
+        return await SQLiteStore.open(
+            path or ":memory:",
+            dedupe_ttl_s,
+            busy_timeout_ms=int(busy_timeout),
+            clock=clock,
+            conversation_ttl_s=conversation_ttl_s,
+        )
     if url.startswith(("redis://", "rediss://", "unix://")):
         from bot.store.redis import RedisStore
 
-        return await RedisStore.open(url, dedupe_ttl_s, lease_s, clock=clock)
+        return await RedisStore.open(url, dedupe_ttl_s, lease_s, clock=clock, conversation_ttl_s=conversation_ttl_s)
     raise ValueError(f"WABOT_STORE={url!r}: expected sqlite:///path/to/file.db or redis://host:port/db")
 
 

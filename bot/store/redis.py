@@ -40,7 +40,6 @@ from telemetry.logging import get_logger
 
 _PREFIX = "wabot"
 _LINE_TTL_S = 24 * 3600
-_CONVERSATION_TTL_S = 30 * 24 * 3600
 # How often writes that failed during an outage are tried again.
 _RETRY_OWED_S = 0.5
 _COMMAND_CONNECTIONS = 100
@@ -132,8 +131,10 @@ class RedisStore:
         dedupe_ttl_s: float,
         lease_s: float,
         clock: Callable[[], float] = time.time,
+        conversation_ttl_s: float = 24 * 3600,
     ) -> None:
         self._clock = clock
+        self._conversation_ttl = conversation_ttl_s
         self._lease_s = lease_s
         # Looking twice per lease bounds a dead replica's replies to about 1.5 leases without an owner.
         self.takeover_interval_s = lease_s / 2
@@ -150,7 +151,13 @@ class RedisStore:
 
     @classmethod
     async def open(
-        cls, url: str, dedupe_ttl_s: float, lease_s: float, *, clock: Callable[[], float] = time.time
+        cls,
+        url: str,
+        dedupe_ttl_s: float,
+        lease_s: float,
+        *,
+        clock: Callable[[], float] = time.time,
+        conversation_ttl_s: float = 24 * 3600,
     ) -> RedisStore:
         options: dict[str, Any] = {
             "decode_responses": True,
@@ -172,7 +179,14 @@ class RedisStore:
         turns = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=_TURN_CONNECTIONS, timeout=None, socket_timeout=None, **options
         )
-        store = cls(aioredis.Redis.from_pool(commands), aioredis.Redis.from_pool(turns), dedupe_ttl_s, lease_s, clock)
+        store = cls(
+            aioredis.Redis.from_pool(commands),
+            aioredis.Redis.from_pool(turns),
+            dedupe_ttl_s,
+            lease_s,
+            clock,
+            conversation_ttl_s,
+        )
         await store._renew_lease()
         store._heartbeat = asyncio.create_task(store._keep_lease(), name="redis lease")
         return store
@@ -274,7 +288,14 @@ class RedisStore:
 
     @counted("get_conversation")
     async def get_conversation(self, user_key: str) -> str | None:
-        return cast(str | None, await self._redis.get(f"{_PREFIX}:conversation:{user_key}"))
+        value = cast(str | None, await self._redis.get(f"{_PREFIX}:conversation:{user_key}"))
+        if value is None:
+            return None
+        # "<written at> <response id>"; a bare id was written before conversations expired and carries no age.
+        written, _, response_id = value.rpartition(" ")
+        if written and self._clock() - float(written) >= self._conversation_ttl:
+            return None  # silent for WABOT_CONVERSATION_TTL: the key's own expiry is about to remove it
+        return response_id
 
     @counted("set_conversation")
     async def set_conversation(self, user_key: str, response_id: str | None) -> None:
@@ -282,7 +303,9 @@ class RedisStore:
         if response_id is None:
             await self._redis.delete(key)
         else:
-            await self._redis.set(key, response_id, ex=_CONVERSATION_TTL_S)
+            # Every answer sets the key again, so its expiry counts the silence since the last one. The time written
+            # with it says the same on the bot's clock, which tests drive.
+            await self._redis.set(key, f"{self._clock()!r} {response_id}", ex=max(1, math.ceil(self._conversation_ttl)))
 
     async def ping(self) -> None:
         await self._redis.ping()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import math
 import os
 import sqlite3
 import time
@@ -30,6 +31,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS processed (key TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS processed_expiry ON processed (expires_at);
 CREATE TABLE IF NOT EXISTS conversations (user_key TEXT PRIMARY KEY, response_id TEXT, updated_at REAL);
+CREATE INDEX IF NOT EXISTS conversations_age ON conversations (updated_at);
 CREATE TABLE IF NOT EXISTS pending (
     sid TEXT PRIMARY KEY,
     to_addr TEXT NOT NULL,
@@ -63,10 +65,16 @@ class SQLiteStore:
     """The Store interface on one SQLite file."""
 
     def __init__(
-        self, db: aiosqlite.Connection, dedupe_ttl_s: float, path: str, clock: Callable[[], float] = time.time
+        self,
+        db: aiosqlite.Connection,
+        dedupe_ttl_s: float,
+        path: str,
+        clock: Callable[[], float] = time.time,
+        conversation_ttl_s: float = 24 * 3600,
     ) -> None:
         self._db = db
         self._clock = clock
+        self._conversation_ttl = conversation_ttl_s
         self._path = path
         self._recovery_lock: int | None = None
         self._recovery_claimed = False
@@ -74,6 +82,7 @@ class SQLiteStore:
         self._counts: list[tuple[str, int, asyncio.Future[int]]] = []
         self._ttl = dedupe_ttl_s
         self._last_purge = 0.0
+        self._last_conversation_purge = -math.inf
         # One connection is shared by all coroutines: a statement issued while another coroutine holds a
         # transaction open would silently join (and maybe roll back with) it, so every call takes this lock.
         self._lock = asyncio.Lock()
@@ -84,7 +93,13 @@ class SQLiteStore:
 
     @classmethod
     async def open(
-        cls, path: str, dedupe_ttl_s: float, *, busy_timeout_ms: int = 5000, clock: Callable[[], float] = time.time
+        cls,
+        path: str,
+        dedupe_ttl_s: float,
+        *,
+        busy_timeout_ms: int = 5000,
+        clock: Callable[[], float] = time.time,
+        conversation_ttl_s: float = 24 * 3600,
     ) -> SQLiteStore:
         if path != ":memory:":
             Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -98,12 +113,18 @@ class SQLiteStore:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(_SCHEMA)
-        return cls(db, dedupe_ttl_s, path, clock)
+        return cls(db, dedupe_ttl_s, path, clock, conversation_ttl_s)
 
     async def _purge_expired(self, now: float) -> None:
         if now - self._last_purge >= _PURGE_EVERY_S:
             self._last_purge = now
             await self._db.execute("DELETE FROM processed WHERE expires_at < ?", (now,))
+        # On the clock that ages conversations; get_conversation ignores expired ones already, this frees their rows
+        # (an indexed range delete, at most once a minute, never a scan per message).
+        aged = self._clock()
+        if aged - self._last_conversation_purge >= _PURGE_EVERY_S:
+            self._last_conversation_purge = aged
+            await self._db.execute("DELETE FROM conversations WHERE updated_at < ?", (aged - self._conversation_ttl,))
 
     def _check_writable(self) -> None:
         if time.monotonic() < self._unwritable_until:
@@ -325,8 +346,12 @@ class SQLiteStore:
 
     @counted("get_conversation")
     async def get_conversation(self, user_key: str) -> str | None:
-        async with self._db.execute("SELECT response_id FROM conversations WHERE user_key = ?", (user_key,)) as cur:
+        async with self._db.execute(
+            "SELECT response_id FROM conversations WHERE user_key = ? AND updated_at > ?",
+            (user_key, self._clock() - self._conversation_ttl),
+        ) as cur:
             row = await cur.fetchone()
+        # An older row is a conversation that went silent for WABOT_CONVERSATION_TTL: the next message starts afresh.
         return row[0] if row else None
 
     @counted("set_conversation")
@@ -335,7 +360,7 @@ class SQLiteStore:
             "INSERT INTO conversations (user_key, response_id, updated_at) VALUES (?, ?, ?) "
             "ON CONFLICT(user_key) DO UPDATE SET response_id = excluded.response_id, "
             "updated_at = excluded.updated_at",
-            (user_key, response_id, time.time()),
+            (user_key, response_id, self._clock()),
         )
 
     @counted("claim_orphans")
