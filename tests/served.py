@@ -185,3 +185,14 @@ class DemoProcess(ServedBot):
 
     def __init__(self, tmp: Path, env: dict[str, str] | None = None, workers: int = 1) -> None:
         super().__init__(tmp, env, demo=True, workers=workers)
+
+
+def listening_on(port: int) -> set[str]:
+    """Local IPv4 addresses with a socket in LISTEN state on `port`, read from the kernel's /proc/net/tcp."""
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            addresses.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return addresses

@@ -24,7 +24,7 @@ from twilio.request_validator import RequestValidator
 
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from telemetry.metrics import SECONDS_BUCKETS, exposition
-from tests.served import DEMO_AUTH_TOKEN, DemoProcess
+from tests.served import DEMO_AUTH_TOKEN, DemoProcess, listening_on
 from tests.waiting import wait_until
 
 HOLDING = [DEFAULT_HOLDING_MESSAGE]
@@ -176,23 +176,12 @@ def test_metrics_and_webhook_ports_are_separate(quiet_demo: DemoProcess) -> None
     assert sum(value(samples, "wabot_ai_runs_total", outcome=o) or 0 for o in ("ok", "timeout", "error")) == 0
 
 
-def _listening_on(port: int) -> set[str]:
-    """Local IPv4 addresses with a socket in LISTEN state on `port`, read from the kernel's /proc/net/tcp."""
-    addresses = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, port_hex = local.split(":")
-        if state == "0A" and int(port_hex, 16) == port:
-            addresses.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
-    return addresses
-
-
 def test_metrics_port_listens_on_loopback_unless_configured(quiet_demo: DemoProcess, tmp_path: Path) -> None:
     # The webhook must be reachable by Twilio; the metrics (and /status) only by the local Prometheus.
-    assert _listening_on(quiet_demo.metrics_port) == {"127.0.0.1"}
+    assert listening_on(quiet_demo.metrics_port) == {"127.0.0.1"}
     exposed = DemoProcess(tmp_path, env={"WABOT_METRICS_HOST": "0.0.0.0"}).wait_ready()
     try:
-        assert _listening_on(exposed.metrics_port) == {"0.0.0.0"}
+        assert listening_on(exposed.metrics_port) == {"0.0.0.0"}
     finally:
         exposed.stop()
 

@@ -38,6 +38,7 @@ from bot.store.sqlite import SQLiteStore
 from telemetry.flood import REJECTION_LOGS_PER_SECOND
 from telemetry.privacy import UserHasher
 from tests.conftest import Bot, LogLines, free_port, metric, new_sid
+from tests.served import listening_on
 
 REJECTIONS = "wabot_webhook_rejections_total"
 PUBLISHED_DEMO_TOKEN = "demo-auth-token-not-secret"  # the token every demo used before: public in the repository
@@ -45,17 +46,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------------------- 1. the demo
-
-
-def _listening_on(port: int) -> set[str]:
-    """Local IPv4 addresses with a socket in LISTEN state on `port` (from /proc/net/tcp)."""
-    addresses = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, port_hex = local.split(":")
-        if state == "0A" and int(port_hex, 16) == port:
-            addresses.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
-    return addresses
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -127,7 +117,7 @@ def _post_signed(url: str, token: str, body: str) -> httpx2.Response:
 
 def test_demo_listens_on_loopback_with_a_token_of_its_own_that_wabot_send_finds(demo_runs, tmp_path: Path) -> None:
     demo = demo_runs()
-    assert _listening_on(demo.port) == {"127.0.0.1"}
+    assert listening_on(demo.port) == {"127.0.0.1"}
     token_file = tmp_path / ".wabot-demo-token"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     token = token_file.read_text().strip()
@@ -153,7 +143,7 @@ def test_demo_listens_on_loopback_with_a_token_of_its_own_that_wabot_send_finds(
 
 def test_demo_on_all_interfaces_says_so_loudly(demo_runs) -> None:
     demo = demo_runs("--host", "0.0.0.0")
-    assert _listening_on(demo.port) == {"0.0.0.0"}
+    assert listening_on(demo.port) == {"0.0.0.0"}
     text = demo.output.read_text()
     assert "demo_exposed" in text and "WARNING" in text.upper()
 
