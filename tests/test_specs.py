@@ -13,7 +13,7 @@ import pytest
 from bot.demo.loopback import LoopbackServer
 from bot.demo.openai_simulator import OpenAISimulator
 from bot.tools import registry
-from tests.conftest import LogLines
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, LogLines
 from tests.specs import known, problems, validator
 from tests.test_chat_page import DemoBot, start_demo_bot
 
@@ -145,3 +145,23 @@ def test_every_request_the_bot_sends_is_a_valid_create_response_without_unknown_
         # The spend bounds ride on every call, the tool round trips' included.
         assert call["request"]["max_output_tokens"] == assistant_bot.settings.max_output_tokens
         assert call["request"]["truncation"] == "auto"
+
+
+def test_what_the_bot_sends_twilio_and_what_the_sink_answers_are_twilios_shapes(make_bot, sim, sink) -> None:
+    """A follow-up's create-message form, as the twilio SDK sent it, and the message list the sink answers, against
+    Twilio's own OpenAPI document (form values are strings: every field the bot sends is a string property)."""
+    bot = make_bot(reply_timeout=0.5)
+    assert bot.send("a slow one [sim:delay=1]").messages  # the holding reply; the answer follows by REST
+    sink.wait_for_messages(1, timeout=10)
+    bot.wait_idle()
+    forms = [attempt["form"] for attempt in sink.attempts()]
+    assert forms
+    create = validator("twilio.json", "CreateMessageRequest")
+    for form in forms:
+        assert problems(create, form, closed=True) == [], form
+    listed = httpx2.get(
+        f"{bot.settings.twilio_api_url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json",
+        auth=(ACCOUNT_SID, AUTH_TOKEN),
+    )
+    assert listed.status_code == 200, listed.text
+    assert problems(validator("twilio.json", "ListMessageResponse"), listed.json()) == []

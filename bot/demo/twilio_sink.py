@@ -191,7 +191,8 @@ class TwilioSink:
             return copy.deepcopy([m for m in self._messages if to is None or m["to"] == to])
 
     def attempts(self) -> list[dict[str, Any]]:
-        """Every create-message request, accepted or not: ``to, from, body, status, outcome, at``.
+        """Every create-message request, accepted or not: ``to, from, body, form`` (the whole form as sent),
+        ``status, outcome, at``.
 
         `status` is the HTTP status answered (None for a dropped connection); `outcome` is accepted (the message
         was taken, whatever the caller then got), error or reset.
@@ -397,6 +398,7 @@ class TwilioSink:
                     "to": form.get("To"),
                     "from": form.get("From"),
                     "body": form.get("Body"),
+                    "form": form,
                     "status": status,
                     "outcome": outcome,
                     "at": time.monotonic(),
@@ -481,6 +483,7 @@ class TwilioSink:
                     "to": to,
                     "from": from_,
                     "body": body,
+                    "form": form,
                     "status": None if dropped else 201,
                     "outcome": "accepted",
                     "at": record["at"],
