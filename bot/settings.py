@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     followup_give_up_s: float = Field(900.0, gt=0, le=86_400, validation_alias="WABOT_FOLLOWUP_GIVE_UP")
     public_url: str | None = Field(None, validation_alias="WABOT_PUBLIC_URL")
     max_body_bytes: int = Field(64 * 1024, gt=0, validation_alias="WABOT_MAX_BODY_BYTES")
+    # WhatsApp's "typing…" (and read receipt) for a message accepted for a model run; some operators want neither.
+    typing_indicator: bool = Field(True, validation_alias="WABOT_TYPING_INDICATOR")
+
+    # Media of inbound messages (voice notes, photos, PDFs): fetched from Twilio into memory, never to disk.
+    max_media_bytes: int = Field(16 * 1024 * 1024, gt=0, validation_alias="WABOT_MAX_MEDIA_BYTES")
+    transcribe_model: str = Field("gpt-4o-mini-transcribe", validation_alias="WABOT_TRANSCRIBE_MODEL")
 
     # Storage
     store: str = Field("sqlite:///wabot.db", validation_alias="WABOT_STORE")

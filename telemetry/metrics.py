@@ -76,6 +76,32 @@ REPLY_PARTS = Counter(
     "Twilio accepted; holding replies, notices and apologies are not counted). Each is a paid message; one answer "
     "takes at most WABOT_MAX_REPLY_PARTS, and a cut answer is an `answer_shortened` log event.",
 )
+MEDIA = Counter(
+    "wabot_media_total",
+    "Attachments of inbound messages (MediaUrl{i}) by kind and what became of them "
+    "(ok = handed to the model; the others end in a reply that says what went wrong).",
+    ["kind", "outcome"],
+)
+MEDIA_FETCH_SECONDS = Histogram(
+    "wabot_media_fetch_seconds",
+    "Time to download one attachment from Twilio, redirects included, failed downloads included.",
+    buckets=SECONDS_BUCKETS,
+)
+TRANSCRIPTION_SECONDS = Histogram(
+    "wabot_transcription_seconds",
+    "Time of one call to the transcription endpoint for a voice note, failed calls included.",
+    buckets=SECONDS_BUCKETS,
+)
+TYPING_INDICATORS = Counter(
+    "wabot_typing_indicators_total",
+    "WhatsApp typing indicators sent through Twilio for messages accepted for a model run, refreshes included.",
+    ["outcome"],
+)
+TYPING_INDICATOR_SECONDS = Histogram(
+    "wabot_typing_indicator_seconds",
+    "Inbound message arrival until Twilio accepted its first typing indicator.",
+    buckets=SECONDS_BUCKETS,
+)
 REJECTIONS = Counter(
     "wabot_webhook_rejections_total",
     "Webhook requests not processed, by reason.",
@@ -119,6 +145,9 @@ REPLY_TIMEOUT = Gauge(
     multiprocess_mode="max",
 )
 
+MEDIA_KINDS = ("audio", "image", "document", "other")
+MEDIA_OUTCOMES = ("ok", "too_large", "unsupported", "fetch_error", "transcribe_error")
+TYPING_OUTCOMES = ("sent", "failed")
 MODEL_CALL_OUTCOMES = ("ok", "rate_limited", "server_error", "timeout", "connection_error", "other")
 RUN_OUTCOMES = ("ok", "timeout", "error", "busy")
 FOLLOWUP_OUTCOMES = ("delivered", "failed")
@@ -176,6 +205,11 @@ def init(
             AI_ERRORS.labels(phase=phase, error_type=error_type)
     for op in STORE_OPS:
         STORE_ERRORS.labels(op=op)
+    for kind in MEDIA_KINDS:
+        for outcome in MEDIA_OUTCOMES:
+            MEDIA.labels(kind=kind, outcome=outcome)
+    for outcome in TYPING_OUTCOMES:
+        TYPING_INDICATORS.labels(outcome=outcome)
 
 
 def _exemplar() -> dict[str, str] | None:
