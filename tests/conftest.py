@@ -156,7 +156,9 @@ def sink_server() -> Iterator[tuple[TwilioSink, str]]:
     sink = TwilioSink(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, status_callbacks=True)
     server = LoopbackServer(sink.app, name="twilio-sink")
     url = server.start()
+    sink.api_url = url
     yield sink, url
+    sink.shutdown()
     server.stop()
 
 

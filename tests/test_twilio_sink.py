@@ -23,6 +23,7 @@ from twilio.rest import Client
 
 from bot.demo.loopback import LoopbackServer
 from bot.demo.twilio_sink import TwilioSink, mask_address
+from tests import specs
 
 SID = "AC" + "0" * 31 + "1"
 TOKEN = "sink-test-token"
@@ -67,7 +68,9 @@ class CallbackReceiver:
 def sink_server() -> Iterator[tuple[TwilioSink, str]]:
     sink = TwilioSink(account_sid=SID, auth_token=TOKEN)
     with LoopbackServer(sink.app, name="twilio-sink") as server:
+        sink.api_url = server.url
         yield sink, server.url
+    sink.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -467,3 +470,128 @@ async def test_typing_indicator(sink: TwilioSink, client: Client) -> None:
     indicator = await client.messaging.v2.typing_indicator.create_async(channel="whatsapp", message_id="SM" + "a" * 32)
     assert indicator.success is True
     assert [(t["channel"], t["message_id"]) for t in sink.typing_indicators()] == [("whatsapp", "SM" + "a" * 32)]
+
+
+# ---------------------------------------------------------------- media
+
+
+def _basic(sid: str = SID, token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": aiohttp.encode_basic_auth(sid, token)}
+
+
+def _origin(url: str) -> str:
+    return "/".join(url.split("/")[:3])
+
+
+async def test_media_url_is_twilio_shaped_and_redirects_to_storage_on_another_origin(sink: TwilioSink) -> None:
+    message_sid = "MM" + "b" * 32
+    url = sink.add_media(b"\x89PNG fake", "image/png", message_sid=message_sid)
+    assert url.startswith(f"{sink.api_url}/2010-04-01/Accounts/{SID}/Messages/{message_sid}/Media/ME")
+    assert len(url.rsplit("/", 1)[-1]) == 34
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, headers=_basic(), allow_redirects=False) as first:
+            assert first.status == 307
+            location = first.headers["Location"]
+        assert _origin(location) == sink.media_storage_url() != _origin(url)
+        # The storage URL needs no credentials, as Twilio's storage does not.
+        async with http.get(location) as stored:
+            assert stored.status == 200
+            assert stored.headers["Content-Type"] == "image/png"
+            assert stored.headers["Content-Length"] == str(len(b"\x89PNG fake"))
+            assert await stored.read() == b"\x89PNG fake"
+    fetches = sink.wait_for_media_fetches(2)
+    assert [(f["origin"], f["authorization"], f["status"], f["bytes"]) for f in fetches] == [
+        ("api", True, 307, 0),
+        ("storage", False, 200, len(b"\x89PNG fake")),
+    ]
+
+
+async def test_a_client_following_the_redirect_gets_the_bytes(sink: TwilioSink) -> None:
+    url = sink.add_media(b"OggS voice", "audio/ogg")
+    async with aiohttp.ClientSession() as http, http.get(url, headers=_basic()) as response:
+        assert response.status == 200
+        assert response.content_type == "audio/ogg"
+        assert await response.read() == b"OggS voice"
+
+
+async def test_media_needs_the_accounts_credentials(sink: TwilioSink) -> None:
+    url = sink.add_media(b"x", "image/jpeg")
+    async with aiohttp.ClientSession() as http:
+        for auth in ({}, _basic(token="wrong"), _basic(sid="AC" + "9" * 32)):
+            async with http.get(url, headers=auth, allow_redirects=False) as response:
+                assert response.status == 401
+                assert (await response.json())["code"] == 20003
+    assert [f["status"] for f in sink.media_fetches()] == [401, 401, 401]
+    assert [f["authorization"] for f in sink.media_fetches()] == [False, True, True]
+
+
+async def test_expired_or_unknown_media_is_404(sink: TwilioSink) -> None:
+    url = sink.add_media(b"x", "image/jpeg")
+    sink.expire_media(url)
+    unknown = url.rsplit("/", 1)[0] + "/ME" + "0" * 32
+    async with aiohttp.ClientSession() as http:
+        for target in (url, unknown):
+            async with http.get(target, headers=_basic()) as response:
+                assert response.status == 404
+                body = await response.json()
+                assert (body["code"], body["status"]) == (20404, 404)
+
+
+async def test_media_resource_json_validates_against_twilios_spec(sink: TwilioSink) -> None:
+    message_sid = "MM" + "c" * 32
+    url = sink.add_media(b"%PDF-1.4", "application/pdf", message_sid=message_sid)
+    async with aiohttp.ClientSession() as http, http.get(url + ".json", headers=_basic()) as response:
+        assert response.status == 200
+        resource = await response.json()
+    assert not specs.problems(specs.validator("twilio.json", "api.v2010.account.message.media"), resource, closed=True)
+    assert (resource["content_type"], resource["parent_sid"]) == ("application/pdf", message_sid)
+    assert url.endswith(resource["uri"].removesuffix(".json"))
+
+
+async def test_upload_endpoint_returns_a_media_url(sink: TwilioSink, sink_server: tuple[TwilioSink, str]) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{sink_server[1]}/_sink/media",
+            data=b"RIFF wav",
+            headers={"Content-Type": "audio/wav"},
+            params={"message_sid": "MM" + "d" * 32},
+        ) as uploaded:
+            assert uploaded.status == 201
+            answer = await uploaded.json()
+        assert answer["media_url"].startswith(f"{sink_server[1]}/2010-04-01/Accounts/{SID}/Messages/MM{'d' * 32}/")
+        assert (answer["content_type"], answer["bytes"], answer["message_sid"]) == ("audio/wav", 8, "MM" + "d" * 32)
+        async with http.get(answer["media_url"], headers=_basic()) as fetched:
+            assert (fetched.content_type, await fetched.read()) == ("audio/wav", b"RIFF wav")
+        async with http.get(f"{sink_server[1]}/_sink/media_fetches") as listed:
+            assert [f["origin"] for f in await listed.json()] == ["api", "storage"]
+
+
+async def test_media_faults_slow_chunked_and_extra_hops(sink: TwilioSink) -> None:
+    data = bytes(range(256)) * 1024  # 256 KiB: several chunks
+    slow = sink.add_media(data, "video/mp4", delay=0.3)
+    chunked = sink.add_media(data, "video/mp4", chunked=True)
+    hops = sink.add_media(b"far", "image/webp", hops=3)
+    async with aiohttp.ClientSession() as http:
+        started = time.monotonic()
+        async with http.get(slow, headers=_basic()) as response:
+            assert await response.read() == data
+        assert time.monotonic() - started >= 0.3
+        async with http.get(chunked, headers=_basic()) as response:
+            assert "Content-Length" not in response.headers
+            assert await response.read() == data
+        async with http.get(hops, headers=_basic()) as response:
+            assert await response.read() == b"far"
+            assert len(response.history) == 3
+    statuses = [(f["origin"], f["status"]) for f in sink.wait_for_media_fetches(8)][-4:]
+    assert statuses == [("api", 307), ("storage", 307), ("storage", 307), ("storage", 200)]
+
+
+async def test_clear_forgets_media_and_fetches(sink: TwilioSink) -> None:
+    url = sink.add_media(b"x", "image/png")
+    async with aiohttp.ClientSession() as http, http.get(url, headers=_basic()) as response:
+        await response.read()
+    sink.wait_for_media_fetches(2)
+    sink.clear()
+    assert sink.media_fetches() == []
+    async with aiohttp.ClientSession() as http, http.get(url, headers=_basic()) as response:
+        assert response.status == 404

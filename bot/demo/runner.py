@@ -32,6 +32,7 @@ class Demo:
 
     def stop(self) -> None:
         self.simulator.shutdown()
+        self.sink.shutdown()
         for server in reversed(self.servers):
             server.stop()
 
@@ -48,6 +49,7 @@ def start_demo(settings: Settings, *, bot_url: str, mode: str = "normal", echo: 
     sink_server = LoopbackServer(sink.app, name="twilio-sink")
     sim_url = sim_server.start()
     sink_url = sink_server.start()
+    sink.api_url = sink_url
     overrides: dict[str, Any] = {
         "openai_api_key": SecretStr("demo"),
         "openai_base_url": f"{sim_url}/v1",

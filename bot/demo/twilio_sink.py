@@ -5,6 +5,18 @@ points here, answers with a message resource the SDK parses, records every messa
 `messages.list[_async]` reads them (newest first, filtered by To and From, paged), can inject faults (errors,
 latency, dropped connections, a message taken but answered late or not at all, failed deliveries, a failing
 list call) and posts signed status callbacks like Twilio.
+
+Media, as an inbound message's ``MediaUrl{N}`` points at them: `add_media(data, content_type)` (or, over HTTP,
+``POST /_sink/media`` with the bytes as the body, their type as Content-Type and optionally ``?message_sid=MM…``,
+answered 201 with ``{"media_url", "sid", "message_sid", "content_type", "bytes"}``) stores bytes and returns a
+Twilio-shaped URL ``{api}/2010-04-01/Accounts/{AccountSid}/Messages/{MessageSid}/Media/{MediaSid}``. Fetching it
+needs the account's HTTP Basic credentials (401 otherwise, 404 once expired) and answers 307 to the media storage
+(bot/demo/media_storage.py) on ANOTHER origin, a second listener on 127.0.0.1 the sink starts on first use, which
+serves the bytes with their content type to anyone holding the URL, as Twilio's storage does. ``…/Media/{sid}.json``
+answers the Media resource. Faults per medium: expired (404), slow storage, no Content-Length, extra redirect hops.
+`media_fetches()` (or ``GET /_sink/media_fetches``) records every fetch on either origin, with whether an
+Authorization header reached it and how many bytes the storage handed out. The sink learns the base URL its media
+URLs start with from `api_url` (set it to the URL it is served at; the HTTP upload falls back to the request's).
 """
 
 from __future__ import annotations
@@ -27,8 +39,11 @@ from urllib.parse import urlencode
 
 import aiohttp
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from twilio.request_validator import RequestValidator
+
+from bot.demo.loopback import LoopbackServer
+from bot.demo.media_storage import MediaStorage, new_media
 
 __all__ = ["TwilioSink", "mask_address"]
 
@@ -38,11 +53,13 @@ API_VERSION = "2010-04-01"
 MAX_BODY_CHARS = 1600
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # what the demo's upload endpoint keeps in memory for one medium
 CALLBACK_TIMEOUT_S = 5.0
 
 _ERROR_MESSAGES = {
     20001: "Invalid paging parameter",
     20003: "Authenticate",
+    20404: "The requested resource was not found",
     20429: "Too Many Requests",
     20500: "An internal server error has occurred",
     21602: "Message body is required.",
@@ -177,6 +194,11 @@ class TwilioSink:
         self._list_faults: list[_Fault] = []
         self._delivery_faults: list[_DeliveryFault] = []
         self._callback_tasks: set[asyncio.Task[None]] = set()
+        self._storage = MediaStorage()
+        self._storage_server: LoopbackServer | None = None
+        # The base URL media URLs start with: where this sink is served (the bot fetches only from its Twilio API
+        # origin). Set by whoever serves the sink; the HTTP upload falls back to the URL it was called at.
+        self.api_url: str | None = None
         self._app = self._build_app()
 
     # ---------------------------------------------------------------- public Python API
@@ -214,14 +236,81 @@ class TwilioSink:
         with self._lock:
             return copy.deepcopy(self._typing)
 
+    def add_media(
+        self,
+        data: bytes,
+        content_type: str,
+        *,
+        message_sid: str | None = None,
+        api_url: str | None = None,
+        delay: float = 0.0,
+        chunked: bool = False,
+        hops: int = 1,
+    ) -> str:
+        """Store `data` and return its MediaUrl (``{api_url}/2010-04-01/Accounts/…/Media/ME…``).
+
+        `message_sid` defaults to a new ``MM…``; `api_url` to `self.api_url`. Faults: the storage waits `delay`
+        seconds before the first byte, omits Content-Length (`chunked`), or takes `hops` redirects in all (the API's
+        307, then `hops - 1` more of its own).
+        """
+        base = api_url or self.api_url
+        if not base:
+            raise RuntimeError("set TwilioSink.api_url to the URL the sink is served at before adding media")
+        if hops < 1:
+            raise ValueError("hops must be >= 1")
+        self.media_storage_url()  # started before the URL is handed out, so a fetch never waits for it
+        media = new_media(
+            data,
+            content_type,
+            message_sid or "MM" + uuid.uuid4().hex,
+            delay=delay,
+            chunked=chunked,
+            hops=hops,
+        )
+        self._storage.add(media)
+        path = f"/{API_VERSION}/Accounts/{self.account_sid}/Messages/{media.message_sid}/Media/{media.sid}"
+        return base.rstrip("/") + path
+
+    def expire_media(self, media_url: str) -> None:
+        """Make a MediaUrl answer 404 from now on, as Twilio does once media is deleted or expired."""
+        self._storage.expire(media_url.rstrip("/").rsplit("/", 1)[-1])
+
+    def media_fetches(self) -> list[dict[str, Any]]:
+        """Every fetch of a media URL or of the storage, in order: ``origin`` (api or storage), ``media_sid``,
+        ``authorization`` (whether an Authorization header arrived), ``status``, ``bytes`` (handed out by the storage,
+        counted before each chunk is sent), ``finished`` (the storage is done streaming), ``at``."""
+        return self._storage.fetches()
+
+    def wait_for_media_fetches(self, n: int, *, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Block until at least `n` media fetches are recorded and every one has finished, and return them all."""
+        return self._storage.wait_for_fetches(n, timeout=timeout)
+
+    def media_storage_url(self) -> str:
+        """The storage's base URL (another origin than the API's); starts its listener on first use."""
+        with self._lock:
+            if self._storage_server is None:
+                server = LoopbackServer(self._storage.app, name="twilio-media-storage")
+                server.start()
+                self._storage_server = server
+            return self._storage_server.url
+
+    def shutdown(self) -> None:
+        """Stop the media storage's listener, if it was started (the sink's own server is its owner's to stop)."""
+        with self._lock:
+            server, self._storage_server = self._storage_server, None
+        if server is not None:
+            server.stop()
+
     def clear(self) -> None:
-        """Forget recorded messages, attempts, lookups and typing indicators (queued faults stay queued)."""
+        """Forget recorded messages, attempts, lookups, typing indicators, media and their fetches (queued faults
+        stay queued)."""
         with self._lock:
             self._messages.clear()
             self._resources.clear()
             self._attempts.clear()
             self._lookups.clear()
             self._typing.clear()
+        self._storage.clear()
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -339,6 +428,36 @@ class TwilioSink:
                 self._changed.notify_all()
             return JSONResponse({"success": True})
 
+        @app.get(f"/{API_VERSION}/Accounts/{{account_sid}}/Messages/{{message_sid}}/Media/{{media_sid}}")
+        async def fetch_media(account_sid: str, message_sid: str, media_sid: str, request: Request) -> Response:
+            return self._fetch_media(account_sid, message_sid, media_sid, request)
+
+        @app.post("/_sink/media")
+        async def upload_media(request: Request, message_sid: str | None = None) -> Response:
+            data = await request.body()
+            if len(data) > MAX_UPLOAD_BYTES:
+                return JSONResponse({"error": f"at most {MAX_UPLOAD_BYTES} bytes"}, status_code=413)
+            content_type = request.headers.get("content-type", "application/octet-stream")
+            api_url = self.api_url or str(request.base_url)
+            # The storage's listener may start here: not on the sink's loop.
+            await asyncio.to_thread(self.media_storage_url)
+            url = self.add_media(data, content_type, message_sid=message_sid, api_url=api_url)
+            parts = url.split("/")
+            return JSONResponse(
+                {
+                    "media_url": url,
+                    "sid": parts[-1],
+                    "message_sid": parts[-3],
+                    "content_type": content_type,
+                    "bytes": len(data),
+                },
+                status_code=201,
+            )
+
+        @app.get("/_sink/media_fetches")
+        async def get_media_fetches() -> list[dict[str, Any]]:
+            return self.media_fetches()
+
         @app.get("/_sink/messages")
         async def get_messages(to: str | None = None) -> list[dict[str, Any]]:
             return self.messages(to)
@@ -369,6 +488,44 @@ class TwilioSink:
         if path_sid is not None and path_sid != user:
             return False
         return user == self.account_sid and password == self._auth_token
+
+    def _fetch_media(self, account_sid: str, message_sid: str, media_sid: str, request: Request) -> Response:
+        sid = media_sid.removesuffix(".json")
+        response = self._media_response(account_sid, message_sid, media_sid, request)
+        fetch = {
+            "origin": "api",
+            "media_sid": sid,
+            "authorization": "authorization" in request.headers,
+            "status": response.status_code,
+            "bytes": 0,
+            "finished": True,
+            "at": time.monotonic(),
+        }
+        self._storage.record(fetch)
+        return response
+
+    def _media_response(self, account_sid: str, message_sid: str, media_sid: str, request: Request) -> Response:
+        if not self._authorized(request, account_sid):
+            return _twilio_error(401, 20003)
+        sid = media_sid.removesuffix(".json")
+        media = self._storage.get(sid)
+        if media is None or media.expired or media.message_sid != message_sid:
+            return _twilio_error(404, 20404)
+        uri = f"/{API_VERSION}/Accounts/{self.account_sid}/Messages/{message_sid}/Media/{sid}"
+        if media_sid.endswith(".json"):
+            created = _rfc2822(datetime.fromtimestamp(media.created, UTC))
+            resource = {
+                "account_sid": self.account_sid,
+                "content_type": media.content_type,
+                "date_created": created,
+                "date_updated": created,
+                "parent_sid": message_sid,
+                "sid": sid,
+                "uri": f"{uri}.json",
+            }
+            return JSONResponse(resource)
+        # Twilio answers a media URL with a temporary redirect to its storage, on another host.
+        return RedirectResponse(f"{self.media_storage_url()}/media/{media.key}", status_code=307)
 
     def _take_fault(self, to: str, faults: list[_Fault] | None = None) -> _Fault | None:
         with self._lock:
