@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx2
 import openai
 import pytest
 from openai.types.responses import Response
 
+from bot.demo.audio import voice_note
 from bot.demo.loopback import LoopbackServer
 from bot.demo.openai_simulator import OpenAISimulator, parse_directives
 from bot.tools import registry
+from tests.media_samples import jpeg_header, pdf, png, webp_header
 
 MODEL = "gpt-sim"
 TOOLS = [
@@ -43,6 +48,7 @@ def sim_server() -> Iterator[tuple[OpenAISimulator, str]]:
 def sim(sim_server: tuple[OpenAISimulator, str]) -> OpenAISimulator:
     simulator = sim_server[0]
     simulator.clear_calls()
+    simulator.clear_transcriptions()
     simulator.set_mode("instant")
     return simulator
 
@@ -552,3 +558,267 @@ async def test_tools_used_names_the_tools_of_the_answers_turn(
     r5 = await run_tools(demo_model, r4)
     assert r5.output_text == 'Tool calculate said: {"expression": "2*2", "result": 4}'
     assert sim.tools_used(question, r5.output_text) == ["calculate"]
+
+
+# ---------------------------------------------------------------- media: transcriptions, images and files
+
+
+def data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def user(*parts: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": list(parts)}]
+
+
+async def test_a_voice_note_is_heard_as_the_transcript_it_carries(
+    sim: OpenAISimulator, client: openai.AsyncOpenAI
+) -> None:
+    note = voice_note("Can you book a table for two tonight?", seconds=3.0)
+    result = await client.audio.transcriptions.create(
+        model="gpt-4o-mini-transcribe", file=("voice.ogg", note, "audio/ogg; codecs=opus")
+    )
+    assert result.text == "Can you book a table for two tonight?"
+    assert result.usage is not None and result.usage.type == "tokens"
+    assert (result.usage.input_tokens, result.usage.output_tokens, result.usage.total_tokens) == (3, 8, 11)
+    [call] = sim.transcriptions()
+    assert (call["model"], call["filename"], call["bytes"], call["seconds"]) == (
+        "gpt-4o-mini-transcribe",
+        "voice.ogg",
+        len(note),
+        3.0,
+    )
+    assert call["outcome"] == "ok" and call["status"] == 200
+
+
+async def test_a_transcript_line_in_any_audio_bytes_is_heard(client: openai.AsyncOpenAI) -> None:
+    fake = b"RIFF\x00\x00\x00\x00WAVE" + b"TRANSCRIPT: what time is it?\n" + bytes(100)
+    result = await client.audio.transcriptions.create(model="gpt-4o-mini-transcribe", file=("note.wav", fake))
+    assert result.text == "what time is it?"
+
+
+async def test_without_a_transcript_the_words_grow_with_the_audios_length(client: openai.AsyncOpenAI) -> None:
+    texts = {}
+    for seconds in (2.0, 8.0):
+        result = await client.audio.transcriptions.create(
+            model="gpt-4o-mini-transcribe", file=("voice.ogg", voice_note(None, seconds=seconds))
+        )
+        texts[seconds] = result.text
+    assert texts[2.0] == "Hi, it's me. I'm sending."
+    assert texts[8.0].startswith("Hi, it's me. I'm sending you a quick voice note")
+    assert len(texts[8.0].split()) == 20  # 2.5 words a second
+    again = await client.audio.transcriptions.create(
+        model="gpt-4o-mini-transcribe", file=("voice.ogg", voice_note(None, seconds=8.0))
+    )
+    assert again.text == texts[8.0]
+
+
+async def test_transcription_latency_grows_with_the_audio(url: str) -> None:
+    sim = OpenAISimulator(transcription_rate=0.05)
+    with LoopbackServer(sim.app, name="openai-sim-rate") as server:
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+            took = {}
+            for seconds in (1.0, 30.0):
+                started = time.monotonic()
+                await client.audio.transcriptions.create(
+                    model="gpt-4o-mini-transcribe", file=("voice.ogg", voice_note("hi", seconds=seconds))
+                )
+                took[seconds] = time.monotonic() - started
+    assert took[1.0] < 1.0
+    assert 1.5 <= took[30.0] < 4.0  # 30 s of audio at 0.05 s a second
+
+
+async def test_timing_directives_act_on_the_transcription_and_leave_the_text(
+    sim: OpenAISimulator, client: openai.AsyncOpenAI
+) -> None:
+    with pytest.raises(openai.InternalServerError):
+        await client.audio.transcriptions.create(
+            model="gpt-4o-mini-transcribe", file=("voice.ogg", voice_note("hello [sim:error=500]"))
+        )
+    started = time.monotonic()
+    result = await client.audio.transcriptions.create(
+        model="gpt-4o-mini-transcribe", file=("voice.ogg", voice_note("slow one [sim:delay=0.6] [sim:echo]"))
+    )
+    assert time.monotonic() - started >= 0.6
+    assert result.text == "slow one [sim:echo]"  # the echo is for the model that reads the transcript
+    with pytest.raises(openai.APITimeoutError):
+        await client.audio.transcriptions.create(
+            model="gpt-4o-mini-transcribe", file=("voice.ogg", voice_note("x [sim:delay=2]")), timeout=0.3
+        )
+    with pytest.raises(openai.APIConnectionError):
+        await client.audio.transcriptions.create(
+            model="gpt-4o-mini-transcribe", file=("voice.ogg", voice_note("x [sim:reset]"))
+        )
+    flaky = voice_note(unique("flaky [sim:flaky=503:1]"))
+    with pytest.raises(openai.APIStatusError) as first:
+        await client.audio.transcriptions.create(model="gpt-4o-mini-transcribe", file=("voice.ogg", flaky))
+    assert first.value.status_code == 503
+    assert (await client.audio.transcriptions.create(model="gpt-4o-mini-transcribe", file=("voice.ogg", flaky))).text
+    with pytest.raises(openai.BadRequestError, match="delay between 0 and 600"):
+        await client.audio.transcriptions.create(
+            model="gpt-4o-mini-transcribe", file=("voice.ogg", voice_note("x [sim:delay=100000]"))
+        )
+    outcomes = [(c["status"], c["outcome"]) for c in sim.transcriptions()]
+    assert outcomes[:2] == [(500, "error"), (200, "ok")]
+    assert outcomes[-1] == (400, "error")
+    assert sim.wait_for_transcriptions(len(outcomes), timeout=1.0)
+
+
+async def test_files_the_endpoint_refuses(client: openai.AsyncOpenAI) -> None:
+    supported = "Supported formats: ['flac', 'm4a', 'mp3', 'mp4', 'mpeg', 'mpga', 'oga', 'ogg', 'wav', 'webm']"
+    with pytest.raises(openai.BadRequestError) as no_extension:
+        await client.audio.transcriptions.create(model="gpt-4o-mini-transcribe", file=("voice", voice_note("hi")))
+    assert no_extension.value.body == {
+        "message": f"Unrecognized file format. {supported}",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+    with pytest.raises(openai.BadRequestError, match=re.escape(f"Invalid file format. {supported}")):
+        await client.audio.transcriptions.create(model="gpt-4o-mini-transcribe", file=("voice.ogg", b"ID3 not ogg"))
+    with pytest.raises(openai.BadRequestError) as short:
+        await client.audio.transcriptions.create(
+            model="gpt-4o-mini-transcribe", file=("voice.ogg", voice_note("hi", seconds=0.05))
+        )
+    assert short.value.code == "audio_too_short"
+    with pytest.raises(openai.BadRequestError) as incompatible:
+        await client.audio.transcriptions.create(
+            model="gpt-4o-mini-transcribe", file=("voice.ogg", voice_note("hi")), response_format="verbose_json"
+        )
+    assert incompatible.value.body["message"] == (  # type: ignore[index]
+        "response_format 'verbose_json' is not compatible with model 'gpt-4o-mini-transcribe'. "
+        "Use 'json' or 'text' instead."
+    )
+    with pytest.raises(openai.BadRequestError, match="ISO-639-1"):
+        await client.audio.transcriptions.create(
+            model="gpt-4o-mini-transcribe", file=("voice.ogg", voice_note("hi")), language="english"
+        )
+
+
+async def test_other_formats_and_models(client: openai.AsyncOpenAI) -> None:
+    note = voice_note("hello world", seconds=2.5)
+    text = await client.audio.transcriptions.create(
+        model="gpt-4o-mini-transcribe", file=("voice.ogg", note), response_format="text"
+    )
+    assert text == "hello world\n"
+    verbose = await client.audio.transcriptions.create(
+        model="whisper-1",
+        file=("voice.ogg", note),
+        response_format="verbose_json",
+        timestamp_granularities=["word"],
+        language="en",
+    )
+    assert (verbose.text, verbose.duration, verbose.language) == ("hello world", 2.5, "english")
+    assert [w.word for w in verbose.words or []] == ["hello", "world"]
+    assert verbose.usage is not None and verbose.usage.seconds == 3
+    plain = await client.audio.transcriptions.create(model="whisper-1", file=("voice.ogg", note))
+    assert plain.usage is not None and plain.usage.type == "duration"
+    srt = await client.audio.transcriptions.create(model="whisper-1", file=("voice.ogg", note), response_format="srt")
+    assert srt == "1\n00:00:00,000 --> 00:00:02,500\nhello world\n\n"
+
+
+async def test_a_streamed_transcription_comes_word_by_word(client: openai.AsyncOpenAI) -> None:
+    stream = await client.audio.transcriptions.create(
+        model="gpt-4o-mini-transcribe", file=("voice.ogg", voice_note("one two three")), stream=True
+    )
+    events = [event async for event in stream]
+    assert [e.type for e in events] == ["transcript.text.delta"] * 3 + ["transcript.text.done"]
+    assert "".join(e.delta for e in events[:3]) == "one two three"  # type: ignore[union-attr]
+    assert events[-1].text == "one two three"  # type: ignore[union-attr]
+
+
+async def test_the_model_says_what_image_it_saw(sim: OpenAISimulator, client: openai.AsyncOpenAI) -> None:
+    photo = data_url("image/png", png(640, 480))
+    r = await client.responses.create(
+        model=MODEL,
+        input=user({"type": "input_text", "text": "what is this?"}, {"type": "input_image", "image_url": photo}),
+    )
+    assert r.output_text == "[turn 1] I see a PNG image, 640×480. what is this?"
+    assert r.usage is not None and r.usage.input_tokens == 3 + 85 + 170 * 2  # 2x1 tiles of 512 px
+    [call] = sim.calls()
+    assert call["media"] == ["I see a PNG image, 640×480."]
+    sticker = data_url("image/webp", webp_header(512, 512))
+    jpeg = data_url("image/jpeg", jpeg_header(1600, 1200))
+    r2 = await client.responses.create(
+        model=MODEL,
+        previous_response_id=r.id,
+        input=user(
+            {"type": "input_image", "image_url": sticker, "detail": "low"},
+            {"type": "input_image", "image_url": jpeg, "detail": "auto"},
+        ),
+    )
+    assert r2.output_text == "[turn 2] I see a WebP image, 512×512. I see a JPEG image, 1600×1200."
+
+
+async def test_the_model_says_what_file_it_got(client: openai.AsyncOpenAI) -> None:
+    document = pdf(pages=2)
+    r = await client.responses.create(
+        model=MODEL,
+        input=user(
+            {"type": "input_file", "filename": "report.pdf", "file_data": data_url("application/pdf", document)},
+            {"type": "input_text", "text": "summarise it"},
+        ),
+    )
+    assert (
+        r.output_text == f"[turn 1] I got a PDF 'report.pdf' (2 pages, {round(len(document) / 1024)} KB). summarise it"
+    )
+
+
+async def test_the_demo_model_describes_media_and_answers_the_caption(demo_model: openai.AsyncOpenAI) -> None:
+    photo = data_url("image/png", png(32, 16))
+    alone = await demo_model.responses.create(model=MODEL, input=user({"type": "input_image", "image_url": photo}))
+    assert alone.output_text == "I see a PNG image, 32×16. What would you like me to do with it?"
+    captioned = await demo_model.responses.create(
+        model=MODEL,
+        input=user(
+            {"type": "input_image", "image_url": photo}, {"type": "input_text", "text": "Plan a week in Lisbon"}
+        ),
+    )
+    assert captioned.output_text.startswith("I see a PNG image, 32×16. [turn 1] (demo model)")
+
+
+@pytest.mark.parametrize(
+    ("part", "message", "code"),
+    [
+        (
+            {"type": "input_image", "image_url": "iVBORw0KGgo="},
+            "Invalid 'input[0].content[0].image_url'. Expected a base64-encoded data URL with an image MIME type "
+            "(e.g. 'data:image/png;base64,aW1nIGJ5dGVzIGhlcmU='), but got a value without the 'data:' prefix.",
+            "invalid_value",
+        ),
+        (
+            {"type": "input_image", "image_url": "data:image/png;base64,"},
+            "Invalid 'input[0].content[0].image_url'. Expected a base64-encoded data URL with an image MIME type "
+            "(e.g. 'data:image/png;base64,aW1nIGJ5dGVzIGhlcmU='), but got empty base64-encoded bytes.",
+            "invalid_value",
+        ),
+        (
+            {"type": "input_image", "image_url": "data:image/png;base64,bm90IGFuIGltYWdl"},
+            "The image data you provided does not represent a valid image. Please check your input and try again "
+            "with one of the supported image formats: ['image/jpeg', 'image/png', 'image/gif', 'image/webp'].",
+            "invalid_image_format",
+        ),
+        (
+            {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=", "detail": "ultra"},
+            "Invalid value: 'ultra'. Supported values are: 'low', 'high', 'auto' and 'original'.",
+            "invalid_value",
+        ),
+        (
+            {"type": "input_file", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"},
+            "Missing required parameter: 'input[0].content[0].filename'.",
+            "missing_required_parameter",
+        ),
+        (
+            {"type": "input_file", "filename": "x.pdf", "file_data": "data:application/pdf;base64,bm90IGEgcGRm"},
+            "Invalid 'input[0].content[0].file_data'. The file data you provided does not represent a valid PDF.",
+            "invalid_file",
+        ),
+    ],
+)
+async def test_bad_media_parts_are_refused_as_the_api_does(
+    client: openai.AsyncOpenAI, part: dict[str, Any], message: str, code: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.responses.create(model=MODEL, input=user(part))
+    assert refused.value.body["message"] == message  # type: ignore[index]
+    assert refused.value.code == code

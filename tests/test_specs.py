@@ -3,17 +3,21 @@ answers, and what the bot sends it, as a real model and the real API would see t
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx2
+import openai
 import pytest
 
+from bot.demo.audio import voice_note
 from bot.demo.loopback import LoopbackServer
 from bot.demo.openai_simulator import OpenAISimulator
 from bot.tools import registry
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, LogLines
+from tests.media_samples import pdf, png
 from tests.specs import known, problems, validator
 from tests.test_chat_page import DemoBot, start_demo_bot
 
@@ -165,3 +169,119 @@ def test_what_the_bot_sends_twilio_and_what_the_sink_answers_are_twilios_shapes(
     )
     assert listed.status_code == 200, listed.text
     assert problems(validator("twilio.json", "ListMessageResponse"), listed.json()) == []
+
+
+TRANSCRIPTION_ANSWERS = {
+    "json": "CreateTranscriptionResponseJson",
+    "text": None,
+    "verbose_json": "CreateTranscriptionResponseVerboseJson",
+    "diarized_json": "CreateTranscriptionResponseDiarizedJson",
+}
+
+
+def form_as_request(fields: dict[str, Any], filename: str) -> dict[str, Any]:
+    """A logged multipart form as the object CreateTranscriptionRequest describes: arrays from `name[]`, types."""
+    request: dict[str, Any] = {"file": filename}
+    for key, value in fields.items():
+        if key.endswith("[]"):
+            request[key.removesuffix("[]")] = value
+        elif key == "stream":
+            request[key] = value == "true"
+        elif key == "temperature":
+            request[key] = float(value)
+        else:
+            request[key] = value
+    return request
+
+
+def test_every_transcription_answer_and_request_is_openais_shape(http: httpx2.Client) -> None:
+    """Through the openai SDK: each response_format's body against its schema, the stream's events, and the forms
+    the SDK sent against CreateTranscriptionRequest (closed: no field the endpoint does not know)."""
+    sim_url = str(http.base_url).rstrip("/")
+    note = ("voice.ogg", voice_note("Book a table for two", seconds=2.0), "audio/ogg")
+    client = openai.OpenAI(base_url=sim_url + "/v1", api_key="x", max_retries=0)
+    answers: dict[str, Any] = {}
+    for model, fmt, extra in (
+        ("gpt-4o-mini-transcribe", "json", {"language": "en", "prompt": "a booking", "temperature": 0.2}),
+        ("gpt-4o-mini-transcribe", "text", {}),
+        ("gpt-4o-transcribe", "json", {"include": ["logprobs"]}),
+        ("whisper-1", "json", {}),
+        ("whisper-1", "verbose_json", {"timestamp_granularities": ["word", "segment"]}),
+        ("gpt-4o-transcribe-diarize", "diarized_json", {"chunking_strategy": "auto", "known_speaker_names": ["ana"]}),
+    ):
+        raw = client.audio.transcriptions.with_raw_response.create(model=model, file=note, response_format=fmt, **extra)
+        assert raw.http_response.status_code == 200, raw.http_response.text
+        schema = TRANSCRIPTION_ANSWERS[fmt]
+        if schema is None:
+            assert raw.http_response.text == "Book a table for two\n"
+            continue
+        body = raw.http_response.json()
+        answers[f"{model} {fmt}"] = body
+        assert problems(validator("openai.json", schema), body, closed=True) == [], (model, fmt, body)
+    assert answers["gpt-4o-mini-transcribe json"]["usage"]["type"] == "tokens"
+    assert answers["whisper-1 json"]["usage"] == {"type": "duration", "seconds": 2}
+    assert len(answers["gpt-4o-transcribe json"]["logprobs"]) == 5
+    assert answers["gpt-4o-transcribe-diarize diarized_json"]["segments"][0]["speaker"] == "ana"
+
+    events = list(client.audio.transcriptions.create(model="gpt-4o-mini-transcribe", file=note, stream=True))
+    stream_event = validator("openai.json", "CreateTranscriptionResponseStreamEvent")
+    for event in events:
+        assert problems(stream_event, event.model_dump(exclude_none=True), closed=True) == [], event
+    request = validator("openai.json", "CreateTranscriptionRequest")
+    logged = http.get("/_sim/transcriptions")
+    assert logged.status_code == 200
+    calls = logged.json()
+    assert len(calls) >= 7
+    for call in calls:
+        assert problems(request, form_as_request(call["fields"], call["filename"]), closed=True) == [], call
+
+
+def test_every_transcription_error_is_a_valid_error_response(http: httpx2.Client) -> None:
+    note = voice_note("hi", seconds=1.0)
+
+    def transcribe(files: dict[str, Any], **fields: Any) -> httpx2.Response:
+        return http.post("/v1/audio/transcriptions", files=files, data={"model": "gpt-4o-mini-transcribe", **fields})
+
+    errors = {
+        "400 unrecognized format": transcribe({"file": ("voice", note)}),
+        "400 invalid format": transcribe({"file": ("voice.mp3", note)}),
+        "400 too short": transcribe({"file": ("voice.ogg", voice_note("hi", seconds=0.02))}),
+        "400 format for model": transcribe({"file": ("voice.ogg", note)}, response_format="srt"),
+        "400 unknown field": transcribe({"file": ("voice.ogg", note)}, speed="2"),
+        "400 no file": http.post("/v1/audio/transcriptions", files={"model": (None, "whisper-1")}),
+        "400 not multipart": http.post("/v1/audio/transcriptions", json={"model": "whisper-1"}),
+        "400 directive": transcribe({"file": ("voice.ogg", voice_note("[sim:explode]"))}),
+        "401": http.post("/v1/audio/transcriptions", headers={"Authorization": ""}, files={"file": ("v.ogg", note)}),
+        "413": transcribe({"file": ("voice.ogg", b"OggS" + bytes(26_214_400))}),
+        "429": transcribe({"file": ("voice.ogg", voice_note("hi [sim:error=429]"))}),
+        "500": transcribe({"file": ("voice.ogg", voice_note("hi [sim:error=500]"))}),
+    }
+    for kind, response in errors.items():
+        assert str(response.status_code) == kind.split()[0], (kind, response.status_code, response.text)
+        assert problems(ERROR, response.json(), closed=True) == [], kind
+
+
+def test_answers_to_images_and_files_are_valid_responses_and_the_requests_valid_create_responses(
+    http: httpx2.Client,
+) -> None:
+    photo = f"data:image/png;base64,{base64.b64encode(png(64, 48)).decode()}"
+    menu = pdf(pages=3)
+    document = f"data:application/pdf;base64,{base64.b64encode(menu).decode()}"
+    content = [
+        {"type": "input_text", "text": "what are these?"},
+        {"type": "input_image", "image_url": photo, "detail": "auto"},
+        {"type": "input_file", "filename": "menu.pdf", "file_data": document},
+    ]
+    body = {"model": MODEL, "input": [{"role": "user", "content": content}]}
+    assert problems(CREATE, body, closed=True) == []
+    response = http.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert response_problems(answer) == []
+    assert answer["output"][0]["content"][0]["text"].startswith(
+        f"I see a PNG image, 64×48. I got a PDF 'menu.pdf' (3 pages, {max(1, round(len(menu) / 1024))} KB)."
+    )
+    bad = {"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}
+    refused = http.post("/v1/responses", json=bad)
+    assert refused.status_code == 400
+    assert problems(ERROR, refused.json(), closed=True) == []

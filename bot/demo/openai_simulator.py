@@ -22,6 +22,22 @@ fail), ``[sim:retry_after=S]`` (the Retry-After header of an error answer; a 429
 
 Which tools an answer used (the tool calls the simulator asked for in that user turn) is kept for the demo's chat
 page: `tools_used(question, answer)`.
+
+Images and files (bot/demo/media_parts.py): `input_image` and `input_file` parts are checked as the real API checks
+them (a bad data URL, MIME type or image is a 400 with OpenAI's message) and the answer says what they showed, first:
+"I see a PNG image, 640x480." / "I got a PDF 'report.pdf' (2 pages, 12 KB)." ahead of the answer to the caption
+(the echo: ``"[turn N] I see ... <caption>"``); without a caption, "... What would you like me to do with it?".
+The call log's "media" lists those sentences.
+
+Transcriptions (`POST /v1/audio/transcriptions`, bot/demo/transcription.py and bot/demo/audio.py): a multipart
+request checked as OpenAI's (file extension and container, model, response_format per model, language, include,
+stream...). The transcript is what the audio carries (an Ogg `TRANSCRIPT=` comment, e.g. `audio.voice_note(text)`,
+or a ``TRANSCRIPT: <text>`` line anywhere in the bytes), else a fixed passage as long as the audio (~2.5 words a
+second). Its timing directives (delay, error, flaky, hang, reset, retry_after) act on the transcription and are
+removed from the text; the others (echo, tool, long...) stay in it and reach the model with the user's words.
+Latency: `transcription_rate` seconds per second of audio (default 0.1; five times that in "slow" mode; "failing"
+answers 500), the audio's length read from the container (Ogg granule positions, WAV header, WebM timecodes) or
+estimated from its size. Logged apart from the Responses calls: `transcriptions()`, `wait_for_transcriptions()`.
 """
 
 from __future__ import annotations
@@ -36,16 +52,18 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 
-from bot.demo import assistant
+from bot.demo import assistant, audio, media_parts, transcription
 
-__all__ = ["MODES", "OpenAISimulator", "parse_directives"]
+__all__ = ["MODES", "OpenAISimulator", "parse_directives", "strip_timing_directives"]
 
 MODES = ("instant", "normal", "slow", "failing")
 
@@ -211,6 +229,27 @@ def parse_directives(text: str) -> Directives:
     return d
 
 
+_TIMING_DIRECTIVES = ("delay", "error", "flaky", "hang", "reset", "retry_after")
+
+
+def strip_timing_directives(text: str) -> str:
+    """`text` without its timing directives (delay, error, flaky, hang, reset, retry_after); others are kept.
+
+    A transcript's timing directives are for the transcription call; the rest (echo, tool, long...) reach the model
+    with the transcript, as the user's words.
+    """
+    kept: list[str] = []
+    pos = 0
+    lowered = text.lower()
+    while (start := lowered.find(_SIM_PREFIX, pos)) >= 0:
+        end = _scan_directive(text, start)
+        name = text[start + len(_SIM_PREFIX) : end - 1].partition("=")[0].strip().lower()
+        kept.append(text[pos:start] if name in _TIMING_DIRECTIVES else text[pos:end])
+        pos = end
+    kept.append(text[pos:])
+    return re.sub(r"[ \t]{2,}", " ", "".join(kept)).strip()
+
+
 def _long_text(n: int) -> str:
     parts: list[str] = []
     length = -1
@@ -250,9 +289,12 @@ class _ParsedInput:
     answered: set[str] = field(default_factory=set)  # call_ids of every function_call_output in the input
     call_ids: dict[str, str] = field(default_factory=dict)  # call_id -> name of function_call items in the input
     all_text: list[str] = field(default_factory=list)  # everything countable as input tokens
+    turn_media: list[list[str]] = field(default_factory=list)  # per turn: what its image and file parts showed
+    media_tokens: int = 0  # what the image and file parts add to the input tokens
 
 
-def _content_text(content: Any, where: str) -> str:
+def _content_text(content: Any, where: str, seen: list[media_parts.Seen] | None = None) -> str:
+    """The text of a message's content; its image and file parts are checked and, given `seen`, described there."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -269,6 +311,13 @@ def _content_text(content: Any, where: str) -> str:
                         code="missing_required_parameter",
                     )
                 texts.append(text)
+            elif part["type"] in ("input_image", "input_file"):
+                try:
+                    described = media_parts.describe(part, f"{where}.content[{j}]")
+                except media_parts.PartError as exc:
+                    raise _RequestError(exc.message, param=exc.param, code=exc.code) from None
+                if seen is not None:
+                    seen.append(described)
         return "\n".join(texts)
     raise _RequestError(f"Invalid type for '{where}.content': expected a string or an array.", param=where)
 
@@ -277,11 +326,13 @@ def _parse_input(raw: Any) -> _ParsedInput:
     parsed = _ParsedInput()
     if isinstance(raw, str):
         parsed.turns.append(raw)
+        parsed.turn_media.append([])
         parsed.all_text.append(raw)
         return parsed
     if not isinstance(raw, list):
         raise _RequestError("Invalid type for 'input': expected a string or an array.", param="input")
     pending_user: list[str] = []
+    pending_media: list[media_parts.Seen] = []
     for i, item in enumerate(raw):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -291,9 +342,12 @@ def _parse_input(raw: Any) -> _ParsedInput:
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
                 raise _RequestError(f"Invalid value for '{where}.role': {role!r}.", param=f"{where}.role")
-            text = _content_text(item.get("content"), where)
+            seen: list[media_parts.Seen] = []
+            text = _content_text(item.get("content"), where, seen)
             parsed.all_text.append(text)
+            parsed.media_tokens += sum(s.tokens for s in seen)
             if role == "user":
+                pending_media += seen
                 if not pending_user:
                     # A new user turn starts: tool outputs seen so far belonged to an earlier turn.
                     parsed.outputs.clear()
@@ -326,9 +380,11 @@ def _parse_input(raw: Any) -> _ParsedInput:
         # Consecutive user items form one turn (several WhatsApp messages answered together).
         if pending_user:
             parsed.turns.append("\n".join(pending_user))
-            pending_user = []
+            parsed.turn_media.append([s.description for s in pending_media])
+            pending_user, pending_media = [], []
     if pending_user:
         parsed.turns.append("\n".join(pending_user))
+        parsed.turn_media.append([s.description for s in pending_media])
     return parsed
 
 
@@ -433,6 +489,7 @@ class OpenAISimulator:
         elon_musk_delay: float = 23.0,
         strict_tool_outputs: bool = True,
         echo: bool = False,
+        transcription_rate: float = 0.1,
     ) -> None:
         self._check_mode(mode)
         self._lock = threading.Lock()
@@ -445,6 +502,8 @@ class OpenAISimulator:
         self._answered: deque[_Answered] = deque(maxlen=_ANSWERS_KEPT)
         self._responses: dict[str, _Stored] = {}
         self._calls: list[dict[str, Any]] = []
+        self._transcription_rate = transcription_rate
+        self._transcriptions: list[dict[str, Any]] = []
         self._flaky_counts: dict[str, int] = {}
         self._shut_down = False
         self._hang_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
@@ -495,6 +554,29 @@ class OpenAISimulator:
                 raise TimeoutError(f"expected {n} OpenAI calls within {timeout}s, got {len(seen)}: {seen!r}")
             return copy.deepcopy(self._calls)
 
+    def transcriptions(self) -> list[dict[str, Any]]:
+        """A copy of the transcription call log, oldest first (form fields, file name and size; no audio bytes)."""
+        with self._lock:
+            return copy.deepcopy(self._transcriptions)
+
+    def clear_transcriptions(self) -> None:
+        with self._lock:
+            self._transcriptions.clear()
+
+    def wait_for_transcriptions(self, n: int, timeout: float, *, answered: bool = False) -> list[dict[str, Any]]:
+        """Block until at least `n` transcription calls are logged (`answered`: none of the first `n` pending)."""
+
+        def ready() -> bool:
+            if len(self._transcriptions) < n:
+                return False
+            return not answered or all(c["outcome"] != "pending" for c in self._transcriptions[:n])
+
+        with self._calls_changed:
+            if not self._calls_changed.wait_for(ready, timeout):
+                seen = [(c["text"], c["outcome"]) for c in self._transcriptions]
+                raise TimeoutError(f"expected {n} transcription calls within {timeout}s, got {len(seen)}: {seen!r}")
+            return copy.deepcopy(self._transcriptions)
+
     def response(self, response_id: str) -> dict[str, Any] | None:
         """A stored response body, or None."""
         with self._lock:
@@ -533,6 +615,10 @@ class OpenAISimulator:
         async def create_response(request: Request) -> Response:
             return await self._create(request)
 
+        @app.post("/v1/audio/transcriptions")
+        async def create_transcription(request: Request) -> Response:
+            return await self._transcribe(request)
+
         @app.get("/v1/responses/{response_id}")
         async def get_response(response_id: str, request: Request) -> Response:
             if (denied := self._check_auth(request)) is not None:
@@ -558,6 +644,10 @@ class OpenAISimulator:
         @app.get("/_sim/calls")
         async def get_calls() -> list[dict[str, Any]]:
             return self.calls()
+
+        @app.get("/_sim/transcriptions")
+        async def get_transcriptions() -> list[dict[str, Any]]:
+            return self.transcriptions()
 
         @app.delete("/_sim/calls")
         async def delete_calls() -> Response:
@@ -600,6 +690,7 @@ class OpenAISimulator:
             "instructions": None,
             "model": None,
             "tools": [],
+            "media": [],
             "request": None,
             "status": None,
             "outcome": "error",
@@ -656,6 +747,119 @@ class OpenAISimulator:
                 self._answered.append(plan.answered)
         headers = {"x-request-id": _hex_id("req_"), "openai-processing-ms": str(int(plan.latency * 1000))}
         return finish(JSONResponse(plan.body, headers=headers), "ok", id=plan.body["id"])
+
+    async def _transcribe(self, request: Request) -> Response:
+        entry: dict[str, Any] = {
+            "model": None,
+            "filename": None,
+            "bytes": 0,
+            "seconds": None,
+            "fields": {},
+            "text": "",
+            "status": None,
+            "outcome": "error",
+            "at": time.monotonic(),
+        }
+        logged = False
+
+        def finish(response: Response, outcome: str = "error") -> Response:
+            with self._calls_changed:
+                entry.update(status=response.status_code, outcome=outcome)
+                if not logged:
+                    self._transcriptions.append(entry)
+                self._calls_changed.notify_all()
+            return response
+
+        def refuse(exc: transcription.TranscriptionError) -> Response:
+            return finish(_error_response(exc.status, exc.message, param=exc.param, code=exc.code))
+
+        if (denied := self._check_auth(request)) is not None:
+            return finish(denied)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > transcription.MAX_BYTES:
+            message = f"Maximum content size limit ({transcription.MAX_BYTES}) exceeded ({length} bytes read)"
+            return finish(_error_response(413, message, type_="server_error"))
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return finish(_error_response(400, "Could not parse multipart form", type_="invalid_request_error"))
+        try:
+            async with request.form(max_files=8, max_fields=100) as form:
+                parsed = transcription.parse_form(form)
+                upload = form.get("file")
+                assert isinstance(upload, UploadFile)  # parse_form checked it
+                parsed.data = await upload.read()
+        except transcription.TranscriptionError as exc:
+            return refuse(exc)
+        except MultiPartException as exc:
+            return finish(_error_response(400, f"Could not parse multipart form: {exc.message}"))
+        entry.update(model=parsed.model, filename=parsed.filename, bytes=len(parsed.data), fields=parsed.fields)
+        if len(parsed.data) > transcription.MAX_BYTES:
+            message = f"Maximum content size limit ({transcription.MAX_BYTES}) exceeded ({len(parsed.data)} bytes read)"
+            return finish(_error_response(413, message, type_="server_error"))
+        try:
+            info = audio.inspect(parsed.filename, parsed.data)
+            transcription.check_audio(parsed, info)
+        except audio.UnrecognizedFormat:
+            return finish(_error_response(400, f"Unrecognized file format. Supported formats: {list(audio.FORMATS)}"))
+        except audio.InvalidFormat:
+            return finish(_error_response(400, f"Invalid file format. Supported formats: {list(audio.FORMATS)}"))
+        except transcription.TranscriptionError as exc:
+            return refuse(exc)
+        heard = info.transcript if info.transcript is not None else transcription.default_transcript(info.seconds)
+        entry.update(seconds=round(info.seconds, 3), text=heard)
+        try:
+            directives = parse_directives(heard)
+        except DirectiveError as exc:
+            return finish(_error_response(400, f"Simulator directive error: {exc}", param="file"))
+        text = strip_timing_directives(heard)
+        plan = self._transcription_timing(directives, heard, info.seconds)
+        with self._calls_changed:
+            self._transcriptions.append(entry)
+            logged = True
+            self._calls_changed.notify_all()
+        if parsed.stream and plan.outcome is None and plan.error is None:
+            events = transcription.stream_events(parsed, info, text)
+            finish(Response(status_code=200), "ok")
+            return StreamingResponse(self._sse(events, plan.latency), media_type="text/event-stream")
+        if plan.latency > 0:
+            # This sleep IS the simulated transcription latency, not a wait for some condition.
+            await asyncio.sleep(plan.latency)
+        if plan.outcome == "hang":
+            entry["outcome"] = "hang"
+            await self._hang()
+            return _error_response(503, "The simulator is shutting down.")
+        if plan.outcome == "reset":
+            finish(Response(status_code=200), "reset")
+            return _DroppedConnection()
+        if plan.error is not None:
+            return finish(_error_response(plan.error, retry_after=plan.retry_after))
+        body, media_type = transcription.answer(parsed, info, text)
+        headers = {"x-request-id": _hex_id("req_"), "openai-processing-ms": str(int(plan.latency * 1000))}
+        if isinstance(body, dict):
+            return finish(JSONResponse(body, headers=headers), "ok")
+        return finish(Response(body, media_type=media_type, headers=headers), "ok")
+
+    @staticmethod
+    async def _sse(events: list[dict[str, Any]], latency: float) -> AsyncIterator[bytes]:
+        # The latency is spread over the words: a streamed transcript arrives as it is heard.
+        step = latency / len(events)
+        for event in events:
+            if step > 0:
+                await asyncio.sleep(step)
+            yield f"data: {json.dumps(event)}\n\n".encode()
+
+    def _transcription_timing(self, directives: Directives, text: str, seconds: float) -> _Plan:
+        """Latency and failure of a transcription: the transcript's directives first, then the audio's length."""
+        plan = _Plan()
+        if directives.controls_timing:
+            self._plan_timing(plan, directives, "transcription:" + text)
+            return plan
+        with self._lock:
+            mode = self._mode
+        if mode == "failing":
+            plan.error = 500
+            return plan
+        plan.latency = min(_MAX_DELAY_S, seconds * self._transcription_rate * (5.0 if mode == "slow" else 1.0))
+        return plan
 
     async def _hang(self) -> None:
         loop = asyncio.get_running_loop()
@@ -764,7 +968,9 @@ class OpenAISimulator:
         if not conversation:
             raise _RequestError("There is no user message to answer.", param="input")
         text = conversation[-1]  # tool outputs alone continue the turn of the previous response
+        media = " ".join(parsed.turn_media[-1]) if parsed.turns else ""  # what this turn's images and files showed
         entry["text"] = text
+        entry["media"] = parsed.turn_media[-1] if parsed.turns else []
         directives = parse_directives(text)
         outputs = [output for _, output in parsed.outputs]
 
@@ -792,7 +998,9 @@ class OpenAISimulator:
         elif _FIRST_MESSAGE_RE.search(text):
             answer = f"Your first message was: {parse_directives(conversation[0]).clean_text}"
         elif self._echo or directives.echo:
-            answer = f"[turn {len(conversation)}] {directives.clean_text}".rstrip()
+            answer = " ".join(t for t in (f"[turn {len(conversation)}]", media, directives.clean_text) if t)
+        elif media and not directives.clean_text:
+            answer = f"{media} What would you like me to do with it?"
         elif parsed.outputs:
             call_id, output = parsed.outputs[-1]
             name = known_calls.get(call_id) or parsed.call_ids.get(call_id, "")
@@ -803,7 +1011,7 @@ class OpenAISimulator:
             if isinstance(reply, assistant.ToolRequest):
                 output_items.append(_function_call(reply.name, reply.arguments))
             else:
-                answer = reply
+                answer = f"{media} {reply}" if media else reply
         # A new user turn starts its own list of tools; tool outputs alone continue the previous response's turn.
         turn_tools = list(previous.turn_tools) if previous is not None and not parsed.turns else []
         turn_tools += [item["name"] for item in output_items if item["type"] == "function_call"]
@@ -826,7 +1034,7 @@ class OpenAISimulator:
             output_tokens = _words(*(item["arguments"] for item in output_items))
             pending = {item["call_id"]: item["name"] for item in output_items}
 
-        input_tokens = _words(*parsed.all_text)
+        input_tokens = _words(*parsed.all_text) + parsed.media_tokens
         body = {
             "id": _hex_id("resp_"),
             "object": "response",
