@@ -4,22 +4,32 @@ went wrong in the user's terms. Requests are checked against OpenAI's published 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import signal
 import socket
+import sqlite3
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bot.demo.audio import voice_note
 from bot.demo.media_storage import CHUNK_BYTES
 from bot.demo.openai_simulator import OpenAISimulator
 from bot.demo.twilio_sink import TwilioSink
+from bot.inbound import Media
+from bot.store import OwedReply, open_store
 from tests.conftest import Bot, LogLines, metric, new_sid
+from tests.redis_server import RedisServer
+from tests.served import ServedBot, bot_env
 from tests.specs import known, problems, validator
 from tests.waiting import wait_until
 
 CREATE = validator("openai.json", "CreateResponse")
+TRANSCRIBE = validator("openai.json", "CreateTranscriptionRequest")
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
@@ -251,3 +261,171 @@ def test_media_spans_are_in_the_runs_trace_without_urls_or_bytes(
         "wabot.media.bytes": len(PNG),
         "wabot.media.outcome": "ok",
     }
+
+
+# ---------------------------------------------------------------- voice notes
+
+
+def test_voice_note_is_transcribed_and_answered_inline(
+    bot: Bot, sim: OpenAISimulator, sink: TwilioSink, log_lines: LogLines
+) -> None:
+    sim.clear_transcriptions()
+    mark = log_lines.mark()
+    [reply] = send_media(bot, sink, "", [(voice_note("what is on my calendar today"), "audio/ogg; codecs=opus")])
+    # What was heard comes first, so a user can tell when the bot misheard; then the answer.
+    assert reply == (
+        '🎤 "what is on my calendar today"\n\n'
+        "[turn 1] [Voice note from the user, transcribed:]\nwhat is on my calendar today"
+    )
+    [transcribed] = sim.transcriptions()
+    assert (transcribed["model"], transcribed["filename"], transcribed["outcome"]) == (
+        bot.settings.transcribe_model,
+        "voice-note-1.ogg",
+        "ok",
+    )
+    request = {"file": transcribed["filename"], "model": transcribed["model"], **transcribed["fields"]}
+    assert problems(TRANSCRIBE, request) == [], request
+    [call] = sim.calls()
+    assert_valid_request(call)
+    bot.wait_idle()
+    [event] = [e for e in log_lines.events(mark) if e["event"] == "media"]
+    assert (event["kind"], event["outcome"], event["content_type"]) == ("audio", "ok", "audio/ogg")
+    assert event["transcribe_s"] > 0 and event["fetch_s"] > 0 and event["bytes"] > 0
+    # A transcript is a message body: not logged unless WABOT_LOG_MESSAGE_BODIES says so.
+    assert "calendar" not in "\n".join(log_lines.lines[mark:])
+
+
+def test_transcript_is_logged_only_with_message_bodies_on(
+    make_bot: Callable[..., Bot], sim: OpenAISimulator, sink: TwilioSink, log_lines: LogLines
+) -> None:
+    bot = make_bot(log_message_bodies=True)
+    mark = log_lines.mark()
+    send_media(bot, sink, "", [(voice_note("buy oat milk"), "audio/ogg")])
+    bot.wait_idle()
+    [event] = [e for e in log_lines.events(mark) if e["event"] == "media"]
+    assert event["transcript"] == "buy oat milk"
+
+
+def test_slow_transcription_gets_the_holding_reply_and_the_answer_follows(
+    bot: Bot, sim: OpenAISimulator, sink: TwilioSink
+) -> None:
+    user = "+15550107070"
+    # The simulator takes the transcript's own directive: this transcription takes 2 s, past the 1 s deadline.
+    [reply] = send_media(
+        bot, sink, "", [(voice_note("[sim:delay=2] tell me a joke"), "audio/ogg")], From=f"whatsapp:{user}"
+    )
+    assert reply == bot.settings.holding_message
+    [followup] = sink.wait_for_messages(1, to=f"whatsapp:{user}", timeout=15)
+    assert followup["body"].startswith('🎤 "tell me a joke"\n\n[turn 1] ')
+
+
+def test_transcription_error_is_told_plainly(bot: Bot, sim: OpenAISimulator, sink: TwilioSink) -> None:
+    before = metric("wabot_media_total", {"kind": "audio", "outcome": "transcribe_error"})
+    [reply] = send_media(bot, sink, "", [(voice_note("[sim:error=400] hello"), "audio/ogg")])
+    assert reply == "⚠️ I couldn't transcribe your voice note. Please try again or type your message."
+    assert sim.calls() == []
+    assert metric("wabot_media_total", {"kind": "audio", "outcome": "transcribe_error"}) == before + 1
+
+
+def test_transcription_that_hangs_is_given_up_and_told(
+    make_bot: Callable[..., Bot], sim: OpenAISimulator, sink: TwilioSink
+) -> None:
+    user = "+15550107171"
+    bot = make_bot(followup_timeout=3.0)
+    items = [(voice_note("[sim:hang] hello"), "audio/ogg")]
+    [reply] = send_media(bot, sink, "and a question", items, From=f"whatsapp:{user}")
+    assert reply == bot.settings.holding_message
+    [followup] = sink.wait_for_messages(1, to=f"whatsapp:{user}", timeout=15)
+    assert followup["body"].startswith(
+        "⚠️ Transcribing your voice note took too long. Please try again or type your message.\n\n[turn 1] "
+    )
+    assert followup["body"].endswith("and a question")
+
+
+@pytest.fixture
+def served_bots(
+    simulator: tuple[OpenAISimulator, str], sink_server: tuple[TwilioSink, str], tmp_path: Path
+) -> Iterator[Callable[..., ServedBot]]:
+    """`python -m bot serve` processes against this test's simulator and sink, stopped at the end."""
+    processes: list[ServedBot] = []
+
+    def start(**env: str) -> ServedBot:
+        settings = bot_env(simulator[1], sink_server[1], WABOT_REPLY_TIMEOUT="0.5", **env)
+        processes.append(ServedBot(tmp_path, settings))
+        return processes[-1].wait_ready(timeout=30)
+
+    yield start
+    for process in processes:
+        process.stop()
+
+
+def test_killed_mid_transcription_the_restarted_bot_fetches_and_transcribes_again(
+    served_bots: Callable[..., ServedBot], tmp_path: Path, sim: OpenAISimulator, sink: TwilioSink
+) -> None:
+    sim.clear_transcriptions()
+    store = f"sqlite:///{tmp_path}/media-crash.db"
+    user = "+15550108080"
+    first = served_bots(WABOT_STORE=store)
+    sid = "MM" + new_sid()[2:]
+    url = sink.add_media(voice_note("[sim:delay=3] remember the milk"), "audio/ogg", message_sid=sid)
+    form = {**first.form("", user, sid), "NumMedia": "1", "MediaUrl0": url, "MediaContentType0": "audio/ogg"}
+    response = first.post(form)
+    assert response.status_code == 200 and "working on your answer" in response.text
+    sim.wait_for_transcriptions(1, timeout=15)  # the transcription is under way
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(5)
+    assert sink.messages() == []
+
+    second = served_bots(WABOT_STORE=store)
+    [delivered] = sink.wait_for_messages(1, to=f"whatsapp:{user}", timeout=30)
+    assert delivered["body"].startswith('🎤 "remember the milk"\n\n[turn 1] ')
+    second.wait_idle(30)
+    # The journal kept the media list, not the bytes: the restarted bot downloaded and transcribed it again.
+    assert [f["origin"] for f in sink.media_fetches()] == ["api", "storage", "api", "storage"]
+    assert len(sim.transcriptions()) == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_the_journal_keeps_the_media_list_and_no_bytes(backend: str, tmp_path: Path) -> None:
+    media = (Media("https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME1", "audio/ogg"),)
+    reply = OwedReply(sid=new_sid(), to="whatsapp:+15550109090", user_key="u", prompt="", arrived_at=1.0, media=media)
+    plain = OwedReply(sid=new_sid(), to="whatsapp:+15550109091", user_key="v", prompt="hi", arrived_at=2.0)
+    redis = RedisServer(tmp_path) if backend == "redis" else None
+    url = redis.start().url if redis else f"sqlite:///{tmp_path}/journal.db"
+    try:
+        first = await open_store(url, dedupe_ttl_s=3600, lease_s=0.5)
+        assert await first.accept(reply) and await first.accept(plain)
+        await first.close()  # as good as a crash for the journal: the entries stay owed
+        second = await open_store(url, dedupe_ttl_s=3600, lease_s=0.5)
+        try:
+            claimed: list[OwedReply] = []
+            for _ in range(50):  # a Redis lease lapses within 0.5 s; SQLite answers at once
+                claimed += await second.claim_orphans()
+                if len(claimed) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            by_sid = {r.sid: r for r in claimed}
+            assert by_sid[reply.sid].media == media
+            assert by_sid[plain.sid].media == ()
+        finally:
+            await second.close()
+    finally:
+        if redis:
+            redis.stop()
+
+
+async def test_a_journal_from_before_media_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE pending (sid TEXT PRIMARY KEY, to_addr TEXT NOT NULL, user_key TEXT NOT NULL, "
+            "prompt TEXT NOT NULL, arrived_at REAL NOT NULL, answer_parts TEXT, kind TEXT, "
+            "parts_sent INTEGER NOT NULL DEFAULT 0, traceparent TEXT)"
+        )
+        db.execute("INSERT INTO pending (sid, to_addr, user_key, prompt, arrived_at) VALUES ('SM1', 't', 'u', 'hi', 1)")
+    store = await open_store(f"sqlite:///{path}", dedupe_ttl_s=3600)
+    try:
+        [owed] = await store.claim_orphans()
+        assert (owed.sid, owed.prompt, owed.media) == ("SM1", "hi", ())
+    finally:
+        await store.close()
