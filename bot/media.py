@@ -177,6 +177,14 @@ class MediaReader:
         return self._assemble(attachments)
 
     async def _read_one(self, attachment: _Attachment, deadline: float) -> None:
+        try:
+            await self._read_steps(attachment, deadline)
+        except Exception as exc:
+            # A bug must cost this attachment, not the whole reply (a failed run stays owed and fails again).
+            self._log.exception("media_read_failed", error_type=exc.__class__.__name__)
+            attachment.fail("fetch_error" if attachment.fetch_s is None else "transcribe_error", exc.__class__.__name__)
+
+    async def _read_steps(self, attachment: _Attachment, deadline: float) -> None:
         if not attachment.type.readable:
             attachment.fail("unsupported", "unsupported")
             return
@@ -246,7 +254,12 @@ class MediaReader:
                 )
                 text = transcription.text.strip()
                 attachment.usage = _usage(transcription)
-                span.set_attributes({f"gen_ai.usage.{k}": v for k, v in attachment.usage.items()})
+                span.set_attributes(
+                    {
+                        ("wabot.media.audio_seconds" if k == "audio_seconds" else f"gen_ai.usage.{k}"): v
+                        for k, v in attachment.usage.items()
+                    }
+                )
                 span.set_attribute("wabot.transcript.chars", len(text))
                 if text:
                     attachment.transcript = text

@@ -429,3 +429,31 @@ async def test_a_journal_from_before_media_is_upgraded_in_place(tmp_path: Path) 
         assert (owed.sid, owed.prompt, owed.media) == ("SM1", "hi", ())
     finally:
         await store.close()
+
+
+def test_transcription_span_has_the_model_and_usage_but_no_words(
+    bot: Bot, sim: OpenAISimulator, sink: TwilioSink
+) -> None:
+    send_media(bot, sink, "", [(voice_note("a secret plan"), "audio/ogg")])
+    bot.wait_idle()
+    wait_until(lambda: any(s.name == "wabot.media.transcribe" for s in bot.spans.get_finished_spans()), 10, "span")
+    spans = bot.spans.get_finished_spans()
+    [transcribe] = [s for s in spans if s.name == "wabot.media.transcribe"]
+    [reply] = [s for s in spans if s.name == "wabot.reply"]
+    assert transcribe.context.trace_id == reply.context.trace_id
+    attributes = dict(transcribe.attributes or {})
+    assert attributes["gen_ai.request.model"] == bot.settings.transcribe_model
+    assert attributes["wabot.media.outcome"] == "ok"
+    assert attributes["gen_ai.usage.input_tokens"] > 0 and attributes["gen_ai.usage.output_tokens"] > 0
+    assert "secret" not in json.dumps({s.name: dict(s.attributes or {}) for s in spans})
+
+
+def test_a_failed_run_still_says_which_attachment_failed(bot: Bot, sim: OpenAISimulator, sink: TwilioSink) -> None:
+    sid = "MM" + new_sid()[2:]
+    url = sink.add_media(PNG, "image/png", message_sid=sid)
+    sink.expire_media(url)
+    [notice, *apology] = (
+        bot.post_form(media_form(bot, "and this [sim:error=400]", [(url, "image/png")], sid)).messages[0].split("\n\n")
+    )
+    assert notice == "⚠️ I couldn't download your photo (it may have expired). Please send it again."
+    assert apology == [bot.settings.apology_message]
