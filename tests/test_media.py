@@ -67,6 +67,13 @@ def assert_valid_request(call: dict[str, Any]) -> None:
 
 
 @pytest.fixture
+def bot(make_bot: Callable[..., Bot]) -> Bot:
+    """A bot whose deadline leaves room for a download, a transcription and a model call on a loaded machine: the
+    tests that expect an inline answer must not get the holding reply because the host is busy."""
+    return make_bot(reply_timeout=5.0)
+
+
+@pytest.fixture
 def media_host() -> Iterator[socket.socket]:
     """A listening socket on another origin: any fetch would show as a pending connection."""
     with socket.socket() as server:
@@ -136,7 +143,7 @@ def test_media_over_the_cap_stops_the_download_and_says_so(
     make_bot: Callable[..., Bot], sim: OpenAISimulator, sink: TwilioSink
 ) -> None:
     cap = 256 * 1024
-    bot = make_bot(max_media_bytes=cap)
+    bot = make_bot(max_media_bytes=cap, reply_timeout=5.0)
     big = bytes(32 * 1024 * 1024)
     sid = "MM" + new_sid()[2:]
     # Without Content-Length the bot learns the size only by reading: it must stop at the cap.
@@ -153,7 +160,7 @@ def test_media_over_the_cap_stops_the_download_and_says_so(
 def test_media_over_the_cap_by_content_length_is_not_read(
     make_bot: Callable[..., Bot], sim: OpenAISimulator, sink: TwilioSink
 ) -> None:
-    bot = make_bot(max_media_bytes=64 * 1024)
+    bot = make_bot(max_media_bytes=64 * 1024, reply_timeout=5.0)
     [reply] = send_media(bot, sink, "look", [(bytes(1024 * 1024), "image/png")])
     assert reply.startswith("⚠️ Your photo is too large for me (the limit is 64 KB). Please send a smaller one.\n\n")
     assert reply.endswith("look")  # the caption is still answered
@@ -271,6 +278,8 @@ def test_voice_note_is_transcribed_and_answered_inline(
 ) -> None:
     sim.clear_transcriptions()
     mark = log_lines.mark()
+    transcribed_before = metric("wabot_transcription_seconds_count")
+    ok_before = metric("wabot_media_total", {"kind": "audio", "outcome": "ok"})
     [reply] = send_media(bot, sink, "", [(voice_note("what is on my calendar today"), "audio/ogg; codecs=opus")])
     # What was heard comes first, so a user can tell when the bot misheard; then the answer.
     assert reply == (
@@ -288,8 +297,11 @@ def test_voice_note_is_transcribed_and_answered_inline(
     [call] = sim.calls()
     assert_valid_request(call)
     bot.wait_idle()
+    assert metric("wabot_transcription_seconds_count") == transcribed_before + 1
+    assert metric("wabot_media_total", {"kind": "audio", "outcome": "ok"}) == ok_before + 1
     [event] = [e for e in log_lines.events(mark) if e["event"] == "media"]
     assert (event["kind"], event["outcome"], event["content_type"]) == ("audio", "ok", "audio/ogg")
+    assert event["transcribe_input_tokens"] > 0 and event["transcribe_output_tokens"] > 0
     assert event["transcribe_s"] > 0 and event["fetch_s"] > 0 and event["bytes"] > 0
     # A transcript is a message body: not logged unless WABOT_LOG_MESSAGE_BODIES says so.
     assert "calendar" not in "\n".join(log_lines.lines[mark:])
@@ -298,7 +310,7 @@ def test_voice_note_is_transcribed_and_answered_inline(
 def test_transcript_is_logged_only_with_message_bodies_on(
     make_bot: Callable[..., Bot], sim: OpenAISimulator, sink: TwilioSink, log_lines: LogLines
 ) -> None:
-    bot = make_bot(log_message_bodies=True)
+    bot = make_bot(log_message_bodies=True, reply_timeout=5.0)
     mark = log_lines.mark()
     send_media(bot, sink, "", [(voice_note("buy oat milk"), "audio/ogg")])
     bot.wait_idle()
@@ -307,9 +319,10 @@ def test_transcript_is_logged_only_with_message_bodies_on(
 
 
 def test_slow_transcription_gets_the_holding_reply_and_the_answer_follows(
-    bot: Bot, sim: OpenAISimulator, sink: TwilioSink
+    make_bot: Callable[..., Bot], sim: OpenAISimulator, sink: TwilioSink
 ) -> None:
     user = "+15550107070"
+    bot = make_bot(reply_timeout=1.0)
     # The simulator takes the transcript's own directive: this transcription takes 2 s, past the 1 s deadline.
     [reply] = send_media(
         bot, sink, "", [(voice_note("[sim:delay=2] tell me a joke"), "audio/ogg")], From=f"whatsapp:{user}"
