@@ -470,3 +470,19 @@ def test_a_failed_run_still_says_which_attachment_failed(bot: Bot, sim: OpenAISi
     )
     assert notice == "⚠️ I couldn't download your photo (it may have expired). Please send it again."
     assert apology == [bot.settings.apology_message]
+
+
+def test_credentials_reach_the_twilio_api_origin_only(bot: Bot, sim: OpenAISimulator, sink: TwilioSink) -> None:
+    sid = "MM" + new_sid()[2:]
+    voice = sink.add_media(voice_note("hello there"), "audio/ogg", message_sid=sid, hops=2)
+    photo = sink.add_media(PNG, "image/png", message_sid=sid)
+    [reply] = bot.post_form(media_form(bot, "", [(voice, "audio/ogg"), (photo, "image/png")], sid)).messages
+    assert reply.startswith('🎤 "hello there"\n\n[turn 1] ')
+    fetches = sink.wait_for_media_fetches(5)
+    assert sorted((f["origin"], f["authorization"]) for f in fetches) == [
+        ("api", True),
+        ("api", True),
+        ("storage", False),
+        ("storage", False),
+        ("storage", False),
+    ]
