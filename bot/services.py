@@ -76,7 +76,7 @@ class Services:
         followups = FollowupDelivery(store, sender, log, recent, give_up_s=settings.followup_give_up_s)
         media_fetcher = MediaFetcher(settings)
         media = MediaReader(settings, client, media_fetcher, tracing.tracer, log)
-        runner = ReplyRunner(settings, store, agent, followups, log, media)
+        runner = ReplyRunner(settings, store, agent, followups, log, media=media)
         services = cls(
             settings=settings,
             tracing=tracing,
