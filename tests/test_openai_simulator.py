@@ -48,7 +48,6 @@ def sim_server() -> Iterator[tuple[OpenAISimulator, str]]:
 def sim(sim_server: tuple[OpenAISimulator, str]) -> OpenAISimulator:
     simulator = sim_server[0]
     simulator.clear_calls()
-    simulator.clear_transcriptions()
     simulator.set_mode("instant")
     return simulator
 

@@ -350,6 +350,12 @@ async def events(request: Request, user: str = Query(pattern=PHONE)) -> Streamin
     )
 
 
+@router.get("/demo/sink")
+async def sink_url(request: Request) -> dict[str, str | None]:
+    """Where the demo's Twilio sink listens: `wabot send --media` stores its files there."""
+    return {"url": request.app.state.settings.twilio_api_url}
+
+
 @router.get("/demo/users")
 async def users(request: Request) -> list[str]:
     return sorted(user for user, c in _hub(request).conversations.items() if c.events)
