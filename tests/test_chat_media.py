@@ -95,3 +95,25 @@ def test_more_than_ten_files_and_unknown_media_are_refused(demo_bot: DemoBot) ->
     response = demo_bot.client.post(f"{demo_bot.url}/demo/send_media", data={"user": "+15550004004"}, files=files)
     assert response.status_code in (400, 422), response.text
     assert demo_bot.client.get(f"{demo_bot.url}/demo/media/ME{'0' * 32}").status_code == 404
+
+
+def test_media_is_served_in_byte_ranges_for_the_audio_player(demo_bot: DemoBot) -> None:
+    user = "+15550004005"
+    voice = (FIXTURES / "voice.ogg").read_bytes()
+    assert send_media(demo_bot, user, [("voice-note.ogg", voice, "audio/ogg")]).status_code == 200
+    [sent, _reply] = demo_bot.events(user, 2)
+    url = f"{demo_bot.url}{sent['media'][0]['url']}"
+    whole = demo_bot.client.get(url)
+    assert (whole.status_code, whole.headers["accept-ranges"], whole.content) == (200, "bytes", voice)
+    head = demo_bot.client.get(url, headers={"Range": "bytes=0-9"})
+    assert (head.status_code, head.content, head.headers["content-range"]) == (
+        206,
+        voice[:10],
+        f"bytes 0-9/{len(voice)}",
+    )
+    tail = demo_bot.client.get(url, headers={"Range": "bytes=-4"})
+    assert (tail.status_code, tail.content) == (206, voice[-4:])
+    rest = demo_bot.client.get(url, headers={"Range": f"bytes={len(voice) - 3}-"})
+    assert (rest.status_code, rest.content) == (206, voice[-3:])
+    beyond = demo_bot.client.get(url, headers={"Range": f"bytes={len(voice)}-"})
+    assert (beyond.status_code, beyond.headers["content-range"]) == (416, f"bytes */{len(voice)}")

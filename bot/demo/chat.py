@@ -427,7 +427,18 @@ async def media(media_sid: str, request: Request) -> Response:
     if found is None:
         raise HTTPException(404)
     data, kind = found
-    return Response(data, media_type=kind, headers={"Cache-Control": "private, max-age=3600"})
+    headers = {"Cache-Control": "private, max-age=3600", "Accept-Ranges": "bytes"}
+    # The page's audio player reads the end of a voice note for its duration and seeks: byte ranges, one at a time.
+    wanted = re.fullmatch(r"bytes=(\d*)-(\d*)", request.headers.get("range", "").strip())
+    if wanted and (wanted.group(1) or wanted.group(2)) and data:
+        first, last = wanted.group(1), wanted.group(2)
+        start = int(first) if first else max(0, len(data) - int(last))
+        end = min(int(last), len(data) - 1) if first and last else len(data) - 1
+        if start >= len(data) or start > end:
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{len(data)}"})
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        return Response(data[start : end + 1], status_code=206, media_type=kind, headers=headers)
+    return Response(data, media_type=kind, headers=headers)
 
 
 @router.get("/demo/events")
