@@ -104,8 +104,10 @@ class Agent:
         self._tools = tools
         self._tracer = tracer
 
-    async def run(self, prompt: str, previous_response_id: str | None, budget_s: float) -> AgentResult:
-        """Answer `prompt` within `budget_s` seconds or raise AgentError."""
+    async def run(
+        self, prompt: str | ResponseInputParam, previous_response_id: str | None, budget_s: float
+    ) -> AgentResult:
+        """Answer `prompt` (text, or input items with media parts) within `budget_s` seconds or raise AgentError."""
         with ActiveSpan(
             self._tracer,
             "invoke_agent",
@@ -139,7 +141,7 @@ class Agent:
             return answer
 
     async def _loop(
-        self, prompt: str, previous_response_id: str | None, usage: _Usage, span: trace.Span
+        self, prompt: str | ResponseInputParam, previous_response_id: str | None, usage: _Usage, span: trace.Span
     ) -> AgentResult:
         response = await self._first_call(prompt, previous_response_id, usage)
         tool_count = 0
@@ -169,7 +171,9 @@ class Agent:
             raise AgentError("empty", "the model answered with no text")
         return AgentResult(text=text, response_id=response.id, tool_count=tool_count)
 
-    async def _first_call(self, prompt: str, previous_response_id: str | None, usage: _Usage) -> Response:
+    async def _first_call(
+        self, prompt: str | ResponseInputParam, previous_response_id: str | None, usage: _Usage
+    ) -> Response:
         try:
             return await self._call(prompt, previous_response_id, usage)
         except openai.BadRequestError as exc:

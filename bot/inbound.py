@@ -102,21 +102,15 @@ class InboundMessage:
         )
 
     def prompt(self) -> str:
-        """What the model is told arrived. Media are described, never fetched."""
+        """What the model is told arrived, but for the media: bot/media.py reads those in the run."""
         lines = []
         if self.button_text or self.button_payload:
             lines.append(f"[The user tapped the quick-reply button {self.button_text or self.button_payload!r}.]")
         if self.latitude and self.longitude:
             where = f" ({self.place})" if self.place else ""
             lines.append(f"[The user shared a location: {self.latitude}, {self.longitude}{where}.]")
-        if self.media:
-            kinds = ", ".join(m.content_type for m in self.media)
-            lines.append(
-                f"[The user sent {len(self.media)} attachment(s): {kinds}. You cannot open attachments; "
-                "say so briefly and ask what they need.]"
-            )
         if self.body.strip():
             lines.append(self.body)
-        elif not lines:
+        elif not lines and not self.media:
             lines.append("[The user sent an empty message. Greet them and ask how you can help.]")
         return "\n".join(lines)

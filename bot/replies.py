@@ -21,6 +21,7 @@ from structlog.typing import FilteringBoundLogger
 from bot.agent import Agent, AgentError
 from bot.deadline import Handoff, RunResult
 from bot.followup import FollowupDelivery
+from bot.media import MediaReader, ReadMedia, model_input
 from bot.ordering import Ticket
 from bot.settings import Settings
 from bot.splitting import split_capped, split_message
@@ -51,9 +52,12 @@ class ReplyRunner:
         agent: Agent,
         followups: FollowupDelivery,
         log: FilteringBoundLogger,
+        media: MediaReader | None = None,
     ) -> None:
         self._budget = settings.followup_timeout
         self._apology = split_message(settings.apology_message)
+        self._apology_text = settings.apology_message
+        self._media = media
         self._max_parts = settings.max_reply_parts
         self._store = store
         self._agent = agent
@@ -184,23 +188,36 @@ class ReplyRunner:
         budget = self._budget - (time.time() - reply.arrived_at)
         if resumed:
             budget = max(budget, _MIN_RESUMED_BUDGET_S)
+        # Downloads and transcriptions are part of the run: they count against its budget and the deadline.
+        read: ReadMedia | None = None
+        if reply.media and self._media is not None:
+            started = time.monotonic()
+            read = await self._media.read(reply.media, budget, reply.sid)
+            budget -= time.monotonic() - started
+        notices = "\n".join(read.notices) if read is not None else ""
+        if read is not None and not read.readable and not reply.prompt:
+            # Nothing for the model: the user's only attachment(s) could not be read, and the reply says why.
+            parts, _ = split_capped(notices, self._max_parts)
+            return RunResult(parts=parts, kind="answer")
         previous = await guarded(self._store.get_conversation(reply.user_key), self._log, "get_conversation", reply.sid)
         try:
-            result = await self._agent.run(reply.prompt, previous, budget)
+            result = await self._agent.run(model_input(reply.prompt, read), previous, budget)
         except AgentError as exc:
-            return RunResult(parts=self._apology, kind="apology", error_type=exc.error_type)
+            apology = split_message(f"{notices}\n\n{self._apology_text}") if notices else self._apology
+            return RunResult(parts=apology, kind="apology", error_type=exc.error_type)
         await guarded(
             self._store.set_conversation(reply.user_key, result.response_id), self._log, "set_conversation", reply.sid
         )
         # Capped here, before the answer is offered inline or journaled: TwiML and follow-ups send the same parts.
-        parts, needed = split_capped(result.text, self._max_parts)
+        text = f"{notices}\n\n{result.text}" if notices else result.text
+        parts, needed = split_capped(text, self._max_parts)
         if needed > len(parts):
             self._log.warning(
                 "answer_shortened",
                 message_sid=reply.sid,
                 parts_needed=needed,
                 parts_sent=len(parts),
-                answer_chars=len(result.text),
+                answer_chars=len(text),
                 max_reply_parts=self._max_parts,
             )
         return RunResult(parts=parts, kind="answer", tool_count=result.tool_count)

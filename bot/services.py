@@ -17,6 +17,8 @@ from bot import __version__
 from bot.agent import Agent, make_client
 from bot.deadline import DeadlineResponder
 from bot.followup import FollowupDelivery
+from bot.media import MediaReader
+from bot.media_fetch import MediaFetcher
 from bot.outbound import TwilioSender
 from bot.replies import ReplyRunner
 from bot.settings import Settings
@@ -45,6 +47,7 @@ class Services:
     hasher: UserHasher
     log: FilteringBoundLogger
     recent: RecentActivity
+    media_fetcher: MediaFetcher
     rejections: RejectionThrottle = field(default_factory=RejectionThrottle)
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -71,7 +74,9 @@ class Services:
         agent = Agent(client, settings, registry, tracing.tracer)
         recent = RecentActivity()
         followups = FollowupDelivery(store, sender, log, recent, give_up_s=settings.followup_give_up_s)
-        runner = ReplyRunner(settings, store, agent, followups, log)
+        media_fetcher = MediaFetcher(settings)
+        media = MediaReader(settings, client, media_fetcher, tracing.tracer, log)
+        runner = ReplyRunner(settings, store, agent, followups, log, media)
         services = cls(
             settings=settings,
             tracing=tracing,
@@ -88,6 +93,7 @@ class Services:
             hasher=UserHasher(settings.hash_key_value()),
             log=log,
             recent=recent,
+            media_fetcher=media_fetcher,
         )
         # Before the first webhook and the first resumed run: neither should pay for the SDK's first call.
         await warm_up_openai(registry.specs())
@@ -103,6 +109,7 @@ class Services:
             task.cancel()
         await self.runner.cancel_all()
         await self.sender.close()
+        await self.media_fetcher.close()
         await self.openai.close()
         await self.store.close()
         self.tracing.shutdown()

@@ -164,6 +164,7 @@ async def inbound_message(request: Request, services: Services = Depends(get_ser
         to=message.sender,
         user_key=services.hasher(message.sender),
         prompt=message.prompt(),
+        media=message.media,
         arrived_at=time.time(),
         traceparent=current_traceparent(),
     )

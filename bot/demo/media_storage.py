@@ -124,11 +124,11 @@ class MediaStorage:
                 return Response(status_code=404, content=b"NoSuchKey", media_type="text/plain")
             if redirect:
                 return RedirectResponse(f"/media/{key}?hop={hop + 1}", status_code=307)
-            return self._stream(media, fetch)
+            return self._stream(media, fetch, request)
 
         return app
 
-    def _stream(self, media: StoredMedia, fetch: dict[str, Any]) -> Response:
+    def _stream(self, media: StoredMedia, fetch: dict[str, Any], request: Request) -> Response:
         async def body() -> AsyncIterator[bytes]:
             sent = 0
             try:
@@ -136,6 +136,9 @@ class MediaStorage:
                     # This sleep IS the simulated slow storage, not a wait for some condition.
                     await asyncio.sleep(media.delay)
                 for start in range(0, len(media.data), CHUNK_BYTES):
+                    # uvicorn drops what is sent after the client has gone: stop, as a real server would.
+                    if await request.is_disconnected():
+                        break
                     chunk = media.data[start : start + CHUNK_BYTES]
                     # Counted before it is handed over: the record never understates what left the storage.
                     sent += len(chunk)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from structlog.typing import FilteringBoundLogger
 
+from bot.inbound import Media
 from bot.ordering import Lanes
 from telemetry import metrics
 
@@ -36,6 +38,17 @@ class OwedReply:
     traceparent: str | None = None
     owner: str = ""
     ticket: int = 0
+    # The message's attachments (URL and content type, never their bytes): a resumed run downloads them again.
+    media: tuple[Media, ...] = ()
+
+
+def media_to_json(media: tuple[Media, ...]) -> str:
+    """The journal's form of a message's attachments ('' when it has none)."""
+    return json.dumps([{"url": m.url, "content_type": m.content_type} for m in media]) if media else ""
+
+
+def media_from_json(text: str | None) -> tuple[Media, ...]:
+    return tuple(Media(url=m["url"], content_type=m["content_type"]) for m in json.loads(text)) if text else ()
 
 
 class Store(Protocol):

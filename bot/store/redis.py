@@ -34,7 +34,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from bot.ordering import InLine
-from bot.store.base import OwedReply, counted
+from bot.store.base import OwedReply, counted, media_from_json, media_to_json
 from telemetry import metrics
 from telemetry.logging import get_logger
 
@@ -220,6 +220,7 @@ class RedisStore:
             "arrived_at": repr(reply.arrived_at),
             "parts_sent": "0",
             "traceparent": reply.traceparent or "",
+            "media": media_to_json(reply.media),
         }
         flat = [item for pair in fields.items() for item in pair]
         line = f"{_PREFIX}:line:{reply.user_key}"
@@ -336,6 +337,7 @@ def _to_reply(entry: dict[str, str]) -> OwedReply:
         traceparent=entry.get("traceparent") or None,
         owner=entry.get("owner", ""),
         ticket=int(entry.get("ticket", "0")),
+        media=media_from_json(entry.get("media")),
     )
 
 

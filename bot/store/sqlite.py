@@ -24,7 +24,7 @@ from typing import Any
 import aiosqlite
 
 from bot.ordering import UserLanes
-from bot.store.base import OwedReply, StoreUnavailable, counted
+from bot.store.base import OwedReply, StoreUnavailable, counted, media_from_json, media_to_json
 from telemetry.logging import get_logger
 
 _SCHEMA = """
@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS pending (
     answer_parts TEXT,
     kind TEXT,
     parts_sent INTEGER NOT NULL DEFAULT 0,
-    traceparent TEXT
+    traceparent TEXT,
+    media TEXT
 );
 CREATE TABLE IF NOT EXISTS rate_counts (user_key TEXT PRIMARY KEY, window INTEGER NOT NULL, count INTEGER NOT NULL);
 """
@@ -113,6 +114,11 @@ class SQLiteStore:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(_SCHEMA)
+        async with db.execute("PRAGMA table_info(pending)") as cur:
+            columns = {row[1] for row in await cur.fetchall()}
+        if "media" not in columns:
+            # A journal written before attachments were journaled.
+            await db.execute("ALTER TABLE pending ADD COLUMN media TEXT")
         return cls(db, dedupe_ttl_s, path, clock, conversation_ttl_s)
 
     async def _purge_expired(self, now: float) -> None:
@@ -215,15 +221,23 @@ class SQLiteStore:
                     seen.update(keys)
                     processed += [(key, now + self._ttl) for key in keys]
                     pending.append(
-                        (reply.sid, reply.to, reply.user_key, reply.prompt, reply.arrived_at, reply.traceparent)
+                        (
+                            reply.sid,
+                            reply.to,
+                            reply.user_key,
+                            reply.prompt,
+                            reply.arrived_at,
+                            reply.traceparent,
+                            media_to_json(reply.media) or None,
+                        )
                     )
             if processed:
                 await self._db.executemany(
                     "INSERT OR REPLACE INTO processed (key, expires_at) VALUES (?, ?)", processed
                 )
                 await self._db.executemany(
-                    "INSERT OR REPLACE INTO pending (sid, to_addr, user_key, prompt, arrived_at, traceparent) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO pending (sid, to_addr, user_key, prompt, arrived_at, traceparent, media) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     pending,
                 )
             await self._db.execute("COMMIT")
@@ -266,7 +280,7 @@ class SQLiteStore:
 
     async def _owed(self) -> list[OwedReply]:
         async with self._db.execute(
-            "SELECT sid, to_addr, user_key, prompt, arrived_at, answer_parts, kind, parts_sent, traceparent "
+            "SELECT sid, to_addr, user_key, prompt, arrived_at, answer_parts, kind, parts_sent, traceparent, media "
             "FROM pending ORDER BY arrived_at"
         ) as cur:
             rows = await cur.fetchall()
@@ -281,6 +295,7 @@ class SQLiteStore:
                 kind=row[6],
                 parts_sent=row[7],
                 traceparent=row[8],
+                media=media_from_json(row[9]),
             )
             for row in rows
         ]
