@@ -23,6 +23,7 @@ from bot.demo.media_types import content_type, message_type
 from bot.demo.twilio_sink import TwilioSink
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 from tests.media_samples import jpeg_header, pdf, png, webp_header
+from tests.served import DEMO_AUTH_TOKEN, DemoProcess
 
 WABOT = [sys.executable, "-m", "bot"]
 FIXTURES = Path(__file__).parent / "fixtures" / "media"
@@ -169,3 +170,28 @@ def test_wabot_send_media_refusals(webhook: RecordingWebhook, tmp_path: Path) ->
     no_demo = wabot_send("hi", "--media", str(tmp_path / "0.png"), url=webhook.url, cwd=tmp_path)
     assert no_demo.returncode == 2 and "no demo sink" in no_demo.stderr
     assert webhook.forms == []
+
+
+def test_a_voice_note_sent_with_wabot_send_is_answered_by_the_demo(tmp_path: Path) -> None:
+    """The issue's "done when": `wabot send --media voice.ogg` against `wabot serve --demo` gets the spoken message
+    answered (the sample voice note asks for a sum: the bot's calculate tool answers it)."""
+    served = DemoProcess(tmp_path).wait_ready(timeout=30)
+    try:
+        mode = httpx2.post(f"{served.url}/demo/mode", json={"mode": "instant"}, timeout=10)
+        assert mode.json() == {"mode": "instant"}, mode.text
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "WABOT_", "OPENAI_"))}
+        env["TWILIO_AUTH_TOKEN"] = DEMO_AUTH_TOKEN
+        sent = subprocess.run(
+            [*WABOT, "send", "--media", str(FIXTURES / "voice.ogg"), "--url", served.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=tmp_path,
+            check=False,
+        )
+    finally:
+        served.stop()
+    assert sent.returncode == 0, sent.stderr
+    assert "17% of 2,340 is 397.8." in sent.stdout, sent.stdout
+    assert "What's 17% of 2,340?" in sent.stdout  # what was heard, shown to the user
