@@ -56,7 +56,7 @@ KEEPALIVE_S = 15.0
 _CONTINUES_FROM = TWILIO_MAX_CHARS // 4
 STATIC = Path(__file__).parent / "static"
 _ASSETS = {"chat.js": "text/javascript", "chat.css": "text/css"}
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # one attachment from the page (the bot's own cap, WABOT_MAX_MEDIA_BYTES, is lower)
+MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # one attachment from the page: twice the bot's default cap, to show "too large"
 MODE_CHOICES = {
     "normal": "normal: answers in 1–4 s, a few slow or failing",
     "slow": "slow model: 12–25 s per answer",
