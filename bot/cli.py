@@ -120,15 +120,36 @@ def _export(settings: Settings, updates: dict[str, Any]) -> Settings:
 
 @app.command()
 def send(
-    text: Annotated[str, typer.Argument(help="The message body.")],
+    text: Annotated[str, typer.Argument(help="The message body (a caption with --media; may be empty then).")] = "",
     from_: Annotated[str, typer.Option("--from", help="The sender's phone number.")] = "+15555550100",
     url: Annotated[str, typer.Option(help="The bot's base URL.")] = "http://127.0.0.1:8000",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the webhook's answer.")] = 20.0,
+    media: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--media",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="A file to attach (voice note, photo, PDF...), served through the demo's Twilio sink; up to 10.",
+        ),
+    ] = None,
+    sink: Annotated[
+        str | None,
+        typer.Option(help="The demo's Twilio sink, for --media [default: asked of the bot's demo at --url]."),
+    ] = None,
 ) -> None:
     """Sign and post a message the way Twilio would, and print the bot's reply."""
-    from bot.demo.inbound_form import inbound_form
+    from bot.demo.inbound_form import MAX_MEDIA, inbound_form, new_message_sid
     from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_FROM
 
+    files = list(media or [])
+    if not text and not files:
+        typer.echo("wabot send: give a message, --media, or both.", err=True)
+        raise typer.Exit(2)
+    if len(files) > MAX_MEDIA:
+        typer.echo(f"wabot send: at most {MAX_MEDIA} --media on one message (Twilio's limit).", err=True)
+        raise typer.Exit(2)
     settings = Settings()
     token = settings.secret("twilio_auth_token") or _demo_token(Path(settings.demo_token_file))
     if not token:
@@ -138,12 +159,16 @@ def send(
             err=True,
         )
         raise typer.Exit(2)
+    sid = new_message_sid(media=bool(files))
+    attached = _upload_media(files, sid=sid, sink=sink, bot_url=url, timeout=timeout) if files else []
     form = inbound_form(
         text,
         sender=from_,
         to=settings.twilio_whatsapp_from or DEMO_FROM,
         account_sid=settings.twilio_account_sid or DEMO_ACCOUNT_SID,
+        sid=sid,
         profile_name="wabot send",
+        media=attached,
     )
     target = f"{url.rstrip('/')}/whatsapp"
     signed_url = f"{settings.public_url}/whatsapp" if settings.public_url else target
@@ -167,6 +192,44 @@ def send(
         typer.echo(f"(no reply, {elapsed:.2f} s)")
     for message in messages:
         typer.echo(f"[{elapsed:.2f} s] {message}")
+
+
+def _upload_media(
+    files: list[Path], *, sid: str, sink: str | None, bot_url: str, timeout: float
+) -> list[tuple[str, str]]:
+    """Store each file in the demo's Twilio sink, under message `sid`; their (MediaUrl, content type), in order."""
+    from bot.demo.media_types import content_type
+
+    try:
+        if sink is None:
+            found = httpx2.get(f"{bot_url.rstrip('/')}/demo/sink", timeout=timeout)
+            if found.status_code != 200:
+                typer.echo(
+                    f"wabot send: {bot_url} has no demo sink to serve --media (HTTP {found.status_code}); run "
+                    "`wabot serve --demo` there, or give the sink's URL with --sink.",
+                    err=True,
+                )
+                raise typer.Exit(2)
+            sink = str(found.json()["url"])
+        attached: list[tuple[str, str]] = []
+        for path in files:
+            data = path.read_bytes()
+            kind = content_type(path.name, data)
+            stored = httpx2.post(
+                f"{sink.rstrip('/')}/_sink/media",
+                params={"message_sid": sid},
+                content=data,
+                headers={"Content-Type": kind},
+                timeout=timeout,
+            )
+            if stored.status_code != 201:
+                typer.echo(f"wabot send: the sink refused {path}: HTTP {stored.status_code} {stored.text}", err=True)
+                raise typer.Exit(1)
+            attached.append((str(stored.json()["media_url"]), kind))
+    except httpx2.HTTPError as exc:
+        typer.echo(f"wabot send: could not store the media in the demo's sink: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    return attached
 
 
 def _demo_token(path: Path) -> str:

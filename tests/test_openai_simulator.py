@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import re
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +17,8 @@ import openai
 import pytest
 from openai.types.responses import Response
 
-from bot.demo.audio import voice_note
+from bot.demo import audio
+from bot.demo.audio import inspect, voice_note
 from bot.demo.loopback import LoopbackServer
 from bot.demo.openai_simulator import OpenAISimulator, parse_directives
 from bot.tools import registry
@@ -48,7 +50,6 @@ def sim_server() -> Iterator[tuple[OpenAISimulator, str]]:
 def sim(sim_server: tuple[OpenAISimulator, str]) -> OpenAISimulator:
     simulator = sim_server[0]
     simulator.clear_calls()
-    simulator.clear_transcriptions()
     simulator.set_mode("instant")
     return simulator
 
@@ -822,3 +823,59 @@ async def test_bad_media_parts_are_refused_as_the_api_does(
         await client.responses.create(model=MODEL, input=user(part))
     assert refused.value.body["message"] == message  # type: ignore[index]
     assert refused.value.code == code
+
+
+async def test_transcription_modes_and_a_hang_released_by_shutdown() -> None:
+    sim = OpenAISimulator(mode="failing", transcription_rate=0.2)
+    with LoopbackServer(sim.app, name="openai-sim-modes") as server:
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+            with pytest.raises(openai.InternalServerError):
+                await client.audio.transcriptions.create(model="whisper-1", file=("v.ogg", voice_note("hi", 1.0)))
+            sim.set_mode("slow")  # five times the rate: 1 s for 1 s of audio
+            started = time.monotonic()
+            await client.audio.transcriptions.create(model="whisper-1", file=("v.ogg", voice_note("hi", 1.0)))
+            assert time.monotonic() - started >= 1.0
+            hanging = asyncio.create_task(
+                client.audio.transcriptions.create(model="whisper-1", file=("v.ogg", voice_note("x [sim:hang]")))
+            )
+            await asyncio.to_thread(sim.wait_for_transcriptions, 3, 5.0)
+            assert sim.transcriptions()[-1]["outcome"] == "hang"
+            sim.shutdown()
+            with pytest.raises(openai.APIStatusError) as released:
+                await asyncio.wait_for(hanging, 5.0)
+            assert released.value.status_code == 503
+
+
+def test_audio_durations_from_the_containers() -> None:
+    rate = 16_000 * 2  # 16 kHz mono 16-bit
+    samples = bytes(rate * 2)  # 2 s
+    fmt = b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, 16_000, rate, 2, 16)
+    wav = b"RIFF" + struct.pack("<I", 4 + len(fmt) + 8 + len(samples)) + b"WAVE" + fmt
+    wav += b"data" + struct.pack("<I", len(samples)) + samples
+    assert inspect("note.wav", wav).seconds == 2.0 and inspect("note.wav", wav).measured
+    unknown = inspect("note.mp3", b"ID3" + bytes(16_000 * 3))  # no duration read: 128 kbit/s assumed
+    assert (round(unknown.seconds), unknown.measured) == (3, False)
+    assert inspect("note.ogg", voice_note(None, seconds=12.34)).seconds == 12.34
+    with pytest.raises(audio.UnrecognizedFormat):
+        inspect("note.aac", b"whatever")
+    with pytest.raises(audio.InvalidFormat):
+        inspect("note.webm", b"OggS")
+
+
+def test_gif_and_unsupported_file_parts(sim_server: tuple[OpenAISimulator, str]) -> None:
+    gif = b"GIF89a" + struct.pack("<HH", 320, 200) + bytes(20)
+    url = sim_server[1]
+    body = {
+        "model": MODEL,
+        "input": user(
+            {"type": "input_image", "image_url": data_url("image/gif", gif), "detail": "low"},
+            {"type": "input_file", "filename": "notes.txt", "file_data": data_url("text/plain", b"buy bread")},
+        ),
+    }
+    answer = httpx2.post(f"{url}/v1/responses", json=body, headers={"Authorization": "Bearer x"})
+    assert answer.status_code == 200, answer.text
+    text = answer.json()["output"][0]["content"][0]["text"]
+    assert text == "[turn 1] I see a GIF image, 320×200. I got a file 'notes.txt' (text/plain, 1 KB)."
+    body["input"] = user({"type": "input_file", "filename": "a.zip", "file_data": data_url("application/zip", b"PK")})
+    refused = httpx2.post(f"{url}/v1/responses", json=body, headers={"Authorization": "Bearer x"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_file"

@@ -7,6 +7,12 @@ in the order the sink accepted them. Each bubble carries its timing ("answered i
 8.0 s → answer at 23.4 s") and, for an answer, the tools it used: the demo's simulator keeps which tool calls it
 asked for in each user turn (OpenAISimulator.tools_used), looked up by the message sent and the answer's text.
 
+Media (the attach and record buttons): the page posts the files with the caption to /demo/send_media; each is
+stored in the demo's Twilio sink under one MM… message and the signed form carries NumMedia/MediaUrl{N}/
+MediaContentType{N}, as Twilio's would. The user's bubble shows them (image thumbnail, audio player, document
+name), loaded through /demo/media/{MediaSid}, which fetches them back from the sink with the account's
+credentials (the sink's URLs need Basic auth, which a page cannot send).
+
 Which sent message a follow-up answers is not written on it (Twilio's REST API carries no reference to the
 inbound message). The bot answers each user's messages in order, so a follow-up goes to the oldest of the user's
 messages still owed one; a split answer's parts go to the same message. A part shorter than a quarter of Twilio's
@@ -18,9 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -32,9 +39,11 @@ import httpx2
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
 from twilio.request_validator import RequestValidator
 
-from bot.demo.inbound_form import inbound_form
+from bot.demo.inbound_form import MAX_MEDIA, inbound_form, new_message_sid
+from bot.demo.media_types import content_type, message_type
 from bot.settings import Settings
 from bot.splitting import TWILIO_MAX_CHARS, split_message
 
@@ -47,12 +56,22 @@ KEEPALIVE_S = 15.0
 _CONTINUES_FROM = TWILIO_MAX_CHARS // 4
 STATIC = Path(__file__).parent / "static"
 _ASSETS = {"chat.js": "text/javascript", "chat.css": "text/css"}
+MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # one attachment from the page: twice the bot's default cap, to show "too large"
 MODE_CHOICES = {
     "normal": "normal: answers in 1–4 s, a few slow or failing",
     "slow": "slow model: 12–25 s per answer",
     "failing": "failing model: every call fails",
     "instant": "instant model",
 }
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file the page sent: its bytes, content type (from the bytes) and name."""
+
+    data: bytes
+    content_type: str
+    name: str
 
 
 @dataclass
@@ -90,8 +109,11 @@ class Conversation:
         self.notify()
         return event
 
-    def sent(self, text: str) -> _Sent:
-        event = self._append({"role": "user", "text": text, "meta": time.strftime("%H:%M:%S")})
+    def sent(self, text: str, media: list[dict[str, Any]] | None = None) -> _Sent:
+        event: dict[str, Any] = {"role": "user", "text": text, "meta": time.strftime("%H:%M:%S")}
+        if media:
+            event["media"] = media  # each: url (on this page's server), type, kind, name, bytes
+        event = self._append(event)
         sent = _Sent(id=event["id"], t0=time.monotonic(), text=text)
         self._owed.append(sent)
         return sent
@@ -184,6 +206,7 @@ class ChatHub:
         self._client: httpx2.AsyncClient | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._media: dict[str, tuple[str, str]] = {}  # MediaSid -> (the sink's MediaUrl, content type)
 
     # -- lifecycle (the app's lifespan)
 
@@ -219,22 +242,37 @@ class ChatHub:
     def _kind(self, parts: list[str]) -> str:
         return next((kind for kind, known in self._kinds.items() if parts == known), "answer")
 
-    async def send(self, user: str, text: str) -> None:
-        """Post `text` from `user` to the bot's /whatsapp, signed as Twilio signs it; record what came back."""
+    async def send(self, user: str, text: str, media: Sequence[Attachment] = ()) -> None:
+        """Post `text` (and `media`, stored in the sink) from `user` to the bot's /whatsapp, signed as Twilio signs
+        it; record what came back."""
         assert self._client is not None, "the chat hub is not started"
         settings = self._settings
         conversation = self.conversation(user)
+        sid = new_message_sid(media=bool(media))
+        stored = [await self._store(item, sid) for item in media]
         form = inbound_form(
             text,
             sender=user,
             to=settings.twilio_whatsapp_from or "",
             account_sid=settings.twilio_account_sid or "",
+            sid=sid,
             profile_name="chat page",
+            media=[(url, item.content_type) for url, item in zip(stored, media, strict=True)],
         )
         url = f"{settings.public_url}/whatsapp"
         signature = RequestValidator(settings.secret("twilio_auth_token")).compute_signature(url, form)
         headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature}
-        sent = conversation.sent(text)
+        shown = [
+            {
+                "url": f"/demo/media/{url.rsplit('/', 1)[-1]}",
+                "type": item.content_type,
+                "kind": message_type([item.content_type]),
+                "name": item.name,
+                "bytes": len(item.data),
+            }
+            for url, item in zip(stored, media, strict=True)
+        ]
+        sent = conversation.sent(text, shown)
         try:
             response = await self._client.post(url, content=urlencode(form), headers=headers)
         except httpx2.HTTPError as exc:
@@ -246,6 +284,26 @@ class ChatHub:
             return
         parts = [m.text or "" for m in ElementTree.fromstring(response.text).iter("Message")]
         conversation.replied(sent, parts, elapsed, self._kind(parts))
+
+    async def _store(self, item: Attachment, sid: str) -> str:
+        """Store one attachment in the demo's Twilio sink under message `sid`; its MediaUrl."""
+        # The sink starts its media storage's listener on first use: not on this event loop.
+        url = await asyncio.to_thread(self._demo.sink.add_media, item.data, item.content_type, message_sid=sid)
+        self._media[url.rsplit("/", 1)[-1]] = (url, item.content_type)
+        return url
+
+    async def media(self, media_sid: str) -> tuple[bytes, str] | None:
+        """An attachment sent from the page, fetched back from the sink as the bot fetches it; None if unknown."""
+        assert self._client is not None, "the chat hub is not started"
+        known = self._media.get(media_sid)
+        if known is None:
+            return None
+        url, kind = known
+        auth = (self._settings.twilio_account_sid or "", self._settings.secret("twilio_auth_token"))
+        response = await self._client.get(url, auth=auth, follow_redirects=True)
+        if response.status_code != 200:
+            return None
+        return response.content, kind
 
     def _on_sink(self, messages: list[dict[str, Any]]) -> None:
         apology = self._kinds["apology"]
@@ -339,6 +397,50 @@ async def send(body: _SendBody, request: Request) -> JSONResponse:
     return JSONResponse({"ok": True})
 
 
+@router.post("/demo/send_media")
+async def send_media(request: Request) -> JSONResponse:
+    """Send files (the attach and record buttons) with an optional caption: multipart `user`, `text`, `media`."""
+    async with request.form(max_files=MAX_MEDIA, max_fields=10) as form:
+        user, text = form.get("user"), form.get("text") or ""
+        files = [f for f in form.getlist("media") if isinstance(f, UploadFile)]
+        if not isinstance(user, str) or not re.fullmatch(PHONE, user):
+            raise HTTPException(422, "user must be a phone number in international form, e.g. +15551234567")
+        if not isinstance(text, str) or len(text) > 4096:
+            raise HTTPException(422, "text must be at most 4096 characters")
+        if not 1 <= len(files) <= MAX_MEDIA:
+            raise HTTPException(422, f"send 1 to {MAX_MEDIA} files as 'media'")
+        media = []
+        for upload in files:
+            data = await upload.read(MAX_UPLOAD_BYTES + 1)
+            if len(data) > MAX_UPLOAD_BYTES:
+                raise HTTPException(413, f"{upload.filename}: over {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
+            name = upload.filename or "attachment"
+            media.append(Attachment(data, content_type(name, data), name))
+    await _hub(request).send(user, text, media)
+    return JSONResponse({"ok": True})
+
+
+@router.get("/demo/media/{media_sid}")
+async def media(media_sid: str, request: Request) -> Response:
+    """An attachment sent from the page (for its bubble's thumbnail, player or link)."""
+    found = await _hub(request).media(media_sid)
+    if found is None:
+        raise HTTPException(404)
+    data, kind = found
+    headers = {"Cache-Control": "private, max-age=3600", "Accept-Ranges": "bytes"}
+    # The page's audio player reads the end of a voice note for its duration and seeks: byte ranges, one at a time.
+    wanted = re.fullmatch(r"bytes=(\d*)-(\d*)", request.headers.get("range", "").strip())
+    if wanted and (wanted.group(1) or wanted.group(2)) and data:
+        first, last = wanted.group(1), wanted.group(2)
+        start = int(first) if first else max(0, len(data) - int(last))
+        end = min(int(last), len(data) - 1) if first and last else len(data) - 1
+        if start >= len(data) or start > end:
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{len(data)}"})
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        return Response(data[start : end + 1], status_code=206, media_type=kind, headers=headers)
+    return Response(data, media_type=kind, headers=headers)
+
+
 @router.get("/demo/events")
 async def events(request: Request, user: str = Query(pattern=PHONE)) -> StreamingResponse:
     last = request.headers.get("last-event-id", "")
@@ -348,6 +450,12 @@ async def events(request: Request, user: str = Query(pattern=PHONE)) -> Streamin
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store"},
     )
+
+
+@router.get("/demo/sink")
+async def sink_url(request: Request) -> dict[str, str | None]:
+    """Where the demo's Twilio sink listens: `wabot send --media` stores its files there."""
+    return {"url": request.app.state.settings.twilio_api_url}
 
 
 @router.get("/demo/users")
@@ -370,4 +478,4 @@ async def post_mode(body: _ModeBody, request: Request) -> dict[str, str]:
     return {"mode": hub.mode}
 
 
-__all__ = ["PHONE", "ChatHub", "Conversation", "router"]
+__all__ = ["PHONE", "Attachment", "ChatHub", "Conversation", "router"]

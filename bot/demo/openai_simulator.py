@@ -532,8 +532,10 @@ class OpenAISimulator:
             return copy.deepcopy(self._calls)
 
     def clear_calls(self) -> None:
+        """Forget every logged call: the Responses calls and the transcriptions."""
         with self._lock:
             self._calls.clear()
+            self._transcriptions.clear()
 
     def wait_for_calls(self, n: int, timeout: float, *, answered: bool = False) -> list[dict[str, Any]]:
         """Block until at least `n` calls are logged (`answered`: and none of the first `n` is pending).
