@@ -229,8 +229,79 @@ def _window_tiles(w: dict[str, Any]) -> str:
             f"{w['followups_delivered']} delivered · {failed} failed",
         ),
         _tile("Follow-ups failed", str(failed), "followups-failed", "bad" if failed else "ok"),
+        *_media_tiles(w),
     ]
     return "".join(tiles)
+
+
+def _outcome_counts(outcomes: dict[str, int]) -> str:
+    """ "3 ok · 1 fetch error": every outcome seen, in the metrics' order, underscores as spaces."""
+    return " · ".join(f"{n} {o.replace('_', ' ')}" for o, n in outcomes.items() if n) or "none"
+
+
+def _share_verdict(ratio: float, line: float, count: int, gate: int) -> str:
+    """Where a failure share stands against its alert, gate included: the alert ignores fewer than `gate`."""
+    if count < gate:
+        return f"{_percent(ratio)} of {count}, below the alert's gate of {gate}"
+    return f"{_percent(ratio)} of {count}, {'ABOVE' if ratio > line else 'below'} the alert line {_percent(line)}"
+
+
+def _firing(ratio: float, line: float, count: int, gate: int) -> bool:
+    return count >= gate and ratio > line
+
+
+def _media_tiles(w: dict[str, Any]) -> list[str]:
+    """Attachments (#14) and typing indicators: counts, failure shares against their alerts, transcription and
+    arrival -> indicator times."""
+    m, t = w["media"], w["typing"]
+    media_bad = _firing(m["failure_ratio"], m["failure_ratio_alert_line"], m["read"], m["min_attachments"])
+    typing_bad = _firing(t["failure_ratio"], t["failure_ratio_alert_line"], t["indicators"], t["min_indicators"])
+    first = t["first_p95_s"]
+    return [
+        _tile(
+            "Attachments",
+            str(m["attachments"]),
+            "attachments",
+            "bad" if media_bad else "ok",
+            f"{_outcome_counts(m['outcomes'])} · failure share "
+            + _share_verdict(m["failure_ratio"], m["failure_ratio_alert_line"], m["read"], m["min_attachments"]),
+        ),
+        _tile(
+            "Transcription p50 · p95",
+            "–"
+            if m["transcription_p50_s"] is None
+            else f"{m['transcription_p50_s']:.2f} · {m['transcription_p95_s']:.2f} s",
+            "transcription",
+            "",
+            f"{m['transcriptions']} voice notes",
+        ),
+        _tile(
+            "Typing indicators",
+            f"{t['outcomes']['sent']} sent · {t['outcomes']['failed']} failed",
+            "typing",
+            "bad" if typing_bad else "warn" if first is not None and first > t["line_s"] else "ok",
+            f"arrival → accepted p95 {_seconds(first)} (line {t['line_s']:g} s) · failed share "
+            + _share_verdict(t["failure_ratio"], t["failure_ratio_alert_line"], t["indicators"], t["min_indicators"]),
+        ),
+    ]
+
+
+def _media_text(w: dict[str, Any]) -> list[str]:
+    """The attachment and typing-indicator lines of `wabot status`."""
+    m, t = w["media"], w["typing"]
+    media_share = _share_verdict(m["failure_ratio"], m["failure_ratio_alert_line"], m["read"], m["min_attachments"])
+    typing_share = _share_verdict(
+        t["failure_ratio"], t["failure_ratio_alert_line"], t["indicators"], t["min_indicators"]
+    )
+    return [
+        f"  attachments          {m['attachments']}: {_outcome_counts(m['outcomes'])}",
+        f"                       failure share {media_share}",
+        f"  transcription        p50 {_seconds(m['transcription_p50_s'])} · p95 {_seconds(m['transcription_p95_s'])} "
+        f"({m['transcriptions']} voice notes)",
+        f"  typing indicators    {t['outcomes']['sent']} sent · {t['outcomes']['failed']} failed "
+        f"(failed share {typing_share})",
+        f"                       arrival → accepted p95 {_seconds(t['first_p95_s'])} (line {t['line_s']:g} s)",
+    ]
 
 
 def histogram_svg(buckets: list[dict[str, Any]], deadline_s: float, slow_s: float, limit_s: float) -> str:
@@ -360,6 +431,7 @@ def render_text(data: dict[str, Any]) -> str:
             f"                       {_over_line(w)}",
             f"  follow-ups           {w['followups_pending']} pending · {w['followups_delivered']} delivered · "
             f"{w['followups_failed']} failed",
+            *_media_text(w),
             "  total time histogram:",
         ]
         peak = max((b["count"] for b in w["histogram"]), default=0) or 1
