@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 
 from bot import __version__
 from bot.settings import Settings
+from telemetry.metrics import MEDIA_OUTCOMES, TYPING_OUTCOMES
 from telemetry.recent import RecentActivity, over_key
 from telemetry.thresholds import THRESHOLDS
 
@@ -51,7 +52,7 @@ def collect(settings: Settings, recent: RecentActivity | None, *, workers: int =
     if workers > 1:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        data["since_start"] = _since_start(registry)
+        data["since_start"] = {**_since_start(registry), **_media_since_start(registry)}
         data["note"] = (
             f"{workers} worker processes answer the webhook; each keeps its own "
             f"{THRESHOLDS.status_window_s / 60:g}-minute window, which this "
@@ -101,6 +102,18 @@ def _since_start(registry: CollectorRegistry) -> dict[str, Any]:
             elif sample.name == "wabot_followups_pending":
                 pending += int(sample.value)
     return {"messages": sum(runs.values()), "outcomes": runs, "followups": followups, "followups_pending": pending}
+
+
+def _media_since_start(registry: CollectorRegistry) -> dict[str, dict[str, int]]:
+    """Attachments and typing indicators by outcome, the workers' totals (#14)."""
+    media, typing = dict.fromkeys(MEDIA_OUTCOMES, 0), dict.fromkeys(TYPING_OUTCOMES, 0)
+    for family in registry.collect():
+        for sample in family.samples:
+            counts = {"wabot_media_total": media, "wabot_typing_indicators_total": typing}.get(sample.name)
+            if counts is not None:
+                outcome = sample.labels["outcome"]
+                counts[outcome] = counts.get(outcome, 0) + int(sample.value)
+    return {"media": media, "typing": typing}
 
 
 def fetch_alerts(base_url: str, timeout_s: float = ALERTS_TIMEOUT_S) -> dict[str, Any]:
@@ -394,6 +407,8 @@ def render_html(data: dict[str, Any]) -> str:
             _tile("Errors (apology)", str(outcomes.get("error", 0)), "errors"),
             _tile("Follow-ups pending", str(s["followups_pending"]), "followups-pending"),
             _tile("Follow-ups failed", str(s["followups"].get("failed", 0)), "followups-failed"),
+            _tile("Attachments", str(sum(s["media"].values())), "attachments", "", _outcome_counts(s["media"])),
+            _tile("Typing indicators", f"{s['typing']['sent']} sent · {s['typing']['failed']} failed", "typing"),
         ]
         body.append(f'<dl class="tiles">{"".join(tiles)}</dl>')
     body.append("<h2>Alerts</h2>")
@@ -444,6 +459,10 @@ def render_text(data: dict[str, Any]) -> str:
         lines.append(
             f"since start: {s['messages']} messages {s['outcomes']}, follow-ups {s['followups']}, "
             f"{s['followups_pending']} pending"
+        )
+        lines.append(
+            f"  attachments {sum(s['media'].values())}: {_outcome_counts(s['media'])} · typing indicators "
+            f"{s['typing']['sent']} sent · {s['typing']['failed']} failed"
         )
     prometheus = data["prometheus"]
     lines.append(_process_line(data["process"]))

@@ -84,7 +84,8 @@ class RecentActivity:
             self._attachments.append(_Attachment(time.monotonic(), kind, outcome, transcribe_s))
 
     def record_typing(self, outcome: str, seconds: float | None = None) -> None:
-        """One typing indicator; `seconds` (arrival -> accepted) for a message's first one, None for refreshes."""
+        """One typing indicator call (refreshes included). `seconds`: arrival -> accepted, only for a message's first
+        indicator Twilio accepted (what wabot_typing_indicator_seconds observes); None for refreshes and failures."""
         with self._lock:
             self._indicators.append(_Indicator(time.monotonic(), outcome, seconds))
 

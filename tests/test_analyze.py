@@ -428,41 +428,45 @@ def test_run_reads_gzip_and_binary_garbage(tmp_path: Path) -> None:
 
 
 def _bot_lines(log_lines: Any, events: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    """`events` logged through telemetry/logging.py as the bot logs them, read back as the lines it wrote."""
+    """`events` logged through telemetry/logging.py as the bot logs them (warning when the outcome is a failure),
+    read back as the lines it wrote."""
     log = get_logger()
     since = log_lines.mark()
     for name, fields in events:
-        log.info(name, **fields)
+        (log.info if fields["outcome"] in ("ok", "sent") else log.warning)(name, **fields)
     wanted = {name for name, _ in events}
     return [line for line in log_lines.lines[since:] if json.loads(line)["event"] in wanted]
 
 
 MEDIA_EVENTS: list[tuple[str, dict[str, Any]]] = [
-    ("media", {"kind": "audio", "outcome": "ok", "content_type": "audio/ogg; codecs=opus", "bytes": 20480,
-               "fetch_s": 0.2, "transcribe_s": 1.0}),
-    ("media", {"kind": "audio", "outcome": "ok", "content_type": "audio/mpeg", "bytes": 51200, "fetch_s": 0.4,
-               "transcribe_s": 3.0}),
-    ("media", {"kind": "audio", "outcome": "transcribe_error", "content_type": "audio/ogg; codecs=opus",
-               "bytes": 9000, "fetch_s": 0.3, "transcribe_s": 9.0, "error_type": "APITimeoutError"}),
-    ("media", {"kind": "image", "outcome": "ok", "content_type": "image/jpeg", "bytes": 80000, "fetch_s": 0.1}),
-    ("media", {"kind": "image", "outcome": "fetch_error", "content_type": "image/png", "bytes": 0, "fetch_s": 5.0,
-               "error_type": "http_404"}),
-    ("media", {"kind": "document", "outcome": "too_large", "content_type": "application/pdf", "bytes": 16777217,
-               "fetch_s": 0.6}),
-    ("media", {"kind": "other", "outcome": "unsupported", "content_type": "video/mp4", "bytes": 0}),
-    ("typing_indicator", {"outcome": "sent", "seconds": 0.3, "refresh": False}),
-    ("typing_indicator", {"outcome": "sent", "seconds": 0.5, "refresh": False}),
-    ("typing_indicator", {"outcome": "sent", "seconds": 20.4, "refresh": True}),
-    ("typing_indicator", {"outcome": "failed", "seconds": 0.9, "refresh": False,
-                          "error_type": "TwilioRestException", "error_code": 20429}),
-    ("typing_indicator", {"outcome": "failed", "seconds": 40.2, "refresh": True, "error_type": "TimeoutError"}),
-    ("typing_indicator", {"outcome": "sent", "seconds": 0.7, "refresh": False}),
+    ("media", {"message_sid": "SM101", "kind": "audio", "outcome": "ok", "content_type": "audio/ogg",
+               "bytes": 20480, "fetch_s": 0.2, "transcribe_s": 1.0}),
+    ("media", {"message_sid": "SM102", "kind": "audio", "outcome": "ok", "content_type": "audio/mpeg",
+               "bytes": 51200, "fetch_s": 0.4, "transcribe_s": 3.0}),
+    ("media", {"message_sid": "SM103", "kind": "audio", "outcome": "transcribe_error", "content_type": "audio/ogg",
+               "bytes": 9000, "fetch_s": 0.3, "transcribe_s": 9.0, "error_type": "timeout"}),
+    ("media", {"message_sid": "SM104", "kind": "image", "outcome": "ok", "content_type": "image/jpeg",
+               "bytes": 80000, "fetch_s": 0.1}),
+    ("media", {"message_sid": "SM104", "kind": "image", "outcome": "fetch_error", "content_type": "image/png",
+               "bytes": 0, "fetch_s": 5.0, "error_type": "http_404"}),
+    ("media", {"message_sid": "SM105", "kind": "document", "outcome": "too_large", "content_type": "application/pdf",
+               "bytes": 16777217, "fetch_s": 0.6}),
+    ("media", {"message_sid": "SM106", "kind": "other", "outcome": "unsupported", "content_type": "video/mp4",
+               "bytes": 0, "fetch_s": None}),
+    ("typing_indicator", {"message_sid": "SM101", "outcome": "sent", "seconds": 0.3, "refresh": False}),
+    ("typing_indicator", {"message_sid": "SM102", "outcome": "sent", "seconds": 0.5, "refresh": False}),
+    ("typing_indicator", {"message_sid": "SM102", "outcome": "sent", "seconds": 20.4, "refresh": True}),
+    ("typing_indicator", {"message_sid": "SM103", "outcome": "failed", "seconds": 0.9, "refresh": False,
+                          "error_type": "rate_limited", "error_code": 20429}),
+    ("typing_indicator", {"message_sid": "SM103", "outcome": "failed", "seconds": 40.2, "refresh": True,
+                          "error_type": "timeout", "error_code": None}),
+    ("typing_indicator", {"message_sid": "SM104", "outcome": "sent", "seconds": 0.7, "refresh": False}),
 ]  # fmt: skip
 
 
 def test_media_and_typing_indicator_events_every_field(log_lines: Any) -> None:
     lines = _bot_lines(log_lines, MEDIA_EVENTS)
-    assert len(lines) == 13 and all(json.loads(line)["level"] == "info" for line in lines)
+    assert [json.loads(line)["level"] for line in lines].count("warning") == 6
     r = analyze(lines)
     assert r.events == {"media": 7, "typing_indicator": 6}
     assert (r.messages, r.bad_lines, r.bad_values) == (0, 0, 0)  # neither is a message of its own
@@ -477,7 +481,7 @@ def test_media_and_typing_indicator_events_every_field(log_lines: Any) -> None:
     }
     # 2 of the 5 the bot should have read; the PDF over the cap and the video are the sender's.
     assert m.failure_ratio == approx(0.4)
-    assert m.errors_by_type == {"APITimeoutError": 1, "http_404": 1}
+    assert m.errors_by_type == {"http_404": 1, "timeout": 1}
     # Downloads 0.1 0.2 0.3 0.4 0.6 5.0: ranks 2.5 and 4.75.
     assert (m.fetch_p50, m.fetch_p95, m.fetch_max) == (approx(0.35), approx(3.9), 5.0)
     # Transcriptions 1, 3 and 9 s (the failed one included): rank 1.9 for p95.
@@ -488,7 +492,7 @@ def test_media_and_typing_indicator_events_every_field(log_lines: Any) -> None:
         9.0,
     )
     assert (m.typing_indicators, m.typing_refreshes) == ({"failed": 2, "sent": 4}, 2)
-    assert m.typing_errors == {"TimeoutError": 1, "TwilioRestException (20429)": 1}
+    assert m.typing_errors == {"rate_limited (20429)": 1, "timeout": 1}
     # Arrival -> accepted of the first indicators Twilio accepted: 0.3, 0.5 and 0.7 s (refreshes and failures out).
     assert (m.typing_first_p50, m.typing_first_p95, m.typing_first_max) == (0.5, approx(0.68), 0.7)
 
@@ -497,11 +501,11 @@ def test_media_and_typing_indicator_events_every_field(log_lines: Any) -> None:
         "Attachments",
         "fetch_error 1, ok 3, too_large 1, transcribe_error 1, unsupported 1",
         "40.0% (download and transcription errors of those read)",
-        "APITimeoutError 1, http_404 1",
+        "http_404 1, timeout 1",
         "p50 0.35 s, p95 3.90 s, max 5.00 s",
         "p50 3.00 s, p95 8.40 s, max 9.00 s",
         "failed 2, sent 4 (2 refreshes)",
-        "TimeoutError 1, TwilioRestException (20429) 1",
+        "rate_limited (20429) 1, timeout 1",
         "p50 0.50 s, p95 0.68 s, max 0.70 s",
     ):
         assert expected in table, table

@@ -20,6 +20,7 @@ import yaml
 
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE, Settings
 from bot.status import collect, fetch_alerts, render_html, render_text
+from telemetry.metrics import MEDIA_OUTCOMES, TYPING_OUTCOMES
 from telemetry.recent import RecentActivity
 from telemetry.thresholds import THRESHOLDS
 from tests.binaries import find_binary
@@ -175,6 +176,9 @@ def test_with_several_workers_status_says_their_windows_are_not_visible(tmp_path
         assert "2 worker processes" in data["note"] and "Prometheus" in data["note"]
         assert data["since_start"]["messages"] == 3
         assert data["since_start"]["outcomes"]["ok"] == 3 and data["since_start"]["followups_pending"] == 0
+        # Attachments and typing indicators by outcome, every worker's (pre-created, so each outcome is there).
+        assert data["since_start"]["media"] == dict.fromkeys(MEDIA_OUTCOMES, 0)
+        assert set(data["since_start"]["typing"]) == set(TYPING_OUTCOMES)
         page = demo.client.get(f"{demo.metrics_url}/status").text
         assert '<p class="note" id="note">2 worker processes answer the webhook' in page
         assert '<dd id="messages">3</dd>' in page
@@ -182,6 +186,8 @@ def test_with_several_workers_status_says_their_windows_are_not_visible(tmp_path
         assert demo.client.get(f"{demo.url}/").status_code == 404
         printed = wabot("status", "--url", demo.metrics_url)
         assert "note: 2 worker processes" in printed.stdout and "since start: 3 messages" in printed.stdout
+        assert "  attachments 0: none · typing indicators " in printed.stdout
+        assert '<dd id="attachments">0</dd>' in page
     finally:
         demo.stop()
 
