@@ -383,8 +383,9 @@ def _outcomes(outcomes: tuple[str, ...]) -> str:
     return f'outcome=~"{"|".join(outcomes)}"'
 
 
-def _quantiles(histogram: str, quantiles: tuple[str, ...], window: str) -> list[dict[str, Any]]:
-    """pNN recording rules of a seconds histogram, absent while it has no observations (like the response's)."""
+def _quantiles(histogram: str, window: str) -> list[dict[str, Any]]:
+    """p50 and p95 recording rules of a seconds histogram, absent while it has no observations (like the
+    response's)."""
     buckets = f"sum by (job, le) (rate({histogram}_bucket[{window}]))"
     observed = f"{BY_JOB} (rate({histogram}_count[{window}])) > 0"
     stem = histogram.removeprefix("wabot_")
@@ -394,7 +395,6 @@ def _quantiles(histogram: str, quantiles: tuple[str, ...], window: str) -> list[
             "expr": f"histogram_quantile({q}, {buckets})\nand on (job)\n({observed})",
         }
         for name, q in (("p50", "0.5"), ("p95", "0.95"))
-        if name in quantiles
     ]
 
 
@@ -415,14 +415,14 @@ def media_recording_rules(t: Thresholds = THRESHOLDS) -> list[dict[str, Any]]:
                 f"{BY_JOB} (rate({media}{{{_outcomes(m.read_outcomes)}}}[{w}]))",
             ),
         },
-        *_quantiles("wabot_media_fetch_seconds", ("p50", "p95"), w),
-        *_quantiles("wabot_transcription_seconds", ("p50", "p95"), w),
+        *_quantiles("wabot_media_fetch_seconds", w),
+        *_quantiles("wabot_transcription_seconds", w),
         {"record": f"wabot:typing_indicators:increase{w}", "expr": f"{BY_JOB} (increase({typing}[{w}]))"},
         {
             "record": f"wabot:typing_indicator_failure:ratio_rate{w}",
             "expr": _ratio(f'{BY_JOB} (rate({typing}{{outcome="failed"}}[{w}]))', f"{BY_JOB} (rate({typing}[{w}]))"),
         },
-        *_quantiles("wabot_typing_indicator_seconds", ("p50", "p95"), w),
+        *_quantiles("wabot_typing_indicator_seconds", w),
     ]
 
 

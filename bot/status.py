@@ -248,7 +248,7 @@ def _window_tiles(w: dict[str, Any]) -> str:
 
 
 def _outcome_counts(outcomes: dict[str, int]) -> str:
-    """ "3 ok · 1 fetch error": every outcome seen, in the metrics' order, underscores as spaces."""
+    """Every outcome seen, in the metrics' order, underscores as spaces: "3 ok · 1 fetch error"."""
     return " · ".join(f"{n} {o.replace('_', ' ')}" for o, n in outcomes.items() if n) or "none"
 
 
