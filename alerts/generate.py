@@ -379,6 +379,84 @@ def alert_rules(t: Thresholds = THRESHOLDS) -> list[dict[str, Any]]:
     ]
 
 
+def _outcomes(outcomes: tuple[str, ...]) -> str:
+    return f'outcome=~"{"|".join(outcomes)}"'
+
+
+def _quantiles(histogram: str, window: str) -> list[dict[str, Any]]:
+    """p50 and p95 recording rules of a seconds histogram, absent while it has no observations (like the
+    response's)."""
+    buckets = f"sum by (job, le) (rate({histogram}_bucket[{window}]))"
+    observed = f"{BY_JOB} (rate({histogram}_count[{window}])) > 0"
+    stem = histogram.removeprefix("wabot_")
+    return [
+        {
+            "record": f"wabot:{stem}:{name}_{window}",
+            "expr": f"histogram_quantile({q}, {buckets})\nand on (job)\n({observed})",
+        }
+        for name, q in (("p50", "0.5"), ("p95", "0.95"))
+    ]
+
+
+def media_recording_rules(t: Thresholds = THRESHOLDS) -> list[dict[str, Any]]:
+    """Attachments (#14): the failure share the alert reads, its traffic gate, download and transcription times;
+    typing indicators: their failure share, gate and arrival -> accepted time."""
+    w, m = t.alerts.window, t.media
+    media, typing = "wabot_media_total", "wabot_typing_indicators_total"
+    return [
+        {
+            "record": f"wabot:media_read:increase{w}",
+            "expr": f"{BY_JOB} (increase({media}{{{_outcomes(m.read_outcomes)}}}[{w}]))",
+        },
+        {
+            "record": f"wabot:media_failure:ratio_rate{w}",
+            "expr": _ratio(
+                f"{BY_JOB} (rate({media}{{{_outcomes(m.failure_outcomes)}}}[{w}]))",
+                f"{BY_JOB} (rate({media}{{{_outcomes(m.read_outcomes)}}}[{w}]))",
+            ),
+        },
+        *_quantiles("wabot_media_fetch_seconds", w),
+        *_quantiles("wabot_transcription_seconds", w),
+        {"record": f"wabot:typing_indicators:increase{w}", "expr": f"{BY_JOB} (increase({typing}[{w}]))"},
+        {
+            "record": f"wabot:typing_indicator_failure:ratio_rate{w}",
+            "expr": _ratio(f'{BY_JOB} (rate({typing}{{outcome="failed"}}[{w}]))', f"{BY_JOB} (rate({typing}[{w}]))"),
+        },
+        *_quantiles("wabot_typing_indicator_seconds", w),
+    ]
+
+
+def media_alert_rules(t: Thresholds = THRESHOLDS) -> list[dict[str, Any]]:
+    w, m = t.alerts.window, t.media
+    return [
+        _alert(
+            "WabotMediaFailing",
+            f"wabot:media_failure:ratio_rate{w} > {m.failure_ratio:g}\n"
+            f"and on (job)\nwabot:media_read:increase{w} >= {m.min_attachments}",
+            "warning",
+            "Attachments cannot be read: media downloads from Twilio or voice-note transcriptions are failing.",
+            "{{ $value | humanizePercentage }} of the attachments sent to {{ $labels.job }} in the last "
+            f"{w} could not be read because the download from Twilio or the transcription failed (threshold "
+            f"{_pct(m.failure_ratio)}, at least {m.min_attachments} attachments; too large and unsupported ones "
+            "are the users' and not counted). Those users got a reply saying so instead of an answer. "
+            "Log event: media (outcome, error_type).",
+            t.for_["WabotMediaFailing"],
+        ),
+        _alert(
+            "WabotTypingIndicatorsFailing",
+            f"wabot:typing_indicator_failure:ratio_rate{w} > {m.typing_failure_ratio:g}\n"
+            f"and on (job)\nwabot:typing_indicators:increase{w} >= {m.min_typing_indicators}",
+            "warning",
+            "Twilio refuses or times out the WhatsApp typing indicators: users see no sign of life until the reply.",
+            "{{ $value | humanizePercentage }} of the typing indicators of {{ $labels.job }} in the last "
+            f"{w} failed (threshold {_pct(m.typing_failure_ratio)}, at least {m.min_typing_indicators} "
+            "indicators). Replies are not affected; WABOT_TYPING_INDICATOR=false switches the indicator off. "
+            "Log event: typing_indicator (error_type, error_code).",
+            t.for_["WabotTypingIndicatorsFailing"],
+        ),
+    ]
+
+
 def slo_alert_rules(t: Thresholds = THRESHOLDS) -> list[dict[str, Any]]:
     rules = []
     for slo in slos(t):
@@ -432,9 +510,9 @@ def check_lines(t: Thresholds = THRESHOLDS) -> None:
 def build(for_override: str | None = None, t: Thresholds = THRESHOLDS) -> dict[str, Any]:
     check_lines(t)
     groups: list[dict[str, Any]] = [
-        {"name": "wabot.rules", "rules": recording_rules(t)},
+        {"name": "wabot.rules", "rules": [*recording_rules(t), *media_recording_rules(t)]},
         {"name": "wabot-slo.rules", "rules": slo_recording_rules(t)},
-        {"name": "wabot.alerts", "rules": [*alert_rules(t), watchdog()]},
+        {"name": "wabot.alerts", "rules": [*alert_rules(t), *media_alert_rules(t), watchdog()]},
         {"name": "wabot-slo.alerts", "rules": slo_alert_rules(t)},
     ]
     if for_override is not None:

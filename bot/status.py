@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 
 from bot import __version__
 from bot.settings import Settings
+from telemetry.metrics import MEDIA_OUTCOMES, TYPING_OUTCOMES
 from telemetry.recent import RecentActivity, over_key
 from telemetry.thresholds import THRESHOLDS
 
@@ -51,7 +52,7 @@ def collect(settings: Settings, recent: RecentActivity | None, *, workers: int =
     if workers > 1:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        data["since_start"] = _since_start(registry)
+        data["since_start"] = {**_since_start(registry), **_media_since_start(registry)}
         data["note"] = (
             f"{workers} worker processes answer the webhook; each keeps its own "
             f"{THRESHOLDS.status_window_s / 60:g}-minute window, which this "
@@ -101,6 +102,18 @@ def _since_start(registry: CollectorRegistry) -> dict[str, Any]:
             elif sample.name == "wabot_followups_pending":
                 pending += int(sample.value)
     return {"messages": sum(runs.values()), "outcomes": runs, "followups": followups, "followups_pending": pending}
+
+
+def _media_since_start(registry: CollectorRegistry) -> dict[str, dict[str, int]]:
+    """Attachments and typing indicators by outcome, the workers' totals (#14)."""
+    media, typing = dict.fromkeys(MEDIA_OUTCOMES, 0), dict.fromkeys(TYPING_OUTCOMES, 0)
+    for family in registry.collect():
+        for sample in family.samples:
+            counts = {"wabot_media_total": media, "wabot_typing_indicators_total": typing}.get(sample.name)
+            if counts is not None:
+                outcome = sample.labels["outcome"]
+                counts[outcome] = counts.get(outcome, 0) + int(sample.value)
+    return {"media": media, "typing": typing}
 
 
 def fetch_alerts(base_url: str, timeout_s: float = ALERTS_TIMEOUT_S) -> dict[str, Any]:
@@ -229,8 +242,79 @@ def _window_tiles(w: dict[str, Any]) -> str:
             f"{w['followups_delivered']} delivered · {failed} failed",
         ),
         _tile("Follow-ups failed", str(failed), "followups-failed", "bad" if failed else "ok"),
+        *_media_tiles(w),
     ]
     return "".join(tiles)
+
+
+def _outcome_counts(outcomes: dict[str, int]) -> str:
+    """Every outcome seen, in the metrics' order, underscores as spaces: "3 ok · 1 fetch error"."""
+    return " · ".join(f"{n} {o.replace('_', ' ')}" for o, n in outcomes.items() if n) or "none"
+
+
+def _share_verdict(ratio: float, line: float, count: int, gate: int) -> str:
+    """Where a failure share stands against its alert, gate included: the alert ignores fewer than `gate`."""
+    if count < gate:
+        return f"{_percent(ratio)} of {count}, below the alert's gate of {gate}"
+    return f"{_percent(ratio)} of {count}, {'ABOVE' if ratio > line else 'below'} the alert line {_percent(line)}"
+
+
+def _firing(ratio: float, line: float, count: int, gate: int) -> bool:
+    return count >= gate and ratio > line
+
+
+def _media_tiles(w: dict[str, Any]) -> list[str]:
+    """Attachments (#14) and typing indicators: counts, failure shares against their alerts, transcription and
+    arrival -> indicator times."""
+    m, t = w["media"], w["typing"]
+    media_bad = _firing(m["failure_ratio"], m["failure_ratio_alert_line"], m["read"], m["min_attachments"])
+    typing_bad = _firing(t["failure_ratio"], t["failure_ratio_alert_line"], t["indicators"], t["min_indicators"])
+    first = t["first_p95_s"]
+    return [
+        _tile(
+            "Attachments",
+            str(m["attachments"]),
+            "attachments",
+            "bad" if media_bad else "ok",
+            f"{_outcome_counts(m['outcomes'])} · failure share "
+            + _share_verdict(m["failure_ratio"], m["failure_ratio_alert_line"], m["read"], m["min_attachments"]),
+        ),
+        _tile(
+            "Transcription p50 · p95",
+            "–"
+            if m["transcription_p50_s"] is None
+            else f"{m['transcription_p50_s']:.2f} · {m['transcription_p95_s']:.2f} s",
+            "transcription",
+            "",
+            f"{m['transcriptions']} voice notes",
+        ),
+        _tile(
+            "Typing indicators",
+            f"{t['outcomes']['sent']} sent · {t['outcomes']['failed']} failed",
+            "typing",
+            "bad" if typing_bad else "warn" if first is not None and first > t["line_s"] else "ok",
+            f"arrival → accepted p95 {_seconds(first)} (line {t['line_s']:g} s) · failed share "
+            + _share_verdict(t["failure_ratio"], t["failure_ratio_alert_line"], t["indicators"], t["min_indicators"]),
+        ),
+    ]
+
+
+def _media_text(w: dict[str, Any]) -> list[str]:
+    """The attachment and typing-indicator lines of `wabot status`."""
+    m, t = w["media"], w["typing"]
+    media_share = _share_verdict(m["failure_ratio"], m["failure_ratio_alert_line"], m["read"], m["min_attachments"])
+    typing_share = _share_verdict(
+        t["failure_ratio"], t["failure_ratio_alert_line"], t["indicators"], t["min_indicators"]
+    )
+    return [
+        f"  attachments          {m['attachments']}: {_outcome_counts(m['outcomes'])}",
+        f"                       failure share {media_share}",
+        f"  transcription        p50 {_seconds(m['transcription_p50_s'])} · p95 {_seconds(m['transcription_p95_s'])} "
+        f"({m['transcriptions']} voice notes)",
+        f"  typing indicators    {t['outcomes']['sent']} sent · {t['outcomes']['failed']} failed "
+        f"(failed share {typing_share})",
+        f"                       arrival → accepted p95 {_seconds(t['first_p95_s'])} (line {t['line_s']:g} s)",
+    ]
 
 
 def histogram_svg(buckets: list[dict[str, Any]], deadline_s: float, slow_s: float, limit_s: float) -> str:
@@ -323,6 +407,8 @@ def render_html(data: dict[str, Any]) -> str:
             _tile("Errors (apology)", str(outcomes.get("error", 0)), "errors"),
             _tile("Follow-ups pending", str(s["followups_pending"]), "followups-pending"),
             _tile("Follow-ups failed", str(s["followups"].get("failed", 0)), "followups-failed"),
+            _tile("Attachments", str(sum(s["media"].values())), "attachments", "", _outcome_counts(s["media"])),
+            _tile("Typing indicators", f"{s['typing']['sent']} sent · {s['typing']['failed']} failed", "typing"),
         ]
         body.append(f'<dl class="tiles">{"".join(tiles)}</dl>')
     body.append("<h2>Alerts</h2>")
@@ -360,6 +446,7 @@ def render_text(data: dict[str, Any]) -> str:
             f"                       {_over_line(w)}",
             f"  follow-ups           {w['followups_pending']} pending · {w['followups_delivered']} delivered · "
             f"{w['followups_failed']} failed",
+            *_media_text(w),
             "  total time histogram:",
         ]
         peak = max((b["count"] for b in w["histogram"]), default=0) or 1
@@ -372,6 +459,10 @@ def render_text(data: dict[str, Any]) -> str:
         lines.append(
             f"since start: {s['messages']} messages {s['outcomes']}, follow-ups {s['followups']}, "
             f"{s['followups_pending']} pending"
+        )
+        lines.append(
+            f"  attachments {sum(s['media'].values())}: {_outcome_counts(s['media'])} · typing indicators "
+            f"{s['typing']['sent']} sent · {s['typing']['failed']} failed"
         )
     prometheus = data["prometheus"]
     lines.append(_process_line(data["process"]))

@@ -498,6 +498,94 @@ def model_panels() -> list[Any]:
     return [model_calls, tool_calls, tokens, slots]
 
 
+def media_panels(t: Thresholds) -> list[Any]:
+    """Attachments (#14): what became of them, how long downloads and transcriptions take, the failure share the
+    WabotMediaFailing alert reads; the typing indicator: sent and failed, and how soon after arrival."""
+    w, m = t.alerts.window, t.media
+    attachments = (
+        timeseries(
+            "Attachments by kind and outcome",
+            "Attachments (MediaUrl{i}) per second by kind and outcome. fetch_error and transcribe_error are the "
+            "bot's or a vendor's (Twilio media, OpenAI transcription); too_large and unsupported are the sender's, "
+            "who is told so.",
+            "short",
+            span=8,
+        )
+        .axis_label("attachments/s")
+        .with_target(target("A", f"sum by (kind, outcome) ({rate('wabot_media_total')})", "{{kind}} {{outcome}}"))
+    )
+    failure = (
+        threshold_lines(
+            timeseries(
+                "Attachment failure share",
+                f"Share of the attachments the bot tried to read ({', '.join(m.read_outcomes)}) that failed "
+                f"({', '.join(m.failure_outcomes)}), over {w}. Dashed line: WabotMediaFailing "
+                f"(with at least {m.min_attachments} attachments).",
+                "percentunit",
+                span=8,
+            )
+        )
+        .min(0)
+        .axis_soft_max(m.failure_ratio * 1.25)
+        .thresholds(thresholds("green", (m.failure_ratio, "red")))
+        .with_target(target("A", f"max({sel(f'wabot:media_failure:ratio_rate{w}')})", "failure share"))
+    )
+    latency = (
+        timeseries(
+            "Media download and transcription p50/p95",
+            f"Download of one attachment from Twilio (redirects included) and transcription of one voice note, "
+            f"{w} quantiles from buckets, failed attempts included. Both count against the reply deadline.",
+            "s",
+            span=8,
+        )
+        .min(0)
+        .with_target(target("A", f"max({sel(f'wabot:media_fetch_seconds:p50_{w}')})", "download p50"))
+        .with_target(target("B", f"max({sel(f'wabot:media_fetch_seconds:p95_{w}')})", "download p95"))
+        .with_target(target("C", f"max({sel(f'wabot:transcription_seconds:p50_{w}')})", "transcription p50"))
+        .with_target(target("D", f"max({sel(f'wabot:transcription_seconds:p95_{w}')})", "transcription p95"))
+    )
+    typing = (
+        timeseries(
+            "Typing indicators",
+            "WhatsApp typing indicators per second by outcome (refreshes during long follow-ups included), and the "
+            f"failed share over {w} (right axis; WabotTypingIndicatorsFailing above {m.typing_failure_ratio:.0%}). "
+            "A failure never changes the reply.",
+            "short",
+        )
+        .axis_label("indicators/s")
+        .with_target(target("A", f"sum by (outcome) ({rate('wabot_typing_indicators_total')})", "{{outcome}}"))
+        .with_target(target("B", f"max({sel(f'wabot:typing_indicator_failure:ratio_rate{w}')})", "failed share"))
+        .override_by_name("sent", [fixed_color("green")])
+        .override_by_name("failed", [fixed_color("red")])
+        .override_by_query(
+            "B",
+            [
+                dash_m.DynamicConfigValue(id_val="unit", value="percentunit"),
+                dash_m.DynamicConfigValue(id_val="min", value=0),
+                dash_m.DynamicConfigValue(id_val="max", value=1),
+                dash_m.DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
+                DASHED,
+            ],
+        )
+    )
+    first = (
+        threshold_lines(
+            timeseries(
+                "Typing indicator p50/p95 (arrival → accepted)",
+                f"Inbound message arrival until Twilio accepted its first typing indicator, {w} quantiles. Dashed "
+                f'line: the {m.typing_line_s} s within which the user should see "typing…".',
+                "s",
+            )
+        )
+        .min(0)
+        .axis_soft_max(m.typing_line_s * 1.5)
+        .thresholds(thresholds("green", (m.typing_line_s, "red")))
+        .with_target(target("A", f"max({sel(f'wabot:typing_indicator_seconds:p50_{w}')})", "p50"))
+        .with_target(target("B", f"max({sel(f'wabot:typing_indicator_seconds:p95_{w}')})", "p95"))
+    )
+    return [attachments, failure, latency, typing, first]
+
+
 # --- dashboard -----------------------------------------------------------------------------------
 
 
@@ -538,6 +626,7 @@ def build_dashboard(t: Thresholds = THRESHOLDS) -> dash_m.Dashboard:
         ("Answer path and latency", answer_path_panels(t)),
         ("Follow-ups, delivery and webhook", followup_panels(t)),
         ("Model", model_panels()),
+        ("Media and typing indicator", media_panels(t)),
     )
     for row_title, panels in sections:
         builder = builder.with_row(dash_b.Row(row_title))

@@ -32,6 +32,13 @@ Percentiles
     values x[0], ..., x[n-1] the p-th percentile sits at rank r = p/100 * (n-1) and is
     x[floor(r)] + (r - floor(r)) * (x[ceil(r)] - x[floor(r)]). None when there are no values.
 
+Attachments and typing indicators (`MediaSummary`, the report's ``media``)
+    ``media`` events (one per attachment: kind, outcome, fetch_s, transcribe_s, error_type) are counted by outcome
+    and by kind; the failure share is WabotMediaFailing's (fetch and transcription errors among ok + those two,
+    as telemetry/thresholds.py `MediaLines` defines it). ``typing_indicator`` events are counted by outcome,
+    failures by error_type and error_code, and the arrival -> accepted ``seconds`` of non-refresh ones are timed.
+    Their numbers are optional: a missing or invalid one is left out of the times, never a bad value.
+
 Deadline recommendation (`recommend_deadline`)
     Question: which reply deadline D keeps total time (arrival -> TwiML sent) within S while cutting off
     the fewest answers?
@@ -69,7 +76,7 @@ import json
 import math
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -117,6 +124,36 @@ class Recommendation:
 
 
 @dataclass
+class MediaSummary:
+    """The `media` (one per attachment) and `typing_indicator` events (#14). Times are seconds; None: no data.
+
+    ``failure_ratio`` is WabotMediaFailing's share: fetch and transcription errors among the attachments the bot
+    should have read (too large and unsupported ones are the senders' and left out). Download and transcription
+    times include failed attempts, as the histograms do. ``typing_first_*`` is arrival -> accepted of the first
+    indicator of each message (refreshes carry ``refresh: true`` and are not timed).
+    """
+
+    attachments: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
+    failure_ratio: float | None = None
+    errors_by_type: dict[str, int] = field(default_factory=dict)
+    fetch_p50: float | None = None
+    fetch_p95: float | None = None
+    fetch_max: float | None = None
+    transcriptions: int = 0
+    transcription_p50: float | None = None
+    transcription_p95: float | None = None
+    transcription_max: float | None = None
+    typing_indicators: dict[str, int] = field(default_factory=dict)
+    typing_refreshes: int = 0
+    typing_errors: dict[str, int] = field(default_factory=dict)
+    typing_first_p50: float | None = None
+    typing_first_p95: float | None = None
+    typing_first_max: float | None = None
+
+
+@dataclass
 class Report:
     """Everything `analyze` found in the logs. Times are seconds; ratios are 0..1; None means no data."""
 
@@ -157,6 +194,7 @@ class Report:
     recommendation: Recommendation = field(
         default_factory=lambda: Recommendation(None, "No AI run times or timeouts in the logs.")
     )
+    media: MediaSummary = field(default_factory=MediaSummary)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form: floats rounded to 6 decimals, statuses as a list of {status, error_code, count}."""
@@ -170,7 +208,7 @@ class Report:
                     {"status": status, "error_code": code, "count": count}
                     for (status, code), count in sorted(value.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
                 ]
-            elif name == "recommendation":
+            elif name in ("recommendation", "media"):
                 value = {key: getattr(value, key) for key in value.__dataclass_fields__}
             out[name] = _rounded(value)
         return out
@@ -303,6 +341,70 @@ class _Message:
     outcome: str | None = None
 
 
+class _MediaTally:
+    """Counts the `media` and `typing_indicator` events; `summary` condenses them."""
+
+    EVENTS = ("media", "typing_indicator")
+
+    def __init__(self, thresholds: Thresholds) -> None:
+        self._lines = thresholds.media
+        self._by_kind: dict[str, Counter[str]] = {}
+        self._outcomes: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+        self._fetch: list[float] = []
+        self._transcribe: list[float] = []
+        self._typing: Counter[str] = Counter()
+        self._refreshes = 0
+        self._typing_errors: Counter[str] = Counter()
+        self._first: list[float] = []
+
+    def event(self, name: str, obj: dict[str, Any]) -> None:
+        outcome = _text(obj.get("outcome")) or "unknown"
+        if name == "media":
+            self._outcomes[outcome] += 1
+            self._by_kind.setdefault(_text(obj.get("kind")) or "unknown", Counter())[outcome] += 1
+            if error := _text(obj.get("error_type")):
+                self._errors[error] += 1
+            # Optional fields: an attachment refused before its download has no fetch_s, a photo no transcribe_s.
+            if (fetch := _duration(obj.get("fetch_s"))) is not None:
+                self._fetch.append(fetch)
+            if (transcribe := _duration(obj.get("transcribe_s"))) is not None:
+                self._transcribe.append(transcribe)
+            return
+        self._typing[outcome] += 1
+        refresh = obj.get("refresh") is True
+        self._refreshes += refresh
+        if outcome == "failed":
+            error, code = _text(obj.get("error_type")) or "unknown", _code(obj.get("error_code"))
+            self._typing_errors[error if code is None else f"{error} ({code})"] += 1
+        elif not refresh and (seconds := _duration(obj.get("seconds"))) is not None:
+            self._first.append(seconds)
+
+    def summary(self) -> MediaSummary:
+        read = sum(self._outcomes[o] for o in self._lines.read_outcomes)
+        failed = sum(self._outcomes[o] for o in self._lines.failure_outcomes)
+        return MediaSummary(
+            attachments=sum(self._outcomes.values()),
+            outcomes=dict(sorted(self._outcomes.items())),
+            by_kind={kind: dict(sorted(c.items())) for kind, c in sorted(self._by_kind.items())},
+            failure_ratio=failed / read if read else None,
+            errors_by_type=dict(sorted(self._errors.items())),
+            fetch_p50=percentile(self._fetch, 50),
+            fetch_p95=percentile(self._fetch, 95),
+            fetch_max=max(self._fetch, default=None),
+            transcriptions=len(self._transcribe),
+            transcription_p50=percentile(self._transcribe, 50),
+            transcription_p95=percentile(self._transcribe, 95),
+            transcription_max=max(self._transcribe, default=None),
+            typing_indicators=dict(sorted(self._typing.items())),
+            typing_refreshes=self._refreshes,
+            typing_errors=dict(sorted(self._typing_errors.items())),
+            typing_first_p50=percentile(self._first, 50),
+            typing_first_p95=percentile(self._first, 95),
+            typing_first_max=max(self._first, default=None),
+        )
+
+
 class Analyzer:
     """Accumulates log lines from one or more sources; `report` condenses them. `analyze` wraps it."""
 
@@ -332,6 +434,7 @@ class Analyzer:
         self._pending_ai: float | None = None
         self._idless_overheads: list[float] = []
         self._idless_unknown: list[float | None] = []
+        self._media = _MediaTally(thresholds)
 
     def feed(self, lines: Iterable[str], source: str = "<input>") -> None:
         """Read lines (with or without trailing newlines); numbering restarts at 1 for each source."""
@@ -353,6 +456,9 @@ class Analyzer:
         self._events[name] += 1
         self._timestamp(obj.get("timestamp"))
         key = _text(obj.get("message_sid")) or _text(obj.get("trace_id"))
+        if name in _MediaTally.EVENTS:
+            self._media.event(name, obj)
+            return
         msg = self._messages.setdefault(key, _Message()) if key else None
         if name == "ai_processing_time":
             elapsed = self._required(obj, "elapsed_seconds")
@@ -496,6 +602,7 @@ class Analyzer:
                 target_total=self._total_time.slow_s,
                 twilio_limit=self._total_time.twilio_limit_s,
             ),
+            media=self._media.summary(),
         )
 
 
@@ -581,6 +688,8 @@ def render_table(report: Report, thresholds: Thresholds = THRESHOLDS) -> str:
     for (status, code), count in sorted(report.message_statuses.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
         row(status if code is None else f"{status} ({code})", str(count))
 
+    _media_rows(report.media, section, row)
+
     rec = report.recommendation
     section("Deadline recommendation")
     row("recommended deadline", _secs(rec.deadline_seconds))
@@ -602,6 +711,36 @@ def render_table(report: Report, thresholds: Thresholds = THRESHOLDS) -> str:
 
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}".rstrip() for label, value in rows) + "\n"
+
+
+def _media_rows(media: MediaSummary, section: Callable[[str], None], row: Callable[[str, str], None]) -> None:
+    """The "Attachments" and "Typing indicators" sections of the table."""
+    section("Attachments")
+    row("attachments", str(media.attachments))
+    if media.outcomes:
+        row("outcomes", _counts(media.outcomes))
+    for kind, outcomes in media.by_kind.items():
+        row(f"  {kind}", _counts(outcomes))
+    row("failure share", f"{_pct(media.failure_ratio)} (download and transcription errors of those read)")
+    if media.errors_by_type:
+        row("errors", _counts(media.errors_by_type))
+    row("download", _spread(media.fetch_p50, media.fetch_p95, media.fetch_max))
+    row("transcriptions", str(media.transcriptions))
+    row("transcription", _spread(media.transcription_p50, media.transcription_p95, media.transcription_max))
+
+    section("Typing indicators")
+    indicators = _counts(media.typing_indicators) or "none"
+    row("indicators", f"{indicators} ({media.typing_refreshes} refreshes)")
+    if media.typing_errors:
+        row("errors", _counts(media.typing_errors))
+    row(
+        "arrival -> accepted",
+        _spread(media.typing_first_p50, media.typing_first_p95, media.typing_first_max),
+    )
+
+
+def _spread(p50: float | None, p95: float | None, top: float | None) -> str:
+    return f"p50 {_secs(p50)}, p95 {_secs(p95)}, max {_secs(top)}"
 
 
 def run(

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from telemetry.metrics import SECONDS_BUCKETS
+from telemetry.metrics import MEDIA_OUTCOMES, SECONDS_BUCKETS, TYPING_OUTCOMES
 from telemetry.thresholds import THRESHOLDS, Thresholds, seconds_name
 
 WINDOW_S = THRESHOLDS.status_window_s
@@ -42,8 +42,24 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+@dataclass(frozen=True)
+class _Attachment:
+    at: float
+    kind: str
+    outcome: str
+    transcribe_s: float | None
+
+
+@dataclass(frozen=True)
+class _Indicator:
+    at: float
+    outcome: str
+    seconds: float | None  # arrival -> accepted, for a message's first indicator only
+
+
 class RecentActivity:
-    """Replies and follow-ups of the last `window_s` seconds. Thread-safe: the metrics port reads it."""
+    """Replies, follow-ups, attachments and typing indicators of the last `window_s` seconds. Thread-safe: the
+    metrics port reads it."""
 
     def __init__(self, window_s: float | None = None, thresholds: Thresholds = THRESHOLDS) -> None:
         self.window_s = thresholds.status_window_s if window_s is None else window_s
@@ -51,6 +67,8 @@ class RecentActivity:
         self._lock = threading.Lock()
         self._replies: deque[_Reply] = deque(maxlen=_MAX_EVENTS)
         self._followups: deque[tuple[float, str]] = deque(maxlen=_MAX_EVENTS)
+        self._attachments: deque[_Attachment] = deque(maxlen=_MAX_EVENTS)
+        self._indicators: deque[_Indicator] = deque(maxlen=_MAX_EVENTS)
 
     def record_reply(self, outcome: str, total_s: float) -> None:
         with self._lock:
@@ -60,12 +78,27 @@ class RecentActivity:
         with self._lock:
             self._followups.append((time.monotonic(), outcome))
 
+    def record_media(self, kind: str, outcome: str, transcribe_s: float | None = None) -> None:
+        """One attachment and what became of it (the `media` log event's kind, outcome and transcribe_s)."""
+        with self._lock:
+            self._attachments.append(_Attachment(time.monotonic(), kind, outcome, transcribe_s))
+
+    def record_typing(self, outcome: str, seconds: float | None = None) -> None:
+        """One typing indicator call (refreshes included). `seconds`: arrival -> accepted, only for a message's first
+        indicator Twilio accepted (what wabot_typing_indicator_seconds observes); None for refreshes and failures."""
+        with self._lock:
+            self._indicators.append(_Indicator(time.monotonic(), outcome, seconds))
+
     def _prune(self, now: float) -> None:
         horizon = now - self.window_s
         while self._replies and self._replies[0].at < horizon:
             self._replies.popleft()
         while self._followups and self._followups[0][0] < horizon:
             self._followups.popleft()
+        while self._attachments and self._attachments[0].at < horizon:
+            self._attachments.popleft()
+        while self._indicators and self._indicators[0].at < horizon:
+            self._indicators.popleft()
 
     def snapshot(self, *, deadline_s: float, pending_followups: int) -> dict[str, Any]:
         """Everything the status view shows, as plain JSON-ready data."""
@@ -73,6 +106,7 @@ class RecentActivity:
             self._prune(time.monotonic())
             replies = list(self._replies)
             followups = [outcome for _, outcome in self._followups]
+            attachments, indicators = list(self._attachments), list(self._indicators)
         totals = [r.total_s for r in replies]
         # Counted generically: an outcome added to the webhook later still shows up under `outcomes`.
         outcomes = dict.fromkeys(KNOWN_OUTCOMES, 0)
@@ -103,7 +137,57 @@ class RecentActivity:
             "followups_pending": pending_followups,
             "deadline_s": deadline_s,
             "histogram": histogram(totals),
+            "media": media_snapshot(attachments, self.thresholds),
+            "typing": typing_snapshot(indicators, self.thresholds),
         }
+
+
+def media_snapshot(attachments: list[_Attachment], thresholds: Thresholds) -> dict[str, Any]:
+    """Attachments by outcome and kind, the failure share as WabotMediaFailing computes it (fetch and transcription
+    errors among the attachments the bot should have read) with its line and gate, and transcription times."""
+    m = thresholds.media
+    outcomes = dict.fromkeys(MEDIA_OUTCOMES, 0)
+    by_kind: dict[str, dict[str, int]] = {}
+    for a in attachments:
+        outcomes[a.outcome] = outcomes.get(a.outcome, 0) + 1
+        kind = by_kind.setdefault(a.kind, {})
+        kind[a.outcome] = kind.get(a.outcome, 0) + 1
+    read = sum(outcomes.get(o, 0) for o in m.read_outcomes)
+    failed = sum(outcomes.get(o, 0) for o in m.failure_outcomes)
+    transcriptions = [a.transcribe_s for a in attachments if a.transcribe_s is not None]
+    return {
+        "attachments": len(attachments),
+        "outcomes": outcomes,
+        "by_kind": by_kind,
+        "read": read,
+        "failed": failed,
+        "failure_ratio": failed / read if read else 0.0,
+        "failure_ratio_alert_line": m.failure_ratio,
+        "min_attachments": m.min_attachments,
+        "transcriptions": len(transcriptions),
+        "transcription_p50_s": percentile(transcriptions, 50),
+        "transcription_p95_s": percentile(transcriptions, 95),
+    }
+
+
+def typing_snapshot(indicators: list[_Indicator], thresholds: Thresholds) -> dict[str, Any]:
+    """Typing indicators by outcome, the failed share as WabotTypingIndicatorsFailing computes it, and arrival ->
+    accepted of the messages' first indicators against the 1 s line."""
+    m = thresholds.media
+    outcomes = dict.fromkeys(TYPING_OUTCOMES, 0)
+    for i in indicators:
+        outcomes[i.outcome] = outcomes.get(i.outcome, 0) + 1
+    firsts = [i.seconds for i in indicators if i.seconds is not None]
+    return {
+        "indicators": len(indicators),
+        "outcomes": outcomes,
+        "failure_ratio": outcomes["failed"] / len(indicators) if indicators else 0.0,
+        "failure_ratio_alert_line": m.typing_failure_ratio,
+        "min_indicators": m.min_typing_indicators,
+        "first_p50_s": percentile(firsts, 50),
+        "first_p95_s": percentile(firsts, 95),
+        "line_s": m.typing_line_s,
+    }
 
 
 def over_key(seconds: float) -> str:

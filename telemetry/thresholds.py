@@ -64,6 +64,34 @@ class AlertLines:
     signature_rejections: int = 5
 
 
+@dataclass(frozen=True)
+class MediaLines:
+    """Lines of the attachment and typing-indicator alerts (#14); their window is `AlertLines.window`, so the status
+    view's shares are the ones the alerts see."""
+
+    # What the failure share is made of. A download that failed (Twilio's media API: auth, 404, timeout) or a
+    # transcription that failed (OpenAI) is the bot's or a vendor's fault and an operator can act on it; an
+    # attachment over WABOT_MAX_MEDIA_BYTES or of a type the bot cannot read is the user's choice, and its reply says
+    # so. Those two are left out of both sides of the share, so a user sending videos neither raises nor dilutes it.
+    failure_outcomes: tuple[str, ...] = ("fetch_error", "transcribe_error")
+    read_outcomes: tuple[str, ...] = ("ok", "fetch_error", "transcribe_error")
+    # WabotMediaFailing: share of the attachments the bot should have read that failed. Those users got a reply that
+    # says what went wrong, not the answer; more than one in five is an outage of Twilio's media or of transcription,
+    # not the odd expired link.
+    failure_ratio: float = 0.20
+    # Traffic gate: attachments are rarer than messages; below this many read attempts in the window one failure
+    # (1 of 2 voice notes in a quiet hour) is noise.
+    min_attachments: int = 5
+    # WabotTypingIndicatorsFailing: share of typing indicators Twilio refused or that timed out. The reply still
+    # arrives; the user only misses the sign of life, so a higher line than for media.
+    typing_failure_ratio: float = 0.25
+    # Traffic gate of the typing alert (indicators, refreshes included, in the window).
+    min_typing_indicators: int = 10
+    # The promise of #14: "typing…" within a second of arrival. The dashboard and /status draw it under the p95 of
+    # arrival -> indicator accepted; no alert: a slow indicator is a symptom of a slow Twilio, which others catch.
+    typing_line_s: int = 1
+
+
 # `for:` of each operational alert: how long the condition must hold before it fires. Short where users are
 # already hurt (1m: dropped replies, errors, failed deliveries), longer where a blip is normal.
 FOR: Final = MappingProxyType(
@@ -78,6 +106,8 @@ FOR: Final = MappingProxyType(
         "WabotSignatureRejections": "2m",
         "WabotRunsAtCapacity": "10m",  # the busy reply is designed for bursts; only a lasting shortage matters
         "WabotStoreErrors": "2m",  # one Redis failover or SQLite lock timeout is not an incident
+        "WabotMediaFailing": "5m",  # those users got a reply saying what failed; a burst of Twilio 5xx passes
+        "WabotTypingIndicatorsFailing": "10m",  # cosmetic: the answer still arrives
     }
 )
 
@@ -149,6 +179,7 @@ class Thresholds:
     job: str = "wabot"
     total_time: TotalTime = field(default_factory=TotalTime)
     alerts: AlertLines = field(default_factory=AlertLines)
+    media: MediaLines = field(default_factory=MediaLines)
     # `for:` of each operational alert by name (the burn-rate rows carry their own).
     for_: MappingProxyType[str, str] = field(default_factory=lambda: FOR)
     slo: Objectives = field(default_factory=Objectives)

@@ -42,6 +42,13 @@ REQUIRED_RECORDS = {
     f"wabot:followup_delivery:ratio_rate{W}",
     *(f"wabot:slo_reply_{LIMIT}:error_ratio_rate{w}" for w in THRESHOLDS.slo.windows),
     *(f"wabot:slo_answer_delivered:error_ratio_rate{w}" for w in THRESHOLDS.slo.windows),
+    # Attachments and typing indicators (#14): read by the dashboard's media row.
+    f"wabot:media_failure:ratio_rate{W}",
+    f"wabot:media_read:increase{W}",
+    *(f"wabot:{h}:{q}_{W}" for h in ("media_fetch_seconds", "transcription_seconds") for q in ("p50", "p95")),
+    *(f"wabot:typing_indicator_seconds:{q}_{W}" for q in ("p50", "p95")),
+    f"wabot:typing_indicator_failure:ratio_rate{W}",
+    f"wabot:typing_indicators:increase{W}",
 }
 EXPECTED_ALERTS = {
     "WabotDown",
@@ -54,6 +61,8 @@ EXPECTED_ALERTS = {
     "WabotSignatureRejections",
     "WabotRunsAtCapacity",
     "WabotStoreErrors",
+    "WabotMediaFailing",
+    "WabotTypingIndicatorsFailing",
     "WabotReplySLOBurnRateHigh",
     "WabotDeliverySLOBurnRateHigh",
     "Watchdog",

@@ -20,6 +20,7 @@ import pytest
 
 from telemetry import analyze as analysis
 from telemetry.analyze import LineRef, Report, parse_line, percentile
+from telemetry.logging import get_logger
 from telemetry.thresholds import Thresholds, TotalTime
 
 LOGS = Path(__file__).parent / "fixtures" / "logs"
@@ -421,3 +422,121 @@ def test_run_reads_gzip_and_binary_garbage(tmp_path: Path) -> None:
     assert run([rotated, binary], as_json=True, out=out) == 0
     data = json.loads(out.getvalue())
     assert (data["messages"], data["bad_lines"]) == (10, 1)
+
+
+# --- attachments and typing indicators (#14): lines written by the bot's own logger
+
+
+def _bot_lines(log_lines: Any, events: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """`events` logged through telemetry/logging.py as the bot logs them (warning when the outcome is a failure),
+    read back as the lines it wrote."""
+    log = get_logger()
+    since = log_lines.mark()
+    for name, fields in events:
+        (log.info if fields["outcome"] in ("ok", "sent") else log.warning)(name, **fields)
+    wanted = {name for name, _ in events}
+    return [line for line in log_lines.lines[since:] if json.loads(line)["event"] in wanted]
+
+
+MEDIA_EVENTS: list[tuple[str, dict[str, Any]]] = [
+    ("media", {"message_sid": "SM101", "kind": "audio", "outcome": "ok", "content_type": "audio/ogg",
+               "bytes": 20480, "fetch_s": 0.2, "transcribe_s": 1.0}),
+    ("media", {"message_sid": "SM102", "kind": "audio", "outcome": "ok", "content_type": "audio/mpeg",
+               "bytes": 51200, "fetch_s": 0.4, "transcribe_s": 3.0}),
+    ("media", {"message_sid": "SM103", "kind": "audio", "outcome": "transcribe_error", "content_type": "audio/ogg",
+               "bytes": 9000, "fetch_s": 0.3, "transcribe_s": 9.0, "error_type": "timeout"}),
+    ("media", {"message_sid": "SM104", "kind": "image", "outcome": "ok", "content_type": "image/jpeg",
+               "bytes": 80000, "fetch_s": 0.1}),
+    ("media", {"message_sid": "SM104", "kind": "image", "outcome": "fetch_error", "content_type": "image/png",
+               "bytes": 0, "fetch_s": 5.0, "error_type": "http_404"}),
+    ("media", {"message_sid": "SM105", "kind": "document", "outcome": "too_large", "content_type": "application/pdf",
+               "bytes": 16777217, "fetch_s": 0.6}),
+    ("media", {"message_sid": "SM106", "kind": "other", "outcome": "unsupported", "content_type": "video/mp4",
+               "bytes": 0, "fetch_s": None}),
+    ("typing_indicator", {"message_sid": "SM101", "outcome": "sent", "seconds": 0.3, "refresh": False}),
+    ("typing_indicator", {"message_sid": "SM102", "outcome": "sent", "seconds": 0.5, "refresh": False}),
+    ("typing_indicator", {"message_sid": "SM102", "outcome": "sent", "seconds": 20.4, "refresh": True}),
+    ("typing_indicator", {"message_sid": "SM103", "outcome": "failed", "seconds": 0.9, "refresh": False,
+                          "error_type": "rate_limited", "error_code": 20429}),
+    ("typing_indicator", {"message_sid": "SM103", "outcome": "failed", "seconds": 40.2, "refresh": True,
+                          "error_type": "timeout", "error_code": None}),
+    ("typing_indicator", {"message_sid": "SM104", "outcome": "sent", "seconds": 0.7, "refresh": False}),
+]  # fmt: skip
+
+
+def test_media_and_typing_indicator_events_every_field(log_lines: Any) -> None:
+    lines = _bot_lines(log_lines, MEDIA_EVENTS)
+    assert [json.loads(line)["level"] for line in lines].count("warning") == 6
+    r = analyze(lines)
+    assert r.events == {"media": 7, "typing_indicator": 6}
+    assert (r.messages, r.bad_lines, r.bad_values) == (0, 0, 0)  # neither is a message of its own
+    m = r.media
+    assert m.attachments == 7
+    assert m.outcomes == {"fetch_error": 1, "ok": 3, "too_large": 1, "transcribe_error": 1, "unsupported": 1}
+    assert m.by_kind == {
+        "audio": {"ok": 2, "transcribe_error": 1},
+        "document": {"too_large": 1},
+        "image": {"fetch_error": 1, "ok": 1},
+        "other": {"unsupported": 1},
+    }
+    # 2 of the 5 the bot should have read; the PDF over the cap and the video are the sender's.
+    assert m.failure_ratio == approx(0.4)
+    assert m.errors_by_type == {"http_404": 1, "timeout": 1}
+    # Downloads 0.1 0.2 0.3 0.4 0.6 5.0: ranks 2.5 and 4.75.
+    assert (m.fetch_p50, m.fetch_p95, m.fetch_max) == (approx(0.35), approx(3.9), 5.0)
+    # Transcriptions 1, 3 and 9 s (the failed one included): rank 1.9 for p95.
+    assert (m.transcriptions, m.transcription_p50, m.transcription_p95, m.transcription_max) == (
+        3,
+        3.0,
+        approx(8.4),
+        9.0,
+    )
+    assert (m.typing_indicators, m.typing_refreshes) == ({"failed": 2, "sent": 4}, 2)
+    assert m.typing_errors == {"rate_limited (20429)": 1, "timeout": 1}
+    # Arrival -> accepted of the first indicators Twilio accepted: 0.3, 0.5 and 0.7 s (refreshes and failures out).
+    assert (m.typing_first_p50, m.typing_first_p95, m.typing_first_max) == (0.5, approx(0.68), 0.7)
+
+    table = render_table(r)
+    for expected in (
+        "Attachments",
+        "fetch_error 1, ok 3, too_large 1, transcribe_error 1, unsupported 1",
+        "40.0% (download and transcription errors of those read)",
+        "http_404 1, timeout 1",
+        "p50 0.35 s, p95 3.90 s, max 5.00 s",
+        "p50 3.00 s, p95 8.40 s, max 9.00 s",
+        "failed 2, sent 4 (2 refreshes)",
+        "rate_limited (20429) 1, timeout 1",
+        "p50 0.50 s, p95 0.68 s, max 0.70 s",
+    ):
+        assert expected in table, table
+    assert re.search(r"^    audio +ok 2, transcribe_error 1$", table, re.M), table
+    data = json.loads(json.dumps(r.to_dict()))["media"]
+    assert data["by_kind"]["image"] == {"fetch_error": 1, "ok": 1}
+    assert (data["failure_ratio"], data["typing_first_p95"]) == (0.4, 0.68)
+
+
+def test_media_without_events_and_with_unreadable_numbers() -> None:
+    empty = analyze([_line("total_time", total_time=1.0, outcome="ok")]).media
+    assert (empty.attachments, empty.failure_ratio, empty.transcription_p95, empty.typing_first_p95) == (
+        0,
+        None,
+        None,
+        None,
+    )
+    assert "p50 n/a, p95 n/a, max n/a" in render_table(analyze([]))
+    odd = analyze(
+        [
+            _line("media", kind="audio", outcome="ok", fetch_s="0.5", transcribe_s="NaN"),
+            _line("media", kind="other", outcome="unsupported"),
+            _line("typing_indicator", outcome="sent", seconds=-1, refresh=False),
+        ]
+    )
+    # Numbers as strings are read; NaN and negative ones are left out of the times, not bad values.
+    assert (odd.media.fetch_max, odd.media.transcriptions, odd.media.typing_first_max, odd.bad_values) == (
+        0.5,
+        0,
+        None,
+        0,
+    )
+    # Only unsupported attachments: nothing the bot should have read, no share.
+    assert analyze([_line("media", kind="other", outcome="unsupported")]).media.failure_ratio is None

@@ -330,3 +330,139 @@ def test_dashboard_provisioning() -> None:
     (provider,) = config["providers"]
     assert provider["type"] == "file"
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+# --- media and typing indicator row (#14) --------------------------------------------------------------------
+
+MEDIA_ROW = "Media and typing indicator"
+
+
+def row_panels(dashboard: dict[str, Any], row: str) -> list[dict[str, Any]]:
+    """The panels under the row titled `row`, up to the next row."""
+    panels, inside = [], False
+    for p in dashboard["panels"]:
+        if p["type"] == "row":
+            inside = p["title"] == row
+        elif inside:
+            panels.append(p)
+    return panels
+
+
+def test_media_row_draws_the_alert_lines(dashboard: dict[str, Any]) -> None:
+    m, w = THRESHOLDS.media, THRESHOLDS.alerts.window
+    titles = [p["title"] for p in row_panels(dashboard, MEDIA_ROW)]
+    assert titles == [
+        "Attachments by kind and outcome",
+        "Attachment failure share",
+        "Media download and transcription p50/p95",
+        "Typing indicators",
+        "Typing indicator p50/p95 (arrival → accepted)",
+    ]
+    share = panel(dashboard, "Attachment failure share")
+    assert thresholds(share) == [m.failure_ratio]
+    assert [t["expr"] for t in share["targets"]] == [f'max(wabot:media_failure:ratio_rate{w}{{job=~"$job"}})']
+    first = panel(dashboard, "Typing indicator p50/p95 (arrival → accepted)")
+    assert thresholds(first) == [m.typing_line_s]
+    assert first["fieldConfig"]["defaults"]["unit"] == "s"
+    for p in (share, first):
+        assert p["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "dashed", p["title"]
+    assert f"above {m.typing_failure_ratio:.0%}" in panel(dashboard, "Typing indicators")["description"]
+
+
+# Per 15 s: voice notes 2 transcribed and 1 failed, photos 3 read and 1 whose download failed, 1 PDF over the cap,
+# 2 videos; 7 downloads (4 within 0.25 s, 2 more within 0.5 s, 1 more within 2 s); 3 transcriptions (2 within 2 s,
+# 1 between 4 and 6 s); typing indicators 9 sent (all accepted within 0.25-0.5 s) and 1 failed.
+MEDIA_TRAFFIC = {
+    'wabot_media_total{kind="audio",outcome="ok"}': 2,
+    'wabot_media_total{kind="audio",outcome="transcribe_error"}': 1,
+    'wabot_media_total{kind="image",outcome="ok"}': 3,
+    'wabot_media_total{kind="image",outcome="fetch_error"}': 1,
+    'wabot_media_total{kind="document",outcome="too_large"}': 1,
+    'wabot_media_total{kind="other",outcome="unsupported"}': 2,
+    'wabot_media_fetch_seconds_bucket{le="0.25"}': 4,
+    'wabot_media_fetch_seconds_bucket{le="0.5"}': 6,
+    'wabot_media_fetch_seconds_bucket{le="2.0"}': 7,
+    'wabot_media_fetch_seconds_bucket{le="+Inf"}': 7,
+    "wabot_media_fetch_seconds_count": 7,
+    'wabot_transcription_seconds_bucket{le="2.0"}': 2,
+    'wabot_transcription_seconds_bucket{le="4.0"}': 2,
+    'wabot_transcription_seconds_bucket{le="6.0"}': 3,
+    'wabot_transcription_seconds_bucket{le="+Inf"}': 3,
+    "wabot_transcription_seconds_count": 3,
+    'wabot_typing_indicators_total{outcome="sent"}': 9,
+    'wabot_typing_indicators_total{outcome="failed"}': 1,
+    'wabot_typing_indicator_seconds_bucket{le="0.25"}': 0,
+    'wabot_typing_indicator_seconds_bucket{le="0.5"}': 9,
+    'wabot_typing_indicator_seconds_bucket{le="+Inf"}': 9,
+    "wabot_typing_indicator_seconds_count": 9,
+}
+# What each query of the row shows for that traffic: {labels: value} per (panel, refId).
+MEDIA_EXPECTED = {
+    ("Attachments by kind and outcome", "A"): {
+        '{kind="audio",outcome="ok"}': 2 / 15,
+        '{kind="audio",outcome="transcribe_error"}': 1 / 15,
+        '{kind="image",outcome="ok"}': 3 / 15,
+        '{kind="image",outcome="fetch_error"}': 1 / 15,
+        '{kind="document",outcome="too_large"}': 1 / 15,
+        '{kind="other",outcome="unsupported"}': 2 / 15,
+    },
+    ("Attachment failure share", "A"): {"{}": 2 / 7},
+    # Quantiles interpolate within a bucket: rank 17.5 of 35 in 0-0.25 s, 33.25 in 0.5-2 s; 7.5 of 15 in 0-2 s,
+    # 14.25 in 4-6 s; 22.5 and 42.75 of 45 in 0.25-0.5 s.
+    ("Media download and transcription p50/p95", "A"): {"{}": 0.21875},
+    ("Media download and transcription p50/p95", "B"): {"{}": 1.475},
+    ("Media download and transcription p50/p95", "C"): {"{}": 1.5},
+    ("Media download and transcription p50/p95", "D"): {"{}": 5.7},
+    ("Typing indicators", "A"): {'{outcome="sent"}': 9 / 15, '{outcome="failed"}': 1 / 15},
+    ("Typing indicators", "B"): {"{}": 0.1},
+    ("Typing indicator p50/p95 (arrival → accepted)", "A"): {"{}": 0.375},
+    ("Typing indicator p50/p95 (arrival → accepted)", "B"): {"{}": 0.4875},
+}
+
+
+def _with_job(series: str) -> str:
+    labels = f'job="{THRESHOLDS.job}",instance="wabot:9464"'
+    name, _, rest = series.partition("{")
+    return f"{name}{{{labels}{',' + rest if rest else '}'}"
+
+
+@pytest.mark.prometheus
+def test_media_row_queries_show_the_traffic_in_prometheus(dashboard: dict[str, Any], tmp_path: Path) -> None:
+    """Every query of the row, through the real rules file and Prometheus's query engine (promtool's rule tests),
+    shows exactly the attachments and indicators of a known traffic."""
+    rules = ROOT / "alerts" / "wabot.rules.yml"
+    order = [group["name"] for group in yaml.safe_load(rules.read_text(encoding="utf-8"))["groups"]]
+    checks, unchecked = [], dict(MEDIA_EXPECTED)
+    for p in row_panels(dashboard, MEDIA_ROW):
+        for t in p["targets"]:
+            expected = unchecked.pop((p["title"], t["refId"]))
+            checks.append(
+                {
+                    "expr": f"round(({gen.substitute(t['expr'])}) * 1e6) / 1e6",
+                    "eval_time": "10m",
+                    "exp_samples": [{"labels": k, "value": round(v, 6)} for k, v in expected.items()],
+                }
+            )
+    assert unchecked == {}, "expected values for queries the row does not have"
+    spec = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "15s",
+        "group_eval_order": order,
+        "tests": [
+            {
+                "name": "media row",
+                "interval": "15s",
+                "input_series": [
+                    {"series": _with_job(series), "values": f"0+{step}x60"} for series, step in MEDIA_TRAFFIC.items()
+                ],
+                "promql_expr_test": checks,
+            }
+        ],
+    }
+    path = tmp_path / "media_row.test.yml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    result = subprocess.run(
+        [promtool(), "test", "rules", str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout

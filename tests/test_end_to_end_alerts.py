@@ -693,6 +693,16 @@ def test_every_rule_evaluates_without_error(stack: Stack, phase2: Phase) -> None
     assert broken == []
 
 
+def _unobserved_quantile(stack: Stack, expr: str) -> bool:
+    """True when `expr` reads quantile rules (wabot:<histogram>:pNN_<window>) of histograms with no observation at
+    all: those rules are absent then (a p95 of 0 s would be a lie), so no data is the right answer. The test's
+    traffic has no attachments; tests/test_dashboards.py evaluates those panels with some."""
+    histograms = re.findall(r"wabot:(\w+_seconds):p\d+_\w+", expr)
+    return bool(histograms) and all(
+        stack.prometheus.vector(f'sum(wabot_{name}_count{{job="{JOB}"}})') == [({}, 0.0)] for name in histograms
+    )
+
+
 def test_every_dashboard_query_returns_data(stack: Stack, phase2: Phase) -> None:
     queries = dashboards.panel_queries()
     assert queries
@@ -704,7 +714,7 @@ def test_every_dashboard_query_returns_data(stack: Stack, phase2: Phase) -> None
         else:
             assert data["resultType"] == "vector", (title, expr, data)
             values = [float(r["value"][1]) for r in data["result"]]
-        if not values:
+        if not values and not _unobserved_quantile(stack, expr):
             empty.append((title, expr))
         elif not all(math.isfinite(v) for v in values):
             not_finite.append((title, expr, values))

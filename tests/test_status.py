@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
-from bot.status import fetch_alerts
+from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE, Settings
+from bot.status import collect, fetch_alerts, render_html, render_text
+from telemetry.metrics import MEDIA_OUTCOMES, TYPING_OUTCOMES
 from telemetry.recent import RecentActivity
 from telemetry.thresholds import THRESHOLDS
 from tests.binaries import find_binary
@@ -140,6 +141,7 @@ def test_metrics_port_status_counts_the_traffic_and_wabot_status_prints_it(demo:
         f"  timeout ratio        20.0 % ({'ABOVE' if alert_line < 0.2 else 'below'} the alert line, "
         f"{alert_line * 100:.1f} %)",
         "  follow-ups           0 pending · 1 delivered · 0 failed",
+        "  attachments          0: none",
         "alerts: WABOT_PROMETHEUS_URL is not set",
     ):
         assert line in printed.stdout.splitlines(), printed.stdout
@@ -174,6 +176,9 @@ def test_with_several_workers_status_says_their_windows_are_not_visible(tmp_path
         assert "2 worker processes" in data["note"] and "Prometheus" in data["note"]
         assert data["since_start"]["messages"] == 3
         assert data["since_start"]["outcomes"]["ok"] == 3 and data["since_start"]["followups_pending"] == 0
+        # Attachments and typing indicators by outcome, every worker's (pre-created, so each outcome is there).
+        assert data["since_start"]["media"] == dict.fromkeys(MEDIA_OUTCOMES, 0)
+        assert set(data["since_start"]["typing"]) == set(TYPING_OUTCOMES)
         page = demo.client.get(f"{demo.metrics_url}/status").text
         assert '<p class="note" id="note">2 worker processes answer the webhook' in page
         assert '<dd id="messages">3</dd>' in page
@@ -181,6 +186,8 @@ def test_with_several_workers_status_says_their_windows_are_not_visible(tmp_path
         assert demo.client.get(f"{demo.url}/").status_code == 404
         printed = wabot("status", "--url", demo.metrics_url)
         assert "note: 2 worker processes" in printed.stdout and "since start: 3 messages" in printed.stdout
+        assert "  attachments 0: none · typing indicators " in printed.stdout
+        assert '<dd id="attachments">0</dd>' in page
     finally:
         demo.stop()
 
@@ -275,3 +282,99 @@ def test_busy_replies_count_as_holding_and_unknown_outcomes_are_kept() -> None:
     assert (snapshot["followups_delivered"], snapshot["followups_failed"], snapshot["followups_pending"]) == (1, 1, 2)
     counts = {b["le"]: b["count"] for b in snapshot["histogram"]}
     assert (counts[0.25], counts[0.5], counts[1], counts[8]) == (1, 2, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------- attachments
+
+
+def _status_after(recent: RecentActivity) -> dict[str, Any]:
+    """The status data as /status.json carries it."""
+    data: dict[str, Any] = json.loads(json.dumps(collect(Settings(_env_file=None), recent)))
+    return data
+
+
+def test_attachments_and_typing_indicators_are_counted_as_their_alerts_count_them() -> None:
+    recent = RecentActivity()
+    m = THRESHOLDS.media
+    # 6 the bot should read (3 failed: 50 %, at the gate) and 4 that are the senders' (never part of the share).
+    for kind, outcome, transcribe_s in [
+        ("audio", "ok", 1.0),
+        ("audio", "ok", 3.0),
+        ("audio", "transcribe_error", 9.0),
+        ("image", "ok", None),
+        ("image", "fetch_error", None),
+        ("document", "fetch_error", None),
+        ("document", "too_large", None),
+        ("other", "unsupported", None),
+        ("other", "unsupported", None),
+        ("other", "unsupported", None),
+    ]:
+        recent.record_media(kind, outcome, transcribe_s)
+    # 12 indicators: 3 failed (25 %, not above the line); the 2 refreshes carry no arrival time.
+    for outcome, seconds in [("sent", 0.2)] * 6 + [("sent", 1.0)] + [("sent", None)] * 2 + [("failed", None)] * 3:
+        recent.record_typing(outcome, seconds)
+    data = _status_after(recent)
+    media, typing = data["window"]["media"], data["window"]["typing"]
+    assert media["outcomes"] == {"ok": 3, "too_large": 1, "unsupported": 3, "fetch_error": 2, "transcribe_error": 1}
+    assert media["by_kind"]["document"] == {"fetch_error": 1, "too_large": 1}
+    assert (media["attachments"], media["read"], media["failed"]) == (10, 6, 3)
+    assert media["failure_ratio"] == pytest.approx(0.5)
+    assert (media["failure_ratio_alert_line"], media["min_attachments"]) == (m.failure_ratio, m.min_attachments)
+    # Failed transcriptions count in the times, as in wabot_transcription_seconds: 1, 3 and 9 s.
+    assert (media["transcriptions"], media["transcription_p50_s"]) == (3, 3.0)
+    assert media["transcription_p95_s"] == pytest.approx(8.4)
+    assert typing["outcomes"] == {"sent": 9, "failed": 3}
+    assert typing["failure_ratio"] == pytest.approx(0.25) and typing["line_s"] == m.typing_line_s
+    assert typing["first_p50_s"] == pytest.approx(0.2) and typing["first_p95_s"] == pytest.approx(0.76)
+
+    text = render_text(data).splitlines()
+    line, typing_line = f"{m.failure_ratio * 100:.1f} %", f"{m.typing_failure_ratio * 100:.1f} %"
+    for expected in (
+        "  attachments          10: 3 ok · 1 too large · 3 unsupported · 2 fetch error · 1 transcribe error",
+        f"                       failure share 50.0 % of 6, ABOVE the alert line {line}",
+        "  transcription        p50 3.00 s · p95 8.40 s (3 voice notes)",
+        f"  typing indicators    9 sent · 3 failed (failed share 25.0 % of 12, below the alert line {typing_line})",
+        f"                       arrival → accepted p95 0.76 s (line {m.typing_line_s:g} s)",
+    ):
+        assert expected in text, "\n".join(text)
+    page = render_html(data)
+    assert '<div class="tile bad"><dt>Attachments</dt><dd id="attachments">10</dd>' in page
+    assert '<dd id="transcription">3.00 · 8.40 s</dd>' in page
+    assert '<div class="tile ok"><dt>Typing indicators</dt><dd id="typing">9 sent · 3 failed</dd>' in page
+
+
+def test_a_high_share_below_the_traffic_gate_is_said_and_not_coloured() -> None:
+    recent = RecentActivity()
+    gate = THRESHOLDS.media.min_attachments
+    for _ in range(gate - 1):
+        recent.record_media("image", "fetch_error")
+    for _ in range(3):
+        recent.record_typing("failed")
+    data = _status_after(recent)
+    text = render_text(data).splitlines()
+    assert f"                       failure share 100.0 % of {gate - 1}, below the alert's gate of {gate}" in text
+    assert "  transcription        p50 – · p95 – (0 voice notes)" in text
+    assert "                       arrival → accepted p95 – (line 1 s)" in text
+    page = render_html(data)
+    assert '<div class="tile ok"><dt>Attachments</dt>' in page and '<dd id="transcription">–</dd>' in page
+    assert f"failed share 100.0 % of 3, below the alert&#x27;s gate of {THRESHOLDS.media.min_typing_indicators}" in page
+
+
+def test_a_slow_first_indicator_turns_the_tile_amber() -> None:
+    recent = RecentActivity()
+    recent.record_typing("sent", THRESHOLDS.media.typing_line_s + 0.5)
+    assert '<div class="tile warn"><dt>Typing indicators</dt>' in render_html(_status_after(recent))
+
+
+def test_attachments_and_indicators_leave_the_window() -> None:
+    recent = RecentActivity(window_s=0.2)
+    recent.record_media("audio", "ok", 1.0)
+    recent.record_typing("sent", 0.3)
+    snapshot = recent.snapshot(deadline_s=8.0, pending_followups=0)
+    assert (snapshot["media"]["attachments"], snapshot["typing"]["indicators"]) == (1, 1)
+
+    def aged_out() -> bool:
+        later = recent.snapshot(deadline_s=8.0, pending_followups=0)
+        return later["media"]["attachments"] == 0 and later["typing"]["indicators"] == 0
+
+    wait_until(aged_out, 5.0, "attachments and indicators older than the window dropped")

@@ -23,7 +23,7 @@ from bot.settings import Settings
 from bot.status import collect, render_html, render_text
 from dashboards import generate as dashboard_generator
 from telemetry.analyze import analyze, recommend_deadline, render_table
-from telemetry.metrics import SECONDS_BUCKETS
+from telemetry.metrics import MEDIA_OUTCOMES, SECONDS_BUCKETS
 from telemetry.recent import RecentActivity
 from telemetry.thresholds import THRESHOLDS, Thresholds, TotalTime, duration_seconds, duration_words, seconds_name
 
@@ -105,6 +105,7 @@ def assert_rules_follow(text: str, t: Thresholds) -> None:
         expr = records[f"wabot:response_over_{seconds_name(seconds)}:ratio_rate{w}"]["expr"]
         assert f'le=~"{seconds}|{seconds}\\\\.0"' in expr
 
+    assert_media_rules_follow(records, alerts, t)
     (down,) = alerts["WabotDown"]
     assert down["expr"] == f"up{{{t.job_selector}}} == 0\nor\nabsent(up{{{t.job_selector}}})"
 
@@ -164,6 +165,8 @@ def assert_dashboard_follows(dashboard: dict[str, Any], rules_text: str, t: Thre
     assert _steps(panels["SLO burn rate"]) == sorted(b.factor for b in t.slo.burn_rates)
     assert _steps(panels["Follow-ups pending"]) == [t.dashboard.followups_pending]
     assert _steps(panels["SLO error budget"]) == [0, t.dashboard.budget_left]
+    assert _steps(panels["Attachment failure share"]) == [t.media.failure_ratio]
+    assert _steps(panels["Typing indicator p50/p95 (arrival → accepted)"]) == [t.media.typing_line_s]
     budget = [x["expr"] for x in panels["SLO error budget"]["targets"]]
     for expr, target in zip(budget, (t.slo.reply_target, t.slo.delivered_target), strict=True):
         assert expr.endswith(f"/ (1 - {target}))"), expr
@@ -270,6 +273,87 @@ def test_moving_the_12s_line_is_one_value_and_every_place_follows() -> None:
     assert dashboard_generator.render() == DASHBOARD.read_text(encoding="utf-8")
 
 
+# ---------------------------------------------------------------------------------------------------- media (#14)
+
+
+def assert_media_rules_follow(
+    records: dict[str, dict[str, Any]], alerts: dict[str, list[dict[str, Any]]], t: Thresholds
+) -> None:
+    w, m = t.alerts.window, t.media
+    for name, record, line, gate, least in (
+        (
+            "WabotMediaFailing",
+            f"wabot:media_failure:ratio_rate{w}",
+            m.failure_ratio,
+            f"wabot:media_read:increase{w}",
+            m.min_attachments,
+        ),
+        (
+            "WabotTypingIndicatorsFailing",
+            f"wabot:typing_indicator_failure:ratio_rate{w}",
+            m.typing_failure_ratio,
+            f"wabot:typing_indicators:increase{w}",
+            m.min_typing_indicators,
+        ),
+    ):
+        (rule,) = alerts[name]
+        comparison, on_job, gated = rule["expr"].split("\n")
+        recorded, value = comparison.split(" > ")
+        assert (recorded, float(value)) == (record, line), name
+        gate_record, _, minimum = gated.partition(" >= ")
+        assert (on_job, gate_record) == ("and on (job)", gate), name
+        assert int(minimum) == least, name
+        assert record in records and gate in records, name
+        assert f"threshold {_pct(line)}, at least {least} " in rule["annotations"]["description"], name
+    # The share is made of the outcomes thresholds.py names, on both sides.
+    ratio = records[f"wabot:media_failure:ratio_rate{w}"]["expr"]
+    assert f'outcome=~"{"|".join(m.failure_outcomes)}"' in ratio and f'outcome=~"{"|".join(m.read_outcomes)}"' in ratio
+
+
+def moved_media_lines() -> Thresholds:
+    """THRESHOLDS with every line of the attachment and typing-indicator alerts moved."""
+    media = dataclasses.replace(
+        THRESHOLDS.media,
+        failure_ratio=0.3,
+        min_attachments=8,
+        typing_failure_ratio=0.4,
+        min_typing_indicators=20,
+        typing_line_s=2,
+    )
+    return dataclasses.replace(THRESHOLDS, media=media)
+
+
+def test_media_outcomes_are_the_metrics_labels() -> None:
+    m = THRESHOLDS.media
+    assert set(m.failure_outcomes) < set(m.read_outcomes) <= set(MEDIA_OUTCOMES)
+    # What is left out is the sender's: over the size cap or a type the bot cannot read.
+    assert set(MEDIA_OUTCOMES) - set(m.read_outcomes) == {"too_large", "unsupported"}
+
+
+def test_moving_the_media_lines_is_one_value_each_and_every_place_follows() -> None:
+    moved = moved_media_lines()
+    rules = rules_generator.render(t=moved)
+    assert_rules_follow(rules, moved)
+    assert_dashboard_follows(dashboard_generator.dashboard_json(moved), rules, moved)
+    recent = RecentActivity(thresholds=moved)
+    for _ in range(7):
+        recent.record_media("image", "fetch_error")
+    recent.record_typing("sent", 1.5)
+    data = json.loads(json.dumps(collect(Settings(_env_file=None), recent)))
+    media, typing = data["window"]["media"], data["window"]["typing"]
+    assert (media["failure_ratio_alert_line"], media["min_attachments"]) == (0.3, 8)
+    assert (typing["failure_ratio_alert_line"], typing["min_indicators"], typing["line_s"]) == (0.4, 20, 2)
+    text = render_text(data)
+    assert "failure share 100.0 % of 7, below the alert's gate of 8" in text
+    assert "arrival → accepted p95 1.50 s (line 2 s)" in text
+    assert '<div class="tile ok"><dt>Typing indicators</dt>' in render_html(data)  # 1.5 s is within 2 s now
+    # The runbooks quote the moved lines: both pages are named, and no other.
+    assert {page for page, _ in runbook_mismatches(moved)} == {
+        "WabotMediaFailing.md",
+        "WabotTypingIndicatorsFailing.md",
+    }
+
+
 def test_renaming_the_job_is_one_value() -> None:
     renamed = dataclasses.replace(THRESHOLDS, job="wabot-svc")
     rules = rules_generator.render(t=renamed)
@@ -316,6 +400,8 @@ def test_no_reader_writes_a_threshold_itself() -> None:
         t.alerts.busy_ratio,
         t.slo.reply_target,
         t.slo.delivered_target,
+        t.media.failure_ratio,
+        t.media.typing_failure_ratio,
         t.status_window_s,
         *(float(s) for s in lines),
         *(b.factor for b in t.slo.burn_rates if not float(b.factor).is_integer()),
@@ -413,10 +499,29 @@ def runbook_figures(t: Thresholds) -> dict[str, list[str]]:
 def runbook_mismatches(t: Thresholds) -> list[tuple[str, str]]:
     """(page, figure) for every figure a runbook does not say as `t` has it."""
     wrong = []
-    for alert, figures in runbook_figures(t).items():
+    for alert, figures in {**runbook_figures(t), **media_runbook_figures(t)}.items():
         text = " ".join((RUNBOOKS / f"{alert}.md").read_text(encoding="utf-8").split())
         wrong += [(f"{alert}.md", figure) for figure in figures if figure not in text]
     return wrong
+
+
+def media_runbook_figures(t: Thresholds) -> dict[str, list[str]]:
+    """What the attachment and typing-indicator runbooks (#14) say about their numbers."""
+    w, m, words = t.alerts.window, t.media, duration_words
+    return {
+        "WabotMediaFailing": [
+            f"more than {_pct(m.failure_ratio)} of the attachments the bot tried to read in the last {words(w)}",
+            f"(`wabot:media_failure:ratio_rate{w} > {m.failure_ratio:g}`), with at least {m.min_attachments} such "
+            f"attachments in those {words(w)}, for {words(t.for_['WabotMediaFailing'])}.",
+            f'`outcome=~"{"|".join(m.read_outcomes)}"`',
+        ],
+        "WabotTypingIndicatorsFailing": [
+            f"more than {_pct(m.typing_failure_ratio)} of the WhatsApp typing indicators in the last {words(w)}",
+            f"(`wabot:typing_indicator_failure:ratio_rate{w} > {m.typing_failure_ratio:g}`), with at least "
+            f"{m.min_typing_indicators} indicators (refreshes included) in those {words(w)}, "
+            f"for {words(t.for_['WabotTypingIndicatorsFailing'])}.",
+        ],
+    }
 
 
 def test_runbooks_quote_the_thresholds() -> None:
