@@ -35,6 +35,7 @@ from bot.inbound import Media
 from bot.media_fetch import MediaFetcher, MediaFetchError
 from bot.settings import Settings
 from telemetry import metrics
+from telemetry.recent import RecentActivity
 from telemetry.tracing import ActiveSpan, record_error
 
 __all__ = ["HEARD_CHARS", "MEDIA_SHARE", "MediaReader", "ReadMedia", "classify", "model_input"]
@@ -159,8 +160,10 @@ class MediaReader:
         fetcher: MediaFetcher,
         tracer: trace.Tracer,
         log: FilteringBoundLogger,
+        recent: RecentActivity,
     ) -> None:
         self._client = client
+        self._recent = recent
         self._fetcher = fetcher
         self._transcribe_model = settings.transcribe_model
         self._log_bodies = settings.log_message_bodies
@@ -281,6 +284,7 @@ class MediaReader:
 
     def _record(self, attachment: _Attachment, message_sid: str) -> None:
         metrics.MEDIA.labels(kind=attachment.type.kind, outcome=attachment.outcome).inc()
+        self._recent.record_media(attachment.type.kind, attachment.outcome, attachment.transcribe_s)
         fields: dict[str, Any] = {
             "message_sid": message_sid,
             "kind": attachment.type.kind,

@@ -75,7 +75,7 @@ class Services:
         recent = RecentActivity()
         followups = FollowupDelivery(store, sender, log, recent, give_up_s=settings.followup_give_up_s)
         media_fetcher = MediaFetcher(settings)
-        media = MediaReader(settings, client, media_fetcher, tracing.tracer, log)
+        media = MediaReader(settings, client, media_fetcher, tracing.tracer, log, recent)
         runner = ReplyRunner(settings, store, agent, followups, log, media=media)
         services = cls(
             settings=settings,

@@ -21,6 +21,7 @@ from bot.demo.media_storage import CHUNK_BYTES
 from bot.demo.openai_simulator import OpenAISimulator
 from bot.demo.twilio_sink import TwilioSink
 from bot.inbound import Media
+from bot.status import collect
 from bot.store import OwedReply, open_store
 from tests.conftest import Bot, LogLines, metric, new_sid
 from tests.redis_server import RedisServer
@@ -244,6 +245,9 @@ def test_metrics_and_media_log_events(bot: Bot, sim: OpenAISimulator, sink: Twil
     assert [e["bytes"] for e in events] == [len(PNG), len(PDF), 0]
     assert events[0]["fetch_s"] > 0 and events[2]["fetch_s"] is None
     assert events[2]["error_type"] == "unsupported" and "error_type" not in events[0]
+    # /status's window counts the same attachments.
+    window = collect(bot.settings, bot.server.app.state.services.recent)["window"]["media"]
+    assert (window["outcomes"]["ok"], window["outcomes"]["unsupported"]) == (2, 1)
     # No bytes, no URL with the account's and message's sids, in any log line.
     text = "\n".join(log_lines.lines[mark:])
     assert base64.b64encode(PNG).decode() not in text

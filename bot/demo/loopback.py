@@ -69,6 +69,11 @@ class LoopbackServer:
     def name(self) -> str:
         return self._name
 
+    @property
+    def app(self) -> Any:
+        """The application served (tests read its state, as /status does)."""
+        return self._app
+
     def start(self, timeout: float = 10.0) -> str:
         """Bind, start serving and return the base URL once uvicorn has finished its startup."""
         if self._thread is not None:
