@@ -25,7 +25,7 @@ from bot.ordering import Ticket
 from bot.settings import Settings
 from bot.splitting import split_capped, split_message
 from bot.store import OwedReply, Store, guarded
-from telemetry import metrics
+from telemetry import metrics, spend
 
 # A resumed run gets at least this much time even when its original budget ran out while the bot was down.
 _MIN_RESUMED_BUDGET_S = 30.0
@@ -55,6 +55,7 @@ class ReplyRunner:
         self._budget = settings.followup_timeout
         self._apology = split_message(settings.apology_message)
         self._max_parts = settings.max_reply_parts
+        self._user_daily_tokens = settings.user_daily_tokens
         self._store = store
         self._agent = agent
         self._followups = followups
@@ -137,12 +138,15 @@ class ReplyRunner:
                 answer = await self._answer_in_slot(reply, resumed=handoff is None, has_slot=slot_taken)
                 if handoff is not None and handoff.offer(answer):
                     self._log_answer(reply, answer, phase="inline")
+                    # After the offer: the inline answer never waits for this bookkeeping.
+                    await self._account(reply, answer)
                     if await handoff.taken():
                         await guarded(self._store.drop(reply.sid), self._log, "drop", reply.sid)
                         return
                     # The webhook was cancelled before it could return the answer: it follows up instead.
                 else:
                     self._log_answer(reply, answer, phase="followup")
+                await self._account(reply, answer)
                 reply.answer_parts, reply.kind = answer.parts, answer.kind
                 await guarded(
                     self._store.save_answer(reply.sid, answer.parts, answer.kind), self._log, "save_answer", reply.sid
@@ -185,16 +189,20 @@ class ReplyRunner:
         if resumed:
             budget = max(budget, _MIN_RESUMED_BUDGET_S)
         previous = await guarded(self._store.get_conversation(reply.user_key), self._log, "get_conversation", reply.sid)
+        spent = spend.RunUsage()
         try:
-            result = await self._agent.run(reply.prompt, previous, budget)
+            result = await self._agent.run(reply.prompt, previous, budget, spent)
         except AgentError as exc:
-            return RunResult(parts=self._apology, kind="apology", error_type=exc.error_type)
+            return RunResult(parts=self._apology, kind="apology", error_type=exc.error_type, spent=spent)
+        if previous is None:
+            metrics.CONVERSATIONS.inc()
         await guarded(
             self._store.set_conversation(reply.user_key, result.response_id), self._log, "set_conversation", reply.sid
         )
         # Capped here, before the answer is offered inline or journaled: TwiML and follow-ups send the same parts.
         parts, needed = split_capped(result.text, self._max_parts)
         if needed > len(parts):
+            metrics.ANSWERS_SHORTENED.inc()
             self._log.warning(
                 "answer_shortened",
                 message_sid=reply.sid,
@@ -203,7 +211,32 @@ class ReplyRunner:
                 answer_chars=len(result.text),
                 max_reply_parts=self._max_parts,
             )
-        return RunResult(parts=parts, kind="answer", tool_count=result.tool_count)
+        return RunResult(
+            parts=parts, kind="answer", tool_count=result.tool_count, spent=spent, new_conversation=previous is None
+        )
+
+    async def _account(self, reply: OwedReply, answer: RunResult) -> None:
+        """Log what the run's model calls used and cost (`ai_usage`, the user by hash only) and add its tokens to
+        the user's count of the day, which the webhook reads before the next run (WABOT_USER_DAILY_TOKENS)."""
+        spent = answer.spent
+        if spent is None or spent.calls == 0:
+            return
+        self._log.info(
+            "ai_usage",
+            message_sid=reply.sid,
+            user_hash=reply.user_key,
+            model=spent.model,
+            calls=spent.calls,
+            input_tokens=spent.input_tokens,
+            cached_tokens=spent.cached_tokens,
+            output_tokens=spent.output_tokens,
+            cost_usd=round(spent.cost_usd, 8),
+            priced=spent.priced,
+            new_conversation=answer.new_conversation,
+            kind=answer.kind,
+        )
+        if self._user_daily_tokens > 0 and spent.tokens > 0:
+            await guarded(self._store.add_tokens(reply.user_key, spent.tokens), self._log, "add_tokens", reply.sid)
 
     def _log_answer(self, reply: OwedReply, answer: RunResult, *, phase: str) -> None:
         elapsed = round(time.time() - reply.arrived_at, 3)

@@ -40,6 +40,7 @@ from telemetry.logging import get_logger
 
 _PREFIX = "wabot"
 _LINE_TTL_S = 24 * 3600
+_DAY_S = 86_400
 # How often writes that failed during an outage are tried again.
 _RETRY_OWED_S = 0.5
 _COMMAND_CONNECTIONS = 100
@@ -285,6 +286,27 @@ class RedisStore:
             pipe.expire(key, window_s * 2)
             count, _ = await pipe.execute()
         return int(count)
+
+    def _tokens_key(self, kind: str, user_key: str) -> str:
+        # Keyed by the UTC day on the store's clock; the key outlives its day by one, then Redis drops it.
+        return f"{_PREFIX}:{kind}:{user_key}:{int(self._clock() // _DAY_S)}"
+
+    @counted("tokens_today")
+    async def tokens_today(self, user_key: str) -> int:
+        value = await self._redis.get(self._tokens_key("tokens", user_key))
+        return int(value) if value is not None else 0
+
+    @counted("add_tokens")
+    async def add_tokens(self, user_key: str, tokens: int) -> None:
+        key = self._tokens_key("tokens", user_key)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(key, tokens)
+            pipe.expire(key, 2 * _DAY_S)
+            await pipe.execute()
+
+    @counted("claim_budget_notice")
+    async def claim_budget_notice(self, user_key: str) -> bool:
+        return bool(await self._redis.set(self._tokens_key("budget_notice", user_key), "1", nx=True, ex=2 * _DAY_S))
 
     @counted("get_conversation")
     async def get_conversation(self, user_key: str) -> str | None:

@@ -44,7 +44,12 @@ CREATE TABLE IF NOT EXISTS pending (
     traceparent TEXT
 );
 CREATE TABLE IF NOT EXISTS rate_counts (user_key TEXT PRIMARY KEY, window INTEGER NOT NULL, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS user_tokens (
+    user_key TEXT PRIMARY KEY, day INTEGER NOT NULL, tokens INTEGER NOT NULL, noticed INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS user_tokens_day ON user_tokens (day);
 """
+_DAY_S = 86_400
 _PURGE_EVERY_S = 60.0
 _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 # After a refused write, how long writes fail at once before one of them tries (and maybe waits) again.
@@ -125,6 +130,7 @@ class SQLiteStore:
         if aged - self._last_conversation_purge >= _PURGE_EVERY_S:
             self._last_conversation_purge = aged
             await self._db.execute("DELETE FROM conversations WHERE updated_at < ?", (aged - self._conversation_ttl,))
+            await self._db.execute("DELETE FROM user_tokens WHERE day < ?", (int(aged // _DAY_S),))
 
     def _check_writable(self) -> None:
         if time.monotonic() < self._unwritable_until:
@@ -343,6 +349,44 @@ class SQLiteStore:
                     await self._db.execute("ROLLBACK")
             raise
         return totals
+
+    def _today(self) -> int:
+        return int(self._clock() // _DAY_S)
+
+    @counted("tokens_today")
+    async def tokens_today(self, user_key: str) -> int:
+        # A read, like get_conversation: no write lock, no wait behind the accept batches.
+        async with self._db.execute(
+            "SELECT tokens FROM user_tokens WHERE user_key = ? AND day = ?", (user_key, self._today())
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    @counted("add_tokens")
+    async def add_tokens(self, user_key: str, tokens: int) -> None:
+        # One row per user; a row of an earlier day starts over (and its notice with it), as rate_counts does.
+        await self._write(
+            "INSERT INTO user_tokens (user_key, day, tokens) VALUES (?, ?, ?) ON CONFLICT(user_key) DO UPDATE SET "
+            "tokens = CASE WHEN day = excluded.day THEN tokens + excluded.tokens WHEN day > excluded.day THEN tokens "
+            "ELSE excluded.tokens END, noticed = CASE WHEN day >= excluded.day THEN noticed ELSE 0 END, "
+            "day = MAX(day, excluded.day)",
+            (user_key, self._today(), tokens),
+        )
+
+    @counted("claim_budget_notice")
+    async def claim_budget_notice(self, user_key: str) -> bool:
+        async with self._lock:
+            self._check_writable()
+            try:
+                # One statement: of two workers refusing the same user at once, only one changes the row.
+                async with self._db.execute(
+                    "UPDATE user_tokens SET noticed = 1 WHERE user_key = ? AND day = ? AND noticed = 0",
+                    (user_key, self._today()),
+                ) as cur:
+                    return cur.rowcount == 1
+            except BaseException as exc:
+                self._write_failed(exc)
+                raise
 
     @counted("get_conversation")
     async def get_conversation(self, user_key: str) -> str | None:
