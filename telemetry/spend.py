@@ -16,13 +16,16 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
 from telemetry import metrics
 from telemetry.logging import get_logger
+from telemetry.thresholds import THRESHOLDS
 
 UNPRICED: Final = "other"
 DIRECTIONS: Final = ("input", "cached_input", "output")
@@ -126,6 +129,49 @@ class RunUsage:
         self.priced = self.priced and call.priced
 
 
+class SpendWindow:
+    """This process's spend in the status window (the alerts' 5 minutes) and today (UTC), for `/status`.
+
+    Thread-safe (the metrics port reads it); bounded in memory like the status window's replies.
+    """
+
+    def __init__(self, window_s: float = THRESHOLDS.status_window_s, clock: Callable[[], float] = time.time) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._calls: deque[tuple[float, float, int]] = deque(maxlen=200_000)
+        self._day = ""
+        self._today = [0.0, 0, 0]  # cost, tokens, unpriced tokens
+
+    def add(self, call: CallCost) -> None:
+        day = time.strftime("%Y-%m-%d", time.gmtime(self._clock()))
+        with self._lock:
+            self._calls.append((time.monotonic(), call.cost_usd, call.tokens))
+            if day != self._day:
+                self._day, self._today = day, [0.0, 0, 0]
+            self._today[0] += call.cost_usd
+            self._today[1] += call.tokens
+            self._today[2] += 0 if call.priced else call.tokens
+
+    def snapshot(self) -> dict[str, Any]:
+        now, day = time.monotonic(), time.strftime("%Y-%m-%d", time.gmtime(self._clock()))
+        with self._lock:
+            while self._calls and self._calls[0][0] < now - self.window_s:
+                self._calls.popleft()
+            calls = list(self._calls)
+            today = self._today if day == self._day else [0.0, 0, 0]
+        return {
+            "window_s": self.window_s,
+            "cost_usd_window": sum(c for _, c, _ in calls),
+            "tokens_window": sum(t for _, _, t in calls),
+            "model_calls_window": len(calls),
+            "day": day,
+            "cost_usd_today": today[0],
+            "tokens_today": today[1],
+            "unpriced_tokens_today": today[2],
+        }
+
+
 class _Prices:
     def __init__(self) -> None:
         self.table: Mapping[str, Price] = DEFAULT_PRICES
@@ -134,6 +180,12 @@ class _Prices:
 
 
 _prices = _Prices()
+_window = SpendWindow()
+
+
+def window() -> SpendWindow:
+    """This process's spend window (what `/status` shows)."""
+    return _window
 
 
 def configure(table: Mapping[str, Price], models: tuple[str, ...] = ()) -> None:
@@ -196,4 +248,6 @@ def record(model: str, usage: Any) -> CallCost:
     metrics.TOKENS.labels(direction="input", model=label).inc(input_tokens)
     metrics.TOKENS.labels(direction="cached_input", model=label).inc(cached)
     metrics.TOKENS.labels(direction="output", model=label).inc(output_tokens)
-    return CallCost(label, input_tokens, cached, output_tokens, cost, price is not None)
+    call = CallCost(label, input_tokens, cached, output_tokens, cost, price is not None)
+    _window.add(call)
+    return call

@@ -6,7 +6,11 @@ store, a new day starting over, a store that fails the read letting the message 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -16,6 +20,7 @@ from telemetry.spend import DEFAULT_PRICES, Price, parse_prices
 from tests.clock import DrivenClock
 from tests.conftest import Bot, LogLines, metric
 from tests.redis_server import RedisServer
+from tests.served import DemoProcess
 
 SIM_PRICES = "sim-model=2/0.5/8"  # USD per million tokens for the test bots' model
 
@@ -191,3 +196,38 @@ def test_a_store_that_fails_the_budget_read_lets_the_message_through(
     assert metric("wabot_store_errors_total", {"op": "tokens_today"}) - errors == 1
     assert "tokens_today" in {e["op"] for e in log_lines.events(mark) if e["event"] == "store_error"}
     bot.wait_idle()
+
+
+def test_status_shows_the_spend_of_the_window_and_of_today_against_the_budget(tmp_path: Path) -> None:
+    env = {"WABOT_DAILY_BUDGET_USD": "2", "WABOT_PRICES": "gpt-4.1-mini=0/0/10000", "WABOT_USER_DAILY_TOKENS": "0"}
+    demo = DemoProcess(tmp_path, env=env)
+    try:
+        demo.wait_ready()
+        replies = demo.send_all([("one [sim:echo]", "+15557670001"), ("two [sim:echo]", "+15557670002")])
+        assert replies == [["[turn 1] one"], ["[turn 1] two"]]
+        samples = demo.samples()
+        output = samples[("wabot_tokens_total", (("direction", "output"), ("model", "gpt-4.1-mini")))]
+        cost = samples[("wabot_cost_usd_total", (("model", "gpt-4.1-mini"),))]
+        assert output == 6 and cost == pytest.approx(6 * 10_000 / 1e6)  # "[turn 1] one": 3 words, 3 tokens
+        assert samples[("wabot_daily_budget_usd", ())] == 2
+        response = demo.client.get(f"{demo.metrics_url}/status", params={"format": "json"})
+        spent = response.json()["spend"]
+        assert spent["cost_usd_window"] == pytest.approx(cost) and spent["cost_usd_today"] == pytest.approx(cost)
+        assert spent["model_calls_window"] == 2 and spent["daily_budget_usd"] == 2
+        assert spent["day"] == time.strftime("%Y-%m-%d", time.gmtime())
+        page = demo.client.get(f"{demo.metrics_url}/status").text
+        assert '<dd id="spend-window">0.0600 USD</dd>' in page and '<dd id="spend-today">0.0600 USD</dd>' in page
+        assert "3% of the 2.00 USD daily budget" in page
+        printed = subprocess.run(
+            [sys.executable, "-m", "bot", "status", "--url", demo.metrics_url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert printed.returncode == 0, printed.stderr
+        lines = printed.stdout.splitlines()
+        assert any(line.startswith("  spend, last 5 minutes 0.0600 USD (") for line in lines), printed.stdout
+        assert any(line.startswith("  spend today (") and "3% of the 2.00 USD daily budget" in line for line in lines)
+    finally:
+        demo.stop()
