@@ -500,19 +500,20 @@ def model_panels() -> list[Any]:
 
 def spend_panels(t: Thresholds) -> list[Any]:
     """Spend against the operator's daily budget, tokens and cost per message and conversation, refusals."""
-    day = t.spend.period
-    hours = int(duration_seconds(day) // 3600)
+    day, hour = t.spend.period, t.spend.dashboard_window
+    hours = int(duration_seconds(day) // duration_seconds(hour))
     budget = f"max({sel('wabot_daily_budget_usd')})"
     per_hour = (
         timeseries(
             "Spend per hour",
-            "Model spend in USD over the last hour (at the price table's prices, WABOT_PRICES), against the pace of "
+            f"Model spend in USD over the last {duration_words(hour)} (at the price table's prices, WABOT_PRICES), "
+            "against the pace of "
             f"the daily budget (WABOT_DAILY_BUDGET_USD / {hours}; absent while no budget is set). "
             "WabotSpendBurnRateHigh compares the same rates.",
             "currencyUSD",
             span=8,
         )
-        .with_target(target("A", f"sum({increase('wabot_cost_usd_total', window='1h')})", "spent in the last hour"))
+        .with_target(target("A", f"sum({increase('wabot_cost_usd_total', window=hour)})", f"spent in the last {hour}"))
         .with_target(target("B", f"{budget} / {hours} > 0", "budget pace"))
         .override_by_name("budget pace", [fixed_color("red")])
     )
@@ -542,11 +543,12 @@ def spend_panels(t: Thresholds) -> list[Any]:
             "{{direction}}",
         )
     )
-    conversations = f"sum({increase('wabot_conversations_total', window='1h')})"
+    conversations = f"sum({increase('wabot_conversations_total', window=hour)})"
     per_conversation = (
         timeseries(
             "Cost per conversation",
-            "Model spend of the last hour divided by the conversations started in it (a user's first message, or "
+            f"Model spend of the last {duration_words(hour)} divided by the conversations started in it (a user's "
+            "first message, or "
             "the first after WABOT_CONVERSATION_TTL of silence): an approximation, exact per conversation in "
             "`wabot analyze`.",
             "currencyUSD",
@@ -555,7 +557,7 @@ def spend_panels(t: Thresholds) -> list[Any]:
         .with_target(
             target(
                 "A",
-                f"sum({increase('wabot_cost_usd_total', window='1h')})\n/\nclamp_min({conversations}, 1)",
+                f"sum({increase('wabot_cost_usd_total', window=hour)})\n/\nclamp_min({conversations}, 1)",
                 "per conversation",
             )
         )

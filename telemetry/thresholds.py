@@ -147,6 +147,8 @@ class SpendLines:
     )
     # The budget's period, which the factors are relative to.
     period: str = "1d"
+    # Window of the dashboard's "Spend per hour" and "Cost per conversation" (a conversation lasts minutes).
+    dashboard_window: str = "1h"
     # WabotBudgetRefusalsHigh: messages refused for the per-user daily budget in `AlertLines.window`. A user over
     # budget sends a few more; this many is someone running the bot up on purpose (or a budget set too low).
     budget_refusals: int = 10

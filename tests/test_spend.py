@@ -6,6 +6,7 @@ store, a new day starting over, a store that fails the read letting the message 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from bot.settings import DEFAULT_BUDGET_MESSAGE, Settings
+from telemetry import analyze as analysis
 from telemetry.spend import DEFAULT_PRICES, Price, parse_prices
 from tests.clock import DrivenClock
 from tests.conftest import Bot, LogLines, metric
@@ -231,3 +233,39 @@ def test_status_shows_the_spend_of_the_window_and_of_today_against_the_budget(tm
         assert any(line.startswith("  spend today (") and "3% of the 2.00 USD daily budget" in line for line in lines)
     finally:
         demo.stop()
+
+
+def test_wabot_analyze_reports_cost_per_conversation_and_the_most_expensive_hours_from_the_logs(
+    make_bot: Callable[..., Bot], sim, log_lines: LogLines
+) -> None:
+    clock = DrivenClock()
+    bot = make_bot(clock=clock, prices=SIM_PRICES, user_daily_tokens=0, conversation_ttl_s=3600.0)
+    mark = log_lines.mark()
+    first, second = "+15550034001", "+15550034002"
+    for text in ("one", "two", "three"):
+        bot.send(text, sender=first)
+    bot.send("hello", sender=second)
+    clock.advance(3600.0)  # the first user's conversation ends; the next message starts another
+    assert bot.send("again", sender=first).messages == ["[turn 1] again"]
+    bot.wait_idle()
+    lines = log_lines.lines[mark:]
+    usage = [e for e in log_lines.events(mark) if e["event"] == "ai_usage"]
+    assert len(usage) == 5
+    costs = [e["cost_usd"] for e in usage]
+    expected = sorted([sum(costs[:3]), costs[3], costs[4]])
+
+    report = analysis.analyze(lines)
+    spent = report.spend
+    assert spent["runs"] == 5 and spent["conversations"] == 3
+    assert spent["cost_usd"] == pytest.approx(sum(costs))
+    assert spent["cost_per_conversation_max"] == pytest.approx(expected[-1])
+    assert spent["cost_per_conversation_p50"] == pytest.approx(expected[1])
+    assert spent["cost_per_conversation_mean"] == pytest.approx(sum(costs) / 3)
+    assert spent["cost_usd_by_model"] == {"sim-model": pytest.approx(sum(costs))}
+    hours = spent["most_expensive_hours"]
+    assert 1 <= len(hours) <= 2 and sum(h["runs"] for h in hours) == 5
+    assert sum(h["cost_usd"] for h in hours) == pytest.approx(sum(costs))
+    table = analysis.render_table(report)
+    assert "Spend (ai_usage events)" in table and "conversations" in table
+    assert f"hour {hours[0]['hour']}" in table
+    assert json.loads(json.dumps(report.to_dict()))["spend"]["conversations"] == 3
