@@ -269,3 +269,38 @@ def test_wabot_analyze_reports_cost_per_conversation_and_the_most_expensive_hour
     assert "Spend (ai_usage events)" in table and "conversations" in table
     assert f"hour {hours[0]['hour']}" in table
     assert json.loads(json.dumps(report.to_dict()))["spend"]["conversations"] == 3
+
+
+def test_cached_input_tokens_are_counted_and_priced_at_the_cached_price() -> None:
+    from openai.types.responses import ResponseUsage
+
+    from telemetry import spend
+
+    usage = ResponseUsage.model_validate(
+        {
+            "input_tokens": 1000,
+            "input_tokens_details": {"cached_tokens": 800, "cache_write_tokens": 0},
+            "output_tokens": 100,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 1100,
+        }
+    )
+    labels = {"model": "gpt-4.1"}
+    cached_before = metric("wabot_tokens_total", {"direction": "cached_input", **labels})
+    cost_before = metric("wabot_cost_usd_total", labels)
+    # A dated snapshot of a priced model is priced (and labelled) as that model.
+    call = spend.record("gpt-4.1-2025-04-14", usage)
+    assert (call.model, call.input_tokens, call.cached_tokens, call.output_tokens) == ("gpt-4.1", 1000, 800, 100)
+    assert call.cost_usd == pytest.approx((200 * 2.00 + 800 * 0.50 + 100 * 8.00) / 1e6)
+    assert metric("wabot_tokens_total", {"direction": "cached_input", **labels}) - cached_before == 800
+    assert metric("wabot_cost_usd_total", labels) - cost_before == pytest.approx(call.cost_usd)
+    assert spend.record("gpt-4.1", None).tokens == 0  # no usage reported: nothing counted
+
+
+def test_readme_documents_every_spend_setting() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for name in ("WABOT_USER_DAILY_TOKENS", "WABOT_BUDGET_MESSAGE", "WABOT_DAILY_BUDGET_USD", "WABOT_PRICES"):
+        assert f"| `{name}` |" in readme, name
+    assert "model=input/cached_input/output" in readme
+    for model in DEFAULT_PRICES:
+        assert f"| `{model}` |" in readme, model
