@@ -476,7 +476,12 @@ def model_panels() -> list[Any]:
         .with_target(target("A", f"sum by (tool, outcome) ({rate('wabot_tool_calls_total')})", "{{tool}} {{outcome}}"))
     )
     tokens = (
-        timeseries("Tokens", "Model tokens per second by direction.", "short", span=6)
+        timeseries(
+            "Tokens",
+            "Model tokens per second by direction (cached_input: the part of input served from the prompt cache).",
+            "short",
+            span=6,
+        )
         .axis_label("tokens/s")
         .with_target(target("A", f"sum by (direction) ({rate('wabot_tokens_total')})", "{{direction}}"))
     )
