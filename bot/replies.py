@@ -138,10 +138,10 @@ class ReplyRunner:
                 answer = await self._answer_in_slot(reply, resumed=handoff is None, has_slot=slot_taken)
                 if handoff is not None and handoff.offer(answer):
                     self._log_answer(reply, answer, phase="inline")
-                    # After the offer: the inline answer never waits for this bookkeeping.
-                    await self._account(reply, answer)
                     if await handoff.taken():
                         await guarded(self._store.drop(reply.sid), self._log, "drop", reply.sid)
+                        # After the answer went back: neither the reply nor its journal waits for this bookkeeping.
+                        await self._account(reply, answer)
                         return
                     # The webhook was cancelled before it could return the answer: it follows up instead.
                 else:

@@ -142,7 +142,8 @@ async def _rate_limited(services: Services, request: Request, reply: OwedReply) 
 
 async def _over_budget(services: Services, reply: OwedReply) -> Response | None:
     """The reply for a user whose tokens today reached WABOT_USER_DAILY_TOKENS (a notice once a day, then nothing),
-    or None when within it. One store read before the run; a store that fails it lets the message through."""
+    or None when within it. One store read before the run; a store that fails it lets the message through. A run's
+    tokens are counted when it ends, so a user can go over by the runs they have in flight at once."""
     limit = services.settings.user_daily_tokens
     if limit <= 0:
         return None
