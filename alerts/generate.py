@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from telemetry.metrics import SECONDS_BUCKETS
-from telemetry.thresholds import THRESHOLDS, Thresholds, seconds_name
+from telemetry.thresholds import THRESHOLDS, Thresholds, duration_seconds, duration_words, seconds_name
 
 # The numbers (thresholds, SLO targets, windows, burn factors, `for:` durations) and the job live in
 # telemetry/thresholds.py, shared with the dashboard, the status view and `wabot analyze`. Every function below
@@ -488,6 +488,84 @@ def slo_alert_rules(t: Thresholds = THRESHOLDS) -> list[dict[str, Any]]:
     return rules
 
 
+def spend_recording_rules(t: Thresholds = THRESHOLDS) -> list[dict[str, Any]]:
+    """Spend rates (USD a second, every window of the spend burn-rate rows), the budget, refusals, cut answers."""
+    w = t.alerts.window
+    rules: list[dict[str, Any]] = [
+        {"record": "wabot:daily_budget_usd", "expr": "max by (job) (wabot_daily_budget_usd)"},
+    ]
+    for window in t.spend.windows:
+        rules.append(
+            {"record": f"wabot:cost_usd:rate{window}", "expr": f"{BY_JOB} (rate(wabot_cost_usd_total[{window}]))"}
+        )
+    rules += [
+        {
+            "record": f"wabot:budget_refusals:increase{w}",
+            "expr": f"{BY_JOB} (increase(wabot_budget_refusals_total[{w}]))",
+        },
+        {
+            "record": f"wabot:answers_shortened:ratio_rate{w}",
+            "expr": _ratio(
+                f"{BY_JOB} (rate(wabot_answers_shortened_total[{w}]))", f"{BY_JOB} (rate(wabot_ai_runs_total[{w}]))"
+            ),
+        },
+    ]
+    return rules
+
+
+def spend_alert_rules(t: Thresholds = THRESHOLDS) -> list[dict[str, Any]]:
+    """Spend on pace to exceed the daily budget (a fast and a slow row), budget refusals, answers cut often."""
+    w, a, sp = t.alerts.window, t.alerts, t.spend
+    day = duration_seconds(sp.period)
+    rules = []
+    for b in sp.burn_rates:
+        line = f"on (job) ({b.factor:g} * wabot:daily_budget_usd)"
+        expr = (
+            f"wabot:cost_usd:rate{b.long} * {day:g} > {line}\n"
+            f"and on (job)\nwabot:cost_usd:rate{b.short} * {day:g} > {line}\n"
+            "and on (job)\nwabot:daily_budget_usd > 0"
+        )
+        rules.append(
+            _alert(
+                "WabotSpendBurnRateHigh",
+                expr,
+                b.severity,
+                f"wabot is spending on the model {b.factor:g}x faster than its daily budget allows.",
+                f"At the spend rate of the last {b.long} (and of the last {b.short}), {{{{ $labels.job }}}} would "
+                f'spend {{{{ $value | printf "%.2f" }}}} USD a {duration_words(sp.period).removeprefix("1 ")}, '
+                f"more than {b.factor:g}x its daily budget (WABOT_DAILY_BUDGET_USD, wabot_daily_budget_usd). "
+                "Log event: ai_usage (cost_usd per run).",
+                b.for_,
+                long_window=b.long,
+                short_window=b.short,
+            )
+        )
+    gate = f"and on (job)\nwabot:messages:increase{w} >= {a.min_messages}"
+    rules += [
+        _alert(
+            "WabotBudgetRefusalsHigh",
+            f"wabot:budget_refusals:increase{w} > {sp.budget_refusals}",
+            "warning",
+            "Many messages are refused for the per-user daily token budget: abuse, or a budget set too low.",
+            f"Messages to {{{{ $labels.job }}}} refused in the last {w} because their user had used "
+            f"WABOT_USER_DAILY_TOKENS today: {{{{ $value | humanize }}}} (more than {sp.budget_refusals}). "
+            "Log event: budget_refused (user_hash says whether it is one user or many).",
+            t.for_["WabotBudgetRefusalsHigh"],
+        ),
+        _alert(
+            "WabotAnswersShortenedOften",
+            f"wabot:answers_shortened:ratio_rate{w} > {sp.shortened_ratio:g}\n{gate}",
+            "warning",
+            "Many answers are too long for WhatsApp and are cut at WABOT_MAX_REPLY_PARTS messages.",
+            "{{ $value | humanizePercentage }} of the messages to {{ $labels.job }} in the last "
+            f"{w} got an answer cut at WABOT_MAX_REPLY_PARTS messages (threshold {_pct(sp.shortened_ratio)}, "
+            f"at least {a.min_messages} messages). Log event: answer_shortened.",
+            t.for_["WabotAnswersShortenedOften"],
+        ),
+    ]
+    return rules
+
+
 def watchdog() -> dict[str, Any]:
     return _alert(
         "Watchdog",
@@ -514,6 +592,8 @@ def build(for_override: str | None = None, t: Thresholds = THRESHOLDS) -> dict[s
         {"name": "wabot-slo.rules", "rules": slo_recording_rules(t)},
         {"name": "wabot.alerts", "rules": [*alert_rules(t), *media_alert_rules(t), watchdog()]},
         {"name": "wabot-slo.alerts", "rules": slo_alert_rules(t)},
+        {"name": "wabot-spend.rules", "rules": spend_recording_rules(t)},
+        {"name": "wabot-spend.alerts", "rules": spend_alert_rules(t)},
     ]
     if for_override is not None:
         for group in groups:

@@ -15,13 +15,13 @@ from typing import Any
 import httpx2
 import openai
 from openai import AsyncOpenAI, DefaultAioHttpClient
-from openai.types.responses import Response, ResponseFunctionToolCall, ResponseInputParam
+from openai.types.responses import Response, ResponseFunctionToolCall, ResponseInputParam, ResponseUsage
 from openai.types.responses.response_input_param import FunctionCallOutput
 from opentelemetry import trace
 
 from bot.settings import Settings
 from bot.tools import ToolError, ToolRegistry
-from telemetry import metrics
+from telemetry import metrics, spend
 from telemetry.logging import get_logger
 from telemetry.tracing import ActiveSpan, record_error
 
@@ -105,9 +105,14 @@ class Agent:
         self._tracer = tracer
 
     async def run(
-        self, prompt: str | ResponseInputParam, previous_response_id: str | None, budget_s: float
+        self,
+        prompt: str | ResponseInputParam,
+        previous_response_id: str | None,
+        budget_s: float,
+        spent: spend.RunUsage | None = None,
     ) -> AgentResult:
-        """Answer `prompt` (text, or input items with media parts) within `budget_s` seconds or raise AgentError."""
+        """Answer `prompt` (text, or input items with media parts) within `budget_s` seconds or raise AgentError.
+        Every model call's usage is counted (telemetry/spend.py) and added to `spent`, failed runs' calls included."""
         with ActiveSpan(
             self._tracer,
             "invoke_agent",
@@ -118,7 +123,7 @@ class Agent:
                 "gen_ai.request.model": self._model,
             },
         ) as span:
-            usage = _Usage()
+            usage = _Usage(self._model, spent if spent is not None else spend.RunUsage())
             try:
                 async with asyncio.timeout(budget_s) as usage.deadline:
                     answer = await self._loop(prompt, previous_response_id, usage, span)
@@ -221,7 +226,7 @@ class Agent:
             metrics.MODEL_CALLS.labels(outcome="ok").inc()
             done: dict[str, Any] = {"gen_ai.response.id": response.id, "gen_ai.response.model": response.model}
             if response.usage is not None:
-                usage.add(response.usage.input_tokens, response.usage.output_tokens)
+                usage.add(response.usage)
                 done["gen_ai.usage.input_tokens"] = response.usage.input_tokens
                 done["gen_ai.usage.output_tokens"] = response.usage.output_tokens
             span.set_attributes(done)
@@ -269,17 +274,23 @@ class Agent:
 class _Usage:
     """Per-run state of the tool loop: token counts summed over it, and the run's budget (`asyncio.timeout`)."""
 
-    def __init__(self) -> None:
-        self.input_tokens = 0
-        self.output_tokens = 0
+    def __init__(self, model: str, spent: spend.RunUsage) -> None:
+        self._model = model
+        self.spent = spent
         self.deadline: asyncio.Timeout | None = None
+
+    @property
+    def input_tokens(self) -> int:
+        return self.spent.input_tokens
+
+    @property
+    def output_tokens(self) -> int:
+        return self.spent.output_tokens
 
     def deadline_expired(self) -> bool:
         """True when a cancellation inside the run comes from its own budget running out."""
         return self.deadline is not None and self.deadline.expired()
 
-    def add(self, input_tokens: int, output_tokens: int) -> None:
-        self.input_tokens += input_tokens
-        self.output_tokens += output_tokens
-        metrics.TOKENS.labels(direction="input").inc(input_tokens)
-        metrics.TOKENS.labels(direction="output").inc(output_tokens)
+    def add(self, usage: ResponseUsage) -> None:
+        # Priced on the model asked for: the response names a dated snapshot of it.
+        self.spent.add(spend.record(self._model, usage))

@@ -24,7 +24,7 @@ from bot.inbound import InboundMessage
 from bot.settings import Settings
 from bot.splitting import split_message
 from bot.store import OwedReply
-from telemetry import metrics
+from telemetry import metrics, spend
 from telemetry.privacy import UserHasher
 from telemetry.tracing import ActiveSpan
 
@@ -38,6 +38,8 @@ class RunResult:
     kind: str  # "answer" | "apology"
     tool_count: int = 0
     error_type: str | None = None
+    spent: spend.RunUsage | None = None  # the run's model usage (None: no model run, e.g. a journaled answer)
+    new_conversation: bool = False  # the run started the user's conversation (none, or it had expired)
 
 
 class Handoff:

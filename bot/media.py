@@ -34,7 +34,7 @@ from structlog.typing import FilteringBoundLogger
 from bot.inbound import Media
 from bot.media_fetch import MediaFetcher, MediaFetchError
 from bot.settings import Settings
-from telemetry import metrics
+from telemetry import metrics, spend
 from telemetry.recent import RecentActivity
 from telemetry.tracing import ActiveSpan, record_error
 
@@ -119,6 +119,7 @@ class _Attachment:
     transcribe_s: float | None = None
     transcript: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
+    cost: spend.CallCost | None = None
 
     def fail(self, outcome: str, error_type: str) -> None:
         self.outcome, self.error_type, self.data = outcome, error_type, b""
@@ -132,6 +133,7 @@ class ReadMedia:
     parts: tuple[dict[str, Any], ...]  # input_image / input_file content parts
     notices: tuple[str, ...]  # for the user, at the top of the reply
     readable: bool  # at least one attachment reached the model
+    costs: tuple[spend.CallCost, ...] = ()  # the transcriptions' usage, priced, for the run's spend
 
 
 def model_input(prompt: str, read: ReadMedia | None) -> str | list[Any]:
@@ -257,6 +259,7 @@ class MediaReader:
                 )
                 text = transcription.text.strip()
                 attachment.usage = _usage(transcription)
+                attachment.cost = spend.record(self._transcribe_model, getattr(transcription, "usage", None))
                 span.set_attributes(
                     {
                         ("wabot.media.audio_seconds" if k == "audio_seconds" else f"gen_ai.usage.{k}"): v
@@ -335,7 +338,8 @@ class MediaReader:
                 parts.append({"type": "input_file", "filename": filename, "file_data": data_url})
             a.data = b""
         readable = any(a.outcome == "ok" for a in attachments)
-        return ReadMedia(tuple(lines), tuple(parts), tuple(notices), readable)
+        costs = tuple(a.cost for a in attachments if a.cost is not None)
+        return ReadMedia(tuple(lines), tuple(parts), tuple(notices), readable, costs)
 
 
 def _usage(transcription: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from bot.ordering import Ticket
 from bot.settings import Settings
 from bot.splitting import split_capped, split_message
 from bot.store import OwedReply, Store, guarded
-from telemetry import metrics
+from telemetry import metrics, spend
 
 # A resumed run gets at least this much time even when its original budget ran out while the bot was down.
 _MIN_RESUMED_BUDGET_S = 30.0
@@ -59,6 +59,7 @@ class ReplyRunner:
         self._apology_text = settings.apology_message
         self._media = media
         self._max_parts = settings.max_reply_parts
+        self._user_daily_tokens = settings.user_daily_tokens
         self._store = store
         self._agent = agent
         self._followups = followups
@@ -143,10 +144,13 @@ class ReplyRunner:
                     self._log_answer(reply, answer, phase="inline")
                     if await handoff.taken():
                         await guarded(self._store.drop(reply.sid), self._log, "drop", reply.sid)
+                        # After the answer went back: neither the reply nor its journal waits for this bookkeeping.
+                        await self._account(reply, answer)
                         return
                     # The webhook was cancelled before it could return the answer: it follows up instead.
                 else:
                     self._log_answer(reply, answer, phase="followup")
+                await self._account(reply, answer)
                 reply.answer_parts, reply.kind = answer.parts, answer.kind
                 await guarded(
                     self._store.save_answer(reply.sid, answer.parts, answer.kind), self._log, "save_answer", reply.sid
@@ -195,16 +199,24 @@ class ReplyRunner:
             read = await self._media.read(reply.media, budget, reply.sid)
             budget -= time.monotonic() - started
         notices = "\n".join(read.notices) if read is not None else ""
+        spent = spend.RunUsage()
+        # Added after the model's calls, so the run's usage is reported under the chat model.
+        transcriptions = read.costs if read is not None else ()
         if read is not None and not read.readable and not reply.prompt:
             # Nothing for the model: the user's only attachment(s) could not be read, and the reply says why.
             parts, _ = split_capped(notices, self._max_parts)
-            return RunResult(parts=parts, kind="answer")
+            _add_all(spent, transcriptions)
+            return RunResult(parts=parts, kind="answer", spent=spent)
         previous = await guarded(self._store.get_conversation(reply.user_key), self._log, "get_conversation", reply.sid)
         try:
-            result = await self._agent.run(model_input(reply.prompt, read), previous, budget)
+            result = await self._agent.run(model_input(reply.prompt, read), previous, budget, spent)
         except AgentError as exc:
+            _add_all(spent, transcriptions)
             apology = split_message(f"{notices}\n\n{self._apology_text}") if notices else self._apology
-            return RunResult(parts=apology, kind="apology", error_type=exc.error_type)
+            return RunResult(parts=apology, kind="apology", error_type=exc.error_type, spent=spent)
+        _add_all(spent, transcriptions)
+        if previous is None:
+            metrics.CONVERSATIONS.inc()
         await guarded(
             self._store.set_conversation(reply.user_key, result.response_id), self._log, "set_conversation", reply.sid
         )
@@ -212,6 +224,7 @@ class ReplyRunner:
         text = f"{notices}\n\n{result.text}" if notices else result.text
         parts, needed = split_capped(text, self._max_parts)
         if needed > len(parts):
+            metrics.ANSWERS_SHORTENED.inc()
             self._log.warning(
                 "answer_shortened",
                 message_sid=reply.sid,
@@ -220,7 +233,32 @@ class ReplyRunner:
                 answer_chars=len(text),
                 max_reply_parts=self._max_parts,
             )
-        return RunResult(parts=parts, kind="answer", tool_count=result.tool_count)
+        return RunResult(
+            parts=parts, kind="answer", tool_count=result.tool_count, spent=spent, new_conversation=previous is None
+        )
+
+    async def _account(self, reply: OwedReply, answer: RunResult) -> None:
+        """Log what the run's model calls used and cost (`ai_usage`, the user by hash only) and add its tokens to
+        the user's count of the day, which the webhook reads before the next run (WABOT_USER_DAILY_TOKENS)."""
+        spent = answer.spent
+        if spent is None or spent.calls == 0:
+            return
+        self._log.info(
+            "ai_usage",
+            message_sid=reply.sid,
+            user_hash=reply.user_key,
+            model=spent.model,
+            calls=spent.calls,
+            input_tokens=spent.input_tokens,
+            cached_tokens=spent.cached_tokens,
+            output_tokens=spent.output_tokens,
+            cost_usd=round(spent.cost_usd, 8),
+            priced=spent.priced,
+            new_conversation=answer.new_conversation,
+            kind=answer.kind,
+        )
+        if self._user_daily_tokens > 0 and spent.tokens > 0:
+            await guarded(self._store.add_tokens(reply.user_key, spent.tokens), self._log, "add_tokens", reply.sid)
 
     def _log_answer(self, reply: OwedReply, answer: RunResult, *, phase: str) -> None:
         elapsed = round(time.time() - reply.arrived_at, 3)
@@ -241,3 +279,8 @@ class ReplyRunner:
             elapsed_seconds=elapsed,
             phase=phase,
         )
+
+
+def _add_all(spent: spend.RunUsage, calls: tuple[spend.CallCost, ...]) -> None:
+    for call in calls:
+        spent.add(call)

@@ -26,7 +26,7 @@ from bot.signature import SignatureChecker
 from bot.store import Store, open_store
 from bot.tools import registry
 from bot.warmup import warm_up_openai
-from telemetry import metrics
+from telemetry import metrics, spend
 from telemetry.flood import RejectionThrottle
 from telemetry.logging import get_logger
 from telemetry.privacy import UserHasher
@@ -62,6 +62,9 @@ class Services:
             max_concurrent_runs=settings.max_concurrent_runs,
             multiprocess_dir=settings.prometheus_multiproc_dir,
         )
+        spend.configure(settings.price_table, models=(settings.model, settings.transcribe_model))
+        metrics.DAILY_BUDGET.set(settings.daily_budget_usd)
+        metrics.USER_DAILY_TOKENS.set(settings.user_daily_tokens)
         store = await open_store(
             settings.store,
             dedupe_ttl_s=settings.dedupe_ttl_s,

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from telemetry.spend import Price, parse_prices
 from telemetry.thresholds import THRESHOLDS
 
 DEFAULT_INSTRUCTIONS = (
@@ -22,6 +23,10 @@ DEFAULT_APOLOGY_MESSAGE = (
     "Sorry, I couldn't put an answer together this time. Please send your message again in a minute."
 )
 DEFAULT_BUSY_MESSAGE = "I'm handling a lot of messages right now; your answer will follow here shortly."
+DEFAULT_BUDGET_MESSAGE = (
+    "You've reached today's limit for answers from me. I'll gladly answer again tomorrow (the day changes at "
+    "midnight UTC)."
+)
 DEFAULT_RATE_LIMIT_MESSAGE = (
     "You're sending messages faster than I can answer them. I'll read new ones again in a minute."
 )
@@ -42,6 +47,13 @@ class Settings(BaseSettings):
     # messages (each one paid) one answer may take; the rest of a longer answer is cut with a marker.
     max_output_tokens: int = Field(1024, ge=16, validation_alias="WABOT_MAX_OUTPUT_TOKENS")
     max_reply_parts: int = Field(4, ge=1, validation_alias="WABOT_MAX_REPLY_PARTS")
+    # Spend: prices per model (telemetry/spend.py parse_prices: `model=input/cached_input/output` USD per million
+    # tokens, comma-separated, laid over the defaults), the operator's daily budget in USD that the spend alerts
+    # compare against (0 = none), and the tokens (input + output) one user may use per UTC day (0 = no limit).
+    prices: str = Field("", validation_alias="WABOT_PRICES")
+    daily_budget_usd: float = Field(0.0, ge=0, allow_inf_nan=False, validation_alias="WABOT_DAILY_BUDGET_USD")
+    user_daily_tokens: int = Field(200_000, ge=0, validation_alias="WABOT_USER_DAILY_TOKENS")
+    budget_message: str = Field(DEFAULT_BUDGET_MESSAGE, validation_alias="WABOT_BUDGET_MESSAGE")
 
     # The deadline race
     # At most a second under Twilio's limit: the holding reply itself must still reach Twilio in time.
@@ -116,6 +128,12 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
 
+    @field_validator("prices")
+    @classmethod
+    def _check_prices(cls, value: str) -> str:
+        parse_prices(value)  # a bad table is a start-up error naming the entry, not a wrong bill later
+        return value
+
     @field_validator("otel_traces_exporter")
     @classmethod
     def _lower(cls, value: str) -> str:
@@ -127,6 +145,11 @@ class Settings(BaseSettings):
         if self.instructions_source.startswith("@"):
             return Path(self.instructions_source[1:]).expanduser().read_text(encoding="utf-8").strip()
         return self.instructions_source
+
+    @cached_property
+    def price_table(self) -> dict[str, Price]:
+        """The prices in use: the defaults with WABOT_PRICES laid over them."""
+        return parse_prices(self.prices)
 
     def missing_for_production(self) -> list[str]:
         """Names of the settings `wabot serve` needs without --demo and does not have."""

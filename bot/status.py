@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 
 from bot import __version__
 from bot.settings import Settings
+from telemetry import spend
 from telemetry.metrics import MEDIA_OUTCOMES, TYPING_OUTCOMES
 from telemetry.recent import RecentActivity, over_key
 from telemetry.thresholds import THRESHOLDS
@@ -48,11 +49,13 @@ def collect(settings: Settings, recent: RecentActivity | None, *, workers: int =
         "since_start": None,
         "prometheus": fetch_alerts(settings.prometheus_url) if settings.prometheus_url else None,
         "process": process_snapshot(),
+        "spend": None,
     }
     if workers > 1:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         data["since_start"] = {**_since_start(registry), **_media_since_start(registry)}
+        data["spend"] = spend_since_start(settings, registry)
         data["note"] = (
             f"{workers} worker processes answer the webhook; each keeps its own "
             f"{THRESHOLDS.status_window_s / 60:g}-minute window, which this "
@@ -64,7 +67,68 @@ def collect(settings: Settings, recent: RecentActivity | None, *, workers: int =
     else:
         pending = int(REGISTRY.get_sample_value("wabot_followups_pending") or 0)
         data["window"] = recent.snapshot(deadline_s=settings.reply_timeout, pending_followups=pending)
+        data["spend"] = spend_snapshot(settings)
     return data
+
+
+# ---------------------------------------------------------------------------------------------------- spend
+
+
+def spend_snapshot(settings: Settings) -> dict[str, Any]:
+    """This process's model spend in the status window and today (UTC), with the budgets it is held to."""
+    data = spend.window().snapshot()
+    data.update(
+        daily_budget_usd=settings.daily_budget_usd,
+        user_daily_tokens=settings.user_daily_tokens,
+        budget_refusals_since_start=int(REGISTRY.get_sample_value("wabot_budget_refusals_total") or 0),
+    )
+    return data
+
+
+def spend_since_start(settings: Settings, registry: CollectorRegistry) -> dict[str, Any]:
+    """The workers' spend since start (their windows live in the worker processes, this one cannot see them)."""
+    cost, refusals = 0.0, 0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == "wabot_cost_usd_total":
+                cost += sample.value
+            elif sample.name == "wabot_budget_refusals_total":
+                refusals += int(sample.value)
+    return {
+        "cost_usd_since_start": cost,
+        "daily_budget_usd": settings.daily_budget_usd,
+        "user_daily_tokens": settings.user_daily_tokens,
+        "budget_refusals_since_start": refusals,
+    }
+
+
+def _usd(value: float) -> str:
+    return f"{value:.4f} USD" if value < 1 else f"{value:,.2f} USD"
+
+
+def spend_lines(data: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    """(label, value, id, detail) of each spend line, shared by the HTML tiles and the text."""
+    if data is None:
+        return []
+    budget = data["daily_budget_usd"]
+    limit = f"{data['user_daily_tokens']:,} tokens per user a day" if data["user_daily_tokens"] else "no user limit"
+    refused = f"{data['budget_refusals_since_start']} refused since start · {limit}"
+    if "cost_usd_since_start" in data:
+        return [("Spend since start", _usd(data["cost_usd_since_start"]), "spend-since-start", refused)]
+    of_budget = f"{data['cost_usd_today'] / budget:.0%} of the {_usd(budget)} daily budget" if budget else "no budget"
+    unpriced = (
+        f" · {data['unpriced_tokens_today']:,} tokens of unpriced models" if data["unpriced_tokens_today"] else ""
+    )
+    return [
+        (
+            f"Spend, last {data['window_s'] / 60:g} minutes",
+            _usd(data["cost_usd_window"]),
+            "spend-window",
+            f"{data['tokens_window']:,} tokens in {data['model_calls_window']} model calls",
+        ),
+        (f"Spend today ({data['day']} UTC)", _usd(data["cost_usd_today"]), "spend-today", of_budget + unpriced),
+        ("Budget refusals", str(data["budget_refusals_since_start"]), "budget-refusals", limit),
+    ]
 
 
 def process_snapshot() -> dict[str, Any]:
@@ -411,6 +475,11 @@ def render_html(data: dict[str, Any]) -> str:
             _tile("Typing indicators", f"{s['typing']['sent']} sent · {s['typing']['failed']} failed", "typing"),
         ]
         body.append(f'<dl class="tiles">{"".join(tiles)}</dl>')
+    spent = spend_lines(data.get("spend"))
+    if spent:
+        body.append("<h2>Spend (this process)</h2>")
+        spend_tiles = "".join(_tile(label, value, ident, detail=detail) for label, value, ident, detail in spent)
+        body.append(f'<dl class="tiles">{spend_tiles}</dl>')
     body.append("<h2>Alerts</h2>")
     body.append(_alerts_html(data["prometheus"]))
     body.append(f'<p class="scope" id="process">{html.escape(_process_line(data["process"]))}</p>')
@@ -464,6 +533,8 @@ def render_text(data: dict[str, Any]) -> str:
             f"  attachments {sum(s['media'].values())}: {_outcome_counts(s['media'])} · typing indicators "
             f"{s['typing']['sent']} sent · {s['typing']['failed']} failed"
         )
+    for label, value, _, detail in spend_lines(data.get("spend")):
+        lines.append(f"  {label.lower():<20} {value} ({detail})")
     prometheus = data["prometheus"]
     lines.append(_process_line(data["process"]))
     if prometheus is None:

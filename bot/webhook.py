@@ -5,7 +5,9 @@ check (or whose client leaves before its body ends) gets a clear 4xx, is counted
 the store; its `webhook_rejected` log line and trace are bounded under a flood (telemetry/flood.py).
 
 A signed, well-formed message from a user over WABOT_USER_RATE_LIMIT messages a minute is not answered by the
-model: the first one over the limit gets a polite notice, the rest of that minute an empty reply.
+model: the first one over the limit gets a polite notice, the rest of that minute an empty reply. A user whose model
+tokens today reached WABOT_USER_DAILY_TOKENS is not answered by the model either: one notice a day, then empty
+replies, each counted in `wabot_budget_refusals_total`.
 """
 
 from __future__ import annotations
@@ -138,6 +140,36 @@ async def _rate_limited(services: Services, request: Request, reply: OwedReply) 
     return twiml(split_message(services.settings.rate_limit_message) if notice else [])
 
 
+async def _over_budget(services: Services, reply: OwedReply) -> Response | None:
+    """The reply for a user whose tokens today reached WABOT_USER_DAILY_TOKENS (a notice once a day, then nothing),
+    or None when within it. One store read before the run; a store that fails it lets the message through. A run's
+    tokens are counted when it ends, so a user can go over by the runs they have in flight at once."""
+    limit = services.settings.user_daily_tokens
+    if limit <= 0:
+        return None
+    try:
+        used = await services.store.tokens_today(reply.user_key)
+    except Exception as exc:
+        # As for the rate limit: without the count the budget cannot be told; answering beats not answering.
+        services.log.error("store_error", op="tokens_today", message_sid=reply.sid, error_type=exc.__class__.__name__)
+        return None
+    if used < limit:
+        return None
+    try:
+        notice = await services.store.claim_budget_notice(reply.user_key)
+    except Exception as exc:
+        # Unknown whether today's notice went out: stay silent rather than risk sending it again and again.
+        services.log.error(
+            "store_error", op="claim_budget_notice", message_sid=reply.sid, error_type=exc.__class__.__name__
+        )
+        notice = False
+    metrics.BUDGET_REFUSALS.inc()
+    services.log.warning(
+        "budget_refused", message_sid=reply.sid, user_hash=reply.user_key, tokens_today=used, limit=limit, notice=notice
+    )
+    return twiml(split_message(services.settings.budget_message) if notice else [])
+
+
 def _not_answered(
     services: Services, request: Request, reason: str, message_sid: str, log_at: Callable[..., Any], **fields: Any
 ) -> None:
@@ -172,6 +204,9 @@ async def inbound_message(request: Request, services: Services = Depends(get_ser
     limited = await _rate_limited(services, request, reply)
     if limited is not None:
         return limited
+    refused = await _over_budget(services, reply)
+    if refused is not None:
+        return refused
     if not await _accept(services, reply, request.headers.get("i-twilio-idempotency-token")):
         _not_answered(services, request, "duplicate", message.sid, services.log.info)
         return twiml([])

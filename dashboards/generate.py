@@ -34,7 +34,7 @@ from grafana_foundation_sdk.models import dashboard as dash_m
 from grafana_foundation_sdk.models import heatmap as heatmap_m
 from grafana_foundation_sdk.models import prometheus as prom_m
 
-from telemetry.thresholds import THRESHOLDS, Thresholds, duration_words, seconds_name
+from telemetry.thresholds import THRESHOLDS, Thresholds, duration_seconds, duration_words, seconds_name
 
 DASHBOARD_UID = "wabot-overview"
 DASHBOARD_TITLE = "wabot — WhatsApp AI bot"
@@ -476,7 +476,12 @@ def model_panels() -> list[Any]:
         .with_target(target("A", f"sum by (tool, outcome) ({rate('wabot_tool_calls_total')})", "{{tool}} {{outcome}}"))
     )
     tokens = (
-        timeseries("Tokens", "Model tokens per second by direction.", "short", span=6)
+        timeseries(
+            "Tokens",
+            "Model tokens per second by direction (cached_input: the part of input served from the prompt cache).",
+            "short",
+            span=6,
+        )
         .axis_label("tokens/s")
         .with_target(target("A", f"sum by (direction) ({rate('wabot_tokens_total')})", "{{direction}}"))
     )
@@ -586,6 +591,86 @@ def media_panels(t: Thresholds) -> list[Any]:
     return [attachments, failure, latency, typing, first]
 
 
+def spend_panels(t: Thresholds) -> list[Any]:
+    """Spend against the operator's daily budget, tokens and cost per message and conversation, refusals."""
+    day, hour = t.spend.period, t.spend.dashboard_window
+    hours = int(duration_seconds(day) // duration_seconds(hour))
+    budget = f"max({sel('wabot_daily_budget_usd')})"
+    per_hour = (
+        timeseries(
+            "Spend per hour",
+            f"Model spend in USD over the last {duration_words(hour)} (at the price table's prices, WABOT_PRICES), "
+            "against the pace of "
+            f"the daily budget (WABOT_DAILY_BUDGET_USD / {hours}; absent while no budget is set). "
+            "WabotSpendBurnRateHigh compares the same rates.",
+            "currencyUSD",
+            span=8,
+        )
+        .with_target(target("A", f"sum({increase('wabot_cost_usd_total', window=hour)})", f"spent in the last {hour}"))
+        .with_target(target("B", f"{budget} / {hours} > 0", "budget pace"))
+        .override_by_name("budget pace", [fixed_color("red")])
+    )
+    per_day = (
+        timeseries(
+            "Spend per day against the budget",
+            f"Model spend in USD over the last {duration_words(day)}, against the daily budget "
+            "(WABOT_DAILY_BUDGET_USD; absent while no budget is set).",
+            "currencyUSD",
+            span=8,
+        )
+        .with_target(target("A", f"sum({increase('wabot_cost_usd_total', window=day)})", f"spent in the last {day}"))
+        .with_target(target("B", f"{budget} > 0", "daily budget"))
+        .override_by_name("daily budget", [fixed_color("red")])
+    )
+    runs = f"sum({increase('wabot_ai_runs_total')})"
+    tokens = timeseries(
+        "Tokens per message",
+        "Model tokens per inbound message by direction (input includes cached_input, the part served from "
+        "OpenAI's prompt cache). Input grows with the conversation, which every turn re-sends.",
+        "short",
+        span=8,
+    ).with_target(
+        target(
+            "A",
+            f"sum by (direction) ({increase('wabot_tokens_total')})\n/ on () group_left ()\nclamp_min({runs}, 1)",
+            "{{direction}}",
+        )
+    )
+    conversations = f"sum({increase('wabot_conversations_total', window=hour)})"
+    per_conversation = (
+        timeseries(
+            "Cost per conversation",
+            f"Model spend of the last {duration_words(hour)} divided by the conversations started in it (a user's "
+            "first message, or "
+            "the first after WABOT_CONVERSATION_TTL of silence): an approximation, exact per conversation in "
+            "`wabot analyze`.",
+            "currencyUSD",
+            span=8,
+        )
+        .with_target(
+            target(
+                "A",
+                f"sum({increase('wabot_cost_usd_total', window=hour)})\n/\nclamp_min({conversations}, 1)",
+                "per conversation",
+            )
+        )
+        .decimals(4)
+    )
+    refusals = (
+        timeseries(
+            "Budget refusals and cut answers",
+            "Messages refused because their user used WABOT_USER_DAILY_TOKENS today (no model call), and answers "
+            "cut at WABOT_MAX_REPLY_PARTS messages, per rate interval.",
+            "short",
+            span=8,
+        )
+        .with_target(target("A", f"sum({increase('wabot_budget_refusals_total')})", "budget refusals"))
+        .with_target(target("B", f"sum({increase('wabot_answers_shortened_total')})", "answers cut"))
+        .override_by_name("budget refusals", [fixed_color("orange")])
+    )
+    return [per_hour, per_day, tokens, per_conversation, refusals]
+
+
 # --- dashboard -----------------------------------------------------------------------------------
 
 
@@ -627,6 +712,7 @@ def build_dashboard(t: Thresholds = THRESHOLDS) -> dash_m.Dashboard:
         ("Follow-ups, delivery and webhook", followup_panels(t)),
         ("Model", model_panels()),
         ("Media and typing indicator", media_panels(t)),
+        ("Spend", spend_panels(t)),
     )
     for row_title, panels in sections:
         builder = builder.with_row(dash_b.Row(row_title))

@@ -85,6 +85,7 @@ from typing import Any, TextIO
 from telemetry.thresholds import THRESHOLDS, Thresholds
 
 DEADLINE_GRID_S = 0.5
+MOST_EXPENSIVE_HOURS = 5
 MIN_DEADLINE_S = 1.0
 DEFAULT_OVERHEAD_S = 0.1
 MAX_BAD_LINE_REFS = 5
@@ -195,6 +196,8 @@ class Report:
         default_factory=lambda: Recommendation(None, "No AI run times or timeouts in the logs.")
     )
     media: MediaSummary = field(default_factory=MediaSummary)
+    # What the model calls cost (`ai_usage` events) and the budget refusals (`budget_refused`): SpendTally.report.
+    spend: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form: floats rounded to 6 decimals, statuses as a list of {status, error_code, count}."""
@@ -435,6 +438,7 @@ class Analyzer:
         self._idless_overheads: list[float] = []
         self._idless_unknown: list[float | None] = []
         self._media = _MediaTally(thresholds)
+        self._spend = SpendTally()
 
     def feed(self, lines: Iterable[str], source: str = "<input>") -> None:
         """Read lines (with or without trailing newlines); numbering restarts at 1 for each source."""
@@ -455,6 +459,7 @@ class Analyzer:
         name: str = obj["event"]
         self._events[name] += 1
         self._timestamp(obj.get("timestamp"))
+        self._spend.event(name, obj)
         key = _text(obj.get("message_sid")) or _text(obj.get("trace_id"))
         if name in _MediaTally.EVENTS:
             self._media.event(name, obj)
@@ -603,7 +608,127 @@ class Analyzer:
                 twilio_limit=self._total_time.twilio_limit_s,
             ),
             media=self._media.summary(),
+            spend=self._spend.report(),
         )
+
+
+class SpendTally:
+    """Cost per conversation and the most expensive hours, from the `ai_usage` events (one per run, with the user
+    as `user_hash` only), and the `budget_refused` events.
+
+    A conversation is a user's runs from one with `new_conversation` true to the next such one; runs of a user whose
+    conversation started before the log did make one conversation too. Hours are UTC, from each event's timestamp
+    (events without one count in the totals, not in the hours).
+    """
+
+    def __init__(self) -> None:
+        self._runs = 0
+        self._unpriced_runs = 0
+        self._cost = 0.0
+        self._tokens: Counter[str] = Counter()
+        self._by_model: dict[str, float] = {}
+        self._conversations: list[float] = []
+        self._current: dict[str, int] = {}  # user_hash -> index of their current conversation
+        self._hours: dict[str, float] = {}
+        self._hour_runs: Counter[str] = Counter()
+        self._refusals = 0
+        self._notices = 0
+        self._refused_users: set[str] = set()
+
+    def event(self, name: str, obj: dict[str, Any]) -> None:
+        if name == "budget_refused":
+            self._refusals += 1
+            self._notices += obj.get("notice") is True
+            user = _text(obj.get("user_hash"))
+            if user:
+                self._refused_users.add(user)
+            return
+        if name != "ai_usage":
+            return
+        cost = _duration(obj.get("cost_usd")) or 0.0
+        self._runs += 1
+        self._cost += cost
+        self._unpriced_runs += obj.get("priced") is False
+        for direction in ("input_tokens", "cached_tokens", "output_tokens"):
+            self._tokens[direction] += int(_duration(obj.get(direction)) or 0)
+        model = _text(obj.get("model")) or "unknown"
+        self._by_model[model] = self._by_model.get(model, 0.0) + cost
+        user = _text(obj.get("user_hash")) or ""
+        if obj.get("new_conversation") is True or user not in self._current or not user:
+            self._current[user] = len(self._conversations)
+            self._conversations.append(0.0)
+        self._conversations[self._current[user]] += cost
+        stamp = obj.get("timestamp")
+        if isinstance(stamp, str):
+            try:
+                ts = datetime.fromisoformat(stamp.strip())
+            except ValueError:
+                return
+            hour = (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:00Z")
+            self._hours[hour] = self._hours.get(hour, 0.0) + cost
+            self._hour_runs[hour] += 1
+
+    def report(self) -> dict[str, Any]:
+        conversations = self._conversations
+        return {
+            "runs": self._runs,
+            "cost_usd": self._cost,
+            "unpriced_runs": self._unpriced_runs,
+            "tokens": {
+                key.removesuffix("_tokens"): self._tokens[key]
+                for key in ("input_tokens", "cached_tokens", "output_tokens")
+            },
+            "cost_usd_by_model": dict(sorted(self._by_model.items())),
+            "conversations": len(conversations),
+            "cost_per_conversation_mean": sum(conversations) / len(conversations) if conversations else None,
+            "cost_per_conversation_p50": percentile(conversations, 50),
+            "cost_per_conversation_p95": percentile(conversations, 95),
+            "cost_per_conversation_max": max(conversations, default=None),
+            "most_expensive_hours": [
+                {"hour": hour, "cost_usd": cost, "runs": self._hour_runs[hour]}
+                for hour, cost in sorted(self._hours.items(), key=lambda kv: (-kv[1], kv[0]))[:MOST_EXPENSIVE_HOURS]
+            ],
+            "budget_refusals": self._refusals,
+            "budget_notices": self._notices,
+            "budget_refused_users": len(self._refused_users),
+        }
+
+
+def _spend_rows(spend: dict[str, Any], section: Any, row: Any) -> None:
+    section("Spend (ai_usage events)")
+    if not spend.get("runs"):
+        row("runs", "0")
+    else:
+        tokens = spend["tokens"]
+        row(
+            "runs",
+            f"{spend['runs']}" + (f" ({spend['unpriced_runs']} of unpriced models)" if spend["unpriced_runs"] else ""),
+        )
+        row(
+            "cost",
+            _usd(spend["cost_usd"])
+            + " ("
+            + ", ".join(f"{m} {_usd(c)}" for m, c in spend["cost_usd_by_model"].items())
+            + ")",
+        )
+        row("tokens", f"input {tokens['input']} (cached {tokens['cached']}), output {tokens['output']}")
+        row("conversations", str(spend["conversations"]))
+        row(
+            "cost per conversation",
+            f"mean {_usd(spend['cost_per_conversation_mean'])}, p50 {_usd(spend['cost_per_conversation_p50'])}, "
+            f"p95 {_usd(spend['cost_per_conversation_p95'])}, max {_usd(spend['cost_per_conversation_max'])}",
+        )
+        for hour in spend["most_expensive_hours"]:
+            row(f"hour {hour['hour']}", f"{_usd(hour['cost_usd'])} ({hour['runs']} runs)")
+    row(
+        "budget refusals",
+        f"{spend.get('budget_refusals', 0)} ({spend.get('budget_notices', 0)} notices, "
+        f"{spend.get('budget_refused_users', 0)} users)",
+    )
+
+
+def _usd(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6f} USD"
 
 
 def analyze(lines: Iterable[str], thresholds: Thresholds = THRESHOLDS) -> Report:
@@ -689,6 +814,7 @@ def render_table(report: Report, thresholds: Thresholds = THRESHOLDS) -> str:
         row(status if code is None else f"{status} ({code})", str(count))
 
     _media_rows(report.media, section, row)
+    _spend_rows(report.spend, section, row)
 
     rec = report.recommendation
     section("Deadline recommendation")

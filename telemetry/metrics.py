@@ -67,8 +67,39 @@ TOOL_CALLS = Counter(
 )
 TOKENS = Counter(
     "wabot_tokens_total",
-    "Model tokens used, by direction.",
-    ["direction"],
+    "Model tokens used, by direction (input: every input token, cached ones included; cached_input: the part of "
+    "the input served from OpenAI's prompt cache; output) and model (a model of the price table, or other).",
+    ["direction", "model"],
+)
+COST = Counter(
+    "wabot_cost_usd_total",
+    "What the model calls cost in USD at the price table's prices (WABOT_PRICES), by model. Models without a price "
+    'count no cost: their tokens are counted under model="other".',
+    ["model"],
+)
+DAILY_BUDGET = Gauge(
+    "wabot_daily_budget_usd",
+    "The operator's daily spend budget in USD (WABOT_DAILY_BUDGET_USD); 0 = none, and the spend alerts stay silent.",
+    multiprocess_mode="max",
+)
+USER_DAILY_TOKENS = Gauge(
+    "wabot_user_daily_tokens",
+    "The per-user daily token budget (WABOT_USER_DAILY_TOKENS); 0 = none.",
+    multiprocess_mode="max",
+)
+BUDGET_REFUSALS = Counter(
+    "wabot_budget_refusals_total",
+    "Messages not answered by the model because their user was over WABOT_USER_DAILY_TOKENS today (the first of "
+    "the day got a notice, the rest an empty reply). Each is a `budget_refused` log event.",
+)
+CONVERSATIONS = Counter(
+    "wabot_conversations_total",
+    "Conversations started: a user's first answered message, or the first after WABOT_CONVERSATION_TTL of silence.",
+)
+ANSWERS_SHORTENED = Counter(
+    "wabot_answers_shortened_total",
+    "Answers cut at WABOT_MAX_REPLY_PARTS messages (the last part ends with the shortened marker); each is an "
+    "`answer_shortened` log event.",
 )
 REPLY_PARTS = Counter(
     "wabot_reply_parts_total",
@@ -166,6 +197,9 @@ STORE_OPS = (
     "wait_turn",
     "release_turn",
     "renew_lease",
+    "tokens_today",
+    "add_tokens",
+    "claim_budget_notice",
 )
 
 
@@ -198,8 +232,6 @@ def init(
         MODEL_CALLS.labels(outcome=outcome)
     for reason in REJECTION_REASONS:
         REJECTIONS.labels(reason=reason)
-    for direction in ("input", "output"):
-        TOKENS.labels(direction=direction)
     for phase in AI_ERROR_PHASES:
         for error_type in AI_ERROR_TYPES:
             AI_ERRORS.labels(phase=phase, error_type=error_type)

@@ -108,6 +108,8 @@ FOR: Final = MappingProxyType(
         "WabotStoreErrors": "2m",  # one Redis failover or SQLite lock timeout is not an incident
         "WabotMediaFailing": "5m",  # those users got a reply saying what failed; a burst of Twilio 5xx passes
         "WabotTypingIndicatorsFailing": "10m",  # cosmetic: the answer still arrives
+        "WabotBudgetRefusalsHigh": "5m",  # a handful of users over budget at once passes; lasting refusals do not
+        "WabotAnswersShortenedOften": "15m",  # a few long questions pass; a lasting share is a setting to change
     }
 )
 
@@ -161,6 +163,36 @@ class Objectives:
 
 
 @dataclass(frozen=True)
+class SpendLines:
+    """The spend alerts: against the operator's daily budget (WABOT_DAILY_BUDGET_USD, the gauge
+    `wabot_daily_budget_usd`; silent while it is 0), the per-user budget's refusals, and answers cut at the parts cap.
+    """
+
+    # WabotSpendBurnRateHigh, burn-rate style: the spend rate over `long` and over `short`, taken over a whole day,
+    # both above `factor` x the daily budget. 3x over 1 hour (the budget gone in 8 h) pages; 1x over 6 hours
+    # (on pace to spend more than the budget today) is a ticket.
+    burn_rates: tuple[BurnRate, ...] = (
+        BurnRate("critical", "2m", "1h", "5m", 3),
+        BurnRate("warning", "15m", "6h", "30m", 1),
+    )
+    # The budget's period, which the factors are relative to.
+    period: str = "1d"
+    # Window of the dashboard's "Spend per hour" and "Cost per conversation" (a conversation lasts minutes).
+    dashboard_window: str = "1h"
+    # WabotBudgetRefusalsHigh: messages refused for the per-user daily budget in `AlertLines.window`. A user over
+    # budget sends a few more; this many is someone running the bot up on purpose (or a budget set too low).
+    budget_refusals: int = 10
+    # WabotAnswersShortenedOften: share of messages whose answer was cut at WABOT_MAX_REPLY_PARTS (traffic gate
+    # `AlertLines.min_messages`). An odd long answer is fine; one in twenty means the instructions or the cap are off.
+    shortened_ratio: float = 0.05
+
+    @property
+    def windows(self) -> tuple[str, ...]:
+        """Every window a spend rate is recorded for, shortest first."""
+        return tuple(sorted({w for b in self.burn_rates for w in (b.long, b.short)}, key=duration_seconds))
+
+
+@dataclass(frozen=True)
 class DashboardLines:
     """Colour steps of dashboard panels that no alert shares (the others come from the groups above)."""
 
@@ -183,6 +215,7 @@ class Thresholds:
     # `for:` of each operational alert by name (the burn-rate rows carry their own).
     for_: MappingProxyType[str, str] = field(default_factory=lambda: FOR)
     slo: Objectives = field(default_factory=Objectives)
+    spend: SpendLines = field(default_factory=SpendLines)
     dashboard: DashboardLines = field(default_factory=DashboardLines)
 
     @property

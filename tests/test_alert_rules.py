@@ -63,6 +63,9 @@ EXPECTED_ALERTS = {
     "WabotStoreErrors",
     "WabotMediaFailing",
     "WabotTypingIndicatorsFailing",
+    "WabotSpendBurnRateHigh",
+    "WabotBudgetRefusalsHigh",
+    "WabotAnswersShortenedOften",
     "WabotReplySLOBurnRateHigh",
     "WabotDeliverySLOBurnRateHigh",
     "Watchdog",
@@ -161,7 +164,8 @@ def test_required_recording_rules_exist_and_aggregate_by_job() -> None:
         if ":objective" in name:
             assert rule["labels"] == {"job": THRESHOLDS.job}
             continue
-        assert "sum by (job" in rule["expr"] or "on (job)" in rule["expr"], name
+        # A setting every replica reports alike (the daily budget) is taken once per job, not added up.
+        assert any(by in rule["expr"] for by in ("sum by (job", "on (job)", "max by (job)")), name
         assert "instance" not in rule["expr"], name
 
 
@@ -191,6 +195,12 @@ def test_alert_set_and_labels() -> None:
         for r in alerts
         if r["alert"] == "WabotDeliverySLOBurnRateHigh"
     }
+    spend = {
+        (r["labels"]["long_window"], r["labels"]["short_window"], r["labels"]["severity"])
+        for r in alerts
+        if r["alert"] == "WabotSpendBurnRateHigh"
+    }
+    assert spend == {(b.long, b.short, b.severity) for b in THRESHOLDS.spend.burn_rates}
 
 
 def test_every_alert_has_a_runbook() -> None:

@@ -41,6 +41,11 @@ REQUIRED_TITLES = (
     "Store errors",
     "SLO error budget",
     "SLO burn rate",
+    "Spend per hour",
+    "Spend per day against the budget",
+    "Tokens per message",
+    "Cost per conversation",
+    "Budget refusals and cut answers",
     # top row of stats
     f"Messages ({THRESHOLDS.alerts.window})",
     f"Timeout ratio ({THRESHOLDS.alerts.window})",

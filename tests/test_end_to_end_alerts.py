@@ -12,7 +12,11 @@ Phase 1: 40 messages, 4 slow (10 %): the recording rules equal the traffic, the 
 for several evaluations although the traffic gate is open. Phase 2: 10 more slow messages and 2 failing ones
 (14 / 52 = 26.9 % timeouts): the timeout-ratio alert goes pending then firing with the exact value, `WabotAIErrors`
 reaches the ticket receiver through Alertmanager, the delivery-SLO burn-rate alerts fire on the windows the error
-ratio crosses. Every dashboard query returns data. Missing binaries fail the test; they never skip it.
+ratio crosses. Every dashboard query returns data. Phase 3 (spend, issue 15): one user is driven past
+WABOT_USER_DAILY_TOKENS (one notice, then empty replies, no model call) and a burst of long answers past
+WABOT_MAX_REPLY_PARTS (4 parts, the last with the shortened marker); the counters equal the traffic,
+WabotSpendBurnRateHigh (both rows), WabotBudgetRefusalsHigh and WabotAnswersShortenedOften fire, and the spend row's
+dashboard queries return the numbers. Missing binaries fail the test; they never skip it.
 
 The reply deadline is 2.5 s: the OpenAI SDK retries a 500 twice with 0.375-1.5 s of backoff in all, so with a 1 s
 deadline a model error could only surface after the holding reply (a timeout plus a `followup`-phase error), never
@@ -46,7 +50,8 @@ from twilio.request_validator import RequestValidator
 from alerts import testing
 from bot.demo.inbound_form import inbound_form
 from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_FROM
-from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
+from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_BUDGET_MESSAGE, DEFAULT_HOLDING_MESSAGE
+from bot.splitting import SHORTENED_MARKER
 from dashboards import generate as dashboards
 from telemetry.thresholds import THRESHOLDS, duration_seconds, seconds_name
 from tests.binaries import find_binary
@@ -98,6 +103,16 @@ class Traffic:
 PHASE1 = Traffic(ok=35, tool=1, slow=4)  # 10 % timeouts: below the 20 % threshold, above the 10-message gate
 PHASE2 = Traffic(slow=10, error=2)
 TOTAL = Traffic(ok=35, tool=1, slow=14, error=2)  # 14 / 52 = 26.9 % timeouts, 2 / 52 = 3.8 % errors
+# Spend (phase 3): only output tokens are priced, at 100 USD per million, against a 4 USD daily budget. Phases 1 and 2
+# spend cents (short answers); phase 3's long answers (about 3,600 words = tokens each) spend dollars, on pace for far
+# more than the budget in a day on every window of WabotSpendBurnRateHigh.
+OUTPUT_USD_PER_MILLION = 100.0
+BUDGET_USD = 4.0
+USER_DAILY_TOKENS = 6000
+MAX_OUTPUT_TOKENS = 4000
+LONG = "[sim:delay=0.05] [sim:long=20000]"  # 20,000 characters: 13 WhatsApp parts, cut to 4
+LONG_ANSWERS = 8  # one each from as many senders, at once
+REFUSED_AFTER_NOTICE = 12  # the budget user's messages after the notice: empty replies
 # The traffic is built around the thresholds (telemetry/thresholds.py): phase 1 below the timeout line with the
 # gate open, both phases together above it.
 assert PHASE1.total >= THRESHOLDS.alerts.min_messages
@@ -287,6 +302,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "TWILIO_AUTH_TOKEN": DEMO_AUTH_TOKEN,  # the demo signs with it (a token of its own per run otherwise)
             "OTEL_TRACES_EXPORTER": "none",
             "PYTHONUNBUFFERED": "1",
+            "WABOT_PRICES": f"gpt-4.1-mini=0/0/{OUTPUT_USD_PER_MILLION:g}",
+            "WABOT_DAILY_BUDGET_USD": f"{BUDGET_USD:g}",
+            "WABOT_USER_DAILY_TOKENS": str(USER_DAILY_TOKENS),
+            "WABOT_MAX_OUTPUT_TOKENS": str(MAX_OUTPUT_TOKENS),
         }
         env.pop("OPENAI_API_KEY", None)
         command = [sys.executable, "-m", "bot", "serve", "--demo", "--host", "127.0.0.1"]
@@ -738,3 +757,144 @@ def test_dashboard_exemplars_link_to_traces(stack: Stack, phase2: Phase) -> None
         if not trace_ids or not all(re.fullmatch(r"[0-9a-f]{32}", t) for t in trace_ids):
             missing.append((title, expr, trace_ids))
     assert missing == []
+
+
+# ---------------------------------------------------------------------------------------------------- phase 3: spend
+
+
+@dataclass(frozen=True)
+class SpendPhase:
+    settled: float
+    answered: int  # the budget user's long answers before the notice
+    refused: int  # their messages refused: the notice, then empty replies
+    long_answers: int  # every long answer (the budget user's and the burst's), each cut at 4 parts
+    cost_before: float  # USD spent by phases 1 and 2
+
+
+def _cost(stack: Stack) -> float:
+    return stack.prometheus.scalar(f'sum(wabot_cost_usd_total{{job="{JOB}"}})') or 0.0
+
+
+@pytest.fixture(scope="module")
+def spend_phase(stack: Stack, phase2: Phase) -> SpendPhase:
+    # Phases 1 and 2 stayed under every spend row: the alert's silence there is test_no_other_alert_is_active's.
+    cost_before = _cost(stack)
+    fast = min(b for b in THRESHOLDS.spend.burn_rates if b.severity == "critical")
+    assert cost_before * 86400 / duration_seconds(fast.long) < fast.factor * BUDGET_USD / 2, cost_before
+
+    # One user past the daily token budget: answered (4 parts, cut) until the count passes it, then one notice.
+    user = "+15559000001"
+    answered = 0
+    for n in range(5):
+        parts = stack.send(f"budget {n} {LONG}", user)
+        if parts == [DEFAULT_BUDGET_MESSAGE]:
+            break
+        assert len(parts) == 4 and parts[-1].endswith(SHORTENED_MARKER.strip()), parts
+        answered += 1
+    else:
+        pytest.fail(f"never refused after {answered} long answers")
+    assert answered >= 1
+    # The rest of the day: empty replies.
+    for n in range(REFUSED_AFTER_NOTICE):
+        assert stack.send(f"refused {n} {LONG}", user) == []
+
+    # A burst of long answers from other users: each cut at the parts cap, with the marker.
+    senders = [f"+155591{i:05d}" for i in range(LONG_ANSWERS)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=LONG_ANSWERS) as pool:
+        replies = list(pool.map(stack.send, [f"long {i} {LONG}" for i in range(LONG_ANSWERS)], senders))
+    for parts in replies:
+        assert len(parts) == 4 and parts[-1].endswith(SHORTENED_MARKER.strip()), parts
+        assert parts[0].startswith("Sentence 1 of the long answer.")
+
+    refused = 1 + REFUSED_AFTER_NOTICE
+    long_answers = answered + LONG_ANSWERS
+    runs = TOTAL.total + long_answers
+    expected = {
+        f'sum(wabot_budget_refusals_total{{job="{JOB}"}})': refused,
+        f'sum(wabot_answers_shortened_total{{job="{JOB}"}})': long_answers,
+        f'sum(wabot_ai_runs_total{{job="{JOB}"}})': runs,  # refused messages start no run
+        f'max(wabot_daily_budget_usd{{job="{JOB}"}})': BUDGET_USD,
+    }
+    phase = _settle(stack, expected)
+    return SpendPhase(phase.settled, answered, refused, long_answers, cost_before)
+
+
+def test_spend_counters_equal_the_traffic(stack: Stack, spend_phase: SpendPhase) -> None:
+    prom = stack.prometheus
+    output = prom.scalar(f'sum(wabot_tokens_total{{job="{JOB}",direction="output",model="gpt-4.1-mini"}})')
+    assert output is not None and output >= spend_phase.long_answers * 3000
+    # The cost is the priced tokens at the table's price; nothing of this model is unpriced.
+    assert _close(_cost(stack), output * OUTPUT_USD_PER_MILLION / 1e6, 1e-9)
+    assert prom.scalar(f'sum(wabot_tokens_total{{job="{JOB}",model="other"}})') in (None, 0.0)
+    # Each long answer took the 4 parts of the cap, no more.
+    parts = prom.scalar(f'sum(wabot_reply_parts_total{{job="{JOB}"}})')
+    assert parts is not None and parts >= 4 * spend_phase.long_answers
+    # The budget user's answers are the conversation's turns; refused messages never reached the model.
+    assert prom.scalar(f'sum(wabot_model_calls_total{{job="{JOB}",outcome="ok"}})') == (
+        TOTAL.ok + 2 * TOTAL.tool + TOTAL.slow + spend_phase.long_answers
+    )
+
+
+def test_spend_alerts_fire_on_the_real_prometheus(stack: Stack, spend_phase: SpendPhase) -> None:
+    rows = {(b.severity, b.long, b.short) for b in THRESHOLDS.spend.burn_rates}
+
+    def active() -> tuple[bool, Any]:
+        alerts = {
+            name: stack.prometheus.alerts(name)
+            for name in ("WabotSpendBurnRateHigh", "WabotBudgetRefusalsHigh", "WabotAnswersShortenedOften")
+        }
+        spend = {
+            (a["labels"]["severity"], a["labels"]["long_window"], a["labels"]["short_window"])
+            for a in alerts["WabotSpendBurnRateHigh"]
+            if a["state"] == "firing"
+        }
+        others = all([a["state"] for a in alerts[n]] == ["firing"] for n in alerts if n != "WabotSpendBurnRateHigh")
+        return spend == rows and others, alerts
+
+    alerts = stack.poll("the spend alerts firing", active)
+    cost = _cost(stack)
+    for alert in alerts["WabotSpendBurnRateHigh"]:
+        window = duration_seconds(alert["labels"]["long_window"])
+        # The value is the spend pace in USD a day: all of the spend so far, over the long window, times a day.
+        assert cost * 86400 / window <= float(alert["value"]) < cost * 86400 / window * 1.25, alert
+        assert alert["annotations"]["runbook_url"].endswith("/alerts/runbooks/WabotSpendBurnRateHigh.md")
+    [refusals] = alerts["WabotBudgetRefusalsHigh"]
+    assert spend_phase.refused <= float(refusals["value"]) < spend_phase.refused * 1.25
+    assert float(refusals["value"]) > THRESHOLDS.spend.budget_refusals
+    [shortened] = alerts["WabotAnswersShortenedOften"]
+    runs = TOTAL.total + spend_phase.long_answers
+    assert _close(float(shortened["value"]), spend_phase.long_answers / runs, 1e-6), shortened
+    # The fast row pages through Alertmanager.
+    note = _wait_notification(stack, "page", "WabotSpendBurnRateHigh")
+    assert {a["labels"]["severity"] for a in note.alerts} == {"critical"}
+
+
+def test_spend_dashboard_queries_show_the_spend_the_budget_and_the_refusals(
+    stack: Stack, spend_phase: SpendPhase
+) -> None:
+    cost = _cost(stack)
+    wide = {"__rate_interval": W, "job": JOB}  # a window over the whole phase
+    panels = dashboards.dashboard_json()["panels"]
+    [row] = [i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Spend"]
+    spend = panels[row + 1 :]
+    assert spend and all(p["type"] != "row" for p in spend)  # the last row
+    values: dict[tuple[str, str], float] = {}
+    for title, t in dashboards.iter_targets({"panels": spend}):
+        result = stack.prometheus.vector(dashboards.substitute(t["expr"], wide))
+        assert result, (title, t["legendFormat"])
+        for labels, value in result:
+            assert math.isfinite(value), (title, labels, value)
+            values[(title, labels.get("direction") or t["legendFormat"])] = value
+    hours = duration_seconds(THRESHOLDS.spend.period) / duration_seconds(THRESHOLDS.spend.dashboard_window)
+    assert values[("Spend per hour", "budget pace")] == pytest.approx(BUDGET_USD / hours)
+    assert values[("Spend per day against the budget", "daily budget")] == BUDGET_USD
+    assert (
+        cost
+        <= values[("Spend per day against the budget", f"spent in the last {THRESHOLDS.spend.period}")]
+        < 1.25 * cost
+    )
+    refused = values[("Budget refusals and cut answers", "budget refusals")]
+    assert spend_phase.refused <= refused < spend_phase.refused * 1.25
+    cut = values[("Budget refusals and cut answers", "answers cut")]
+    assert spend_phase.long_answers <= cut < spend_phase.long_answers * 1.25
+    assert values[("Tokens per message", "output")] > 0 and values[("Cost per conversation", "per conversation")] > 0

@@ -284,6 +284,9 @@ def test_voice_note_is_transcribed_and_answered_inline(
     mark = log_lines.mark()
     transcribed_before = metric("wabot_transcription_seconds_count")
     ok_before = metric("wabot_media_total", {"kind": "audio", "outcome": "ok"})
+    transcribe_model = {"model": bot.settings.transcribe_model}
+    tokens_before = {d: metric("wabot_tokens_total", {"direction": d, **transcribe_model}) for d in ("input", "output")}
+    cost_before = metric("wabot_cost_usd_total", transcribe_model)
     [reply] = send_media(bot, sink, "", [(voice_note("what is on my calendar today"), "audio/ogg; codecs=opus")])
     # What was heard comes first, so a user can tell when the bot misheard; then the answer.
     assert reply == (
@@ -307,6 +310,16 @@ def test_voice_note_is_transcribed_and_answered_inline(
     assert (event["kind"], event["outcome"], event["content_type"]) == ("audio", "ok", "audio/ogg")
     assert event["transcribe_input_tokens"] > 0 and event["transcribe_output_tokens"] > 0
     assert event["transcribe_s"] > 0 and event["fetch_s"] > 0 and event["bytes"] > 0
+    # The transcription is paid for: its tokens and cost are counted under its model, and in the run's usage.
+    assert metric("wabot_tokens_total", {"direction": "input", **transcribe_model}) == (
+        tokens_before["input"] + event["transcribe_input_tokens"]
+    )
+    assert metric("wabot_tokens_total", {"direction": "output", **transcribe_model}) == (
+        tokens_before["output"] + event["transcribe_output_tokens"]
+    )
+    assert metric("wabot_cost_usd_total", transcribe_model) > cost_before
+    [usage] = [e for e in log_lines.events(mark) if e["event"] == "ai_usage"]
+    assert usage["calls"] == 2 and usage["input_tokens"] >= event["transcribe_input_tokens"]
     # A transcript is a message body: not logged unless WABOT_LOG_MESSAGE_BODIES says so.
     assert "calendar" not in "\n".join(log_lines.lines[mark:])
 

@@ -111,8 +111,14 @@ def test_scraped_metrics_equal_the_scripted_traffic(demo: DemoProcess) -> None:
     assert value(samples, "wabot_model_calls_total", outcome="server_error") == 1.0
     assert value(samples, "wabot_model_calls_total", outcome="timeout") == 0.0
     assert value(samples, "wabot_tool_calls_total", tool="calculate", outcome="ok") == 1.0
-    assert value(samples, "wabot_tokens_total", direction="input") > 0
-    assert value(samples, "wabot_tokens_total", direction="output") > 0
+    # The demo runs the default model, which has a price: tokens by direction and their cost at that price.
+    model = {"model": "gpt-4.1-mini"}
+    directions = ("input", "cached_input", "output")
+    tokens = {d: value(samples, "wabot_tokens_total", direction=d, **model) for d in directions}
+    assert tokens["input"] > 0 and tokens["output"] > 0 and tokens["cached_input"] == 0, tokens
+    cost = (tokens["input"] * 0.40 + tokens["output"] * 1.60) / 1e6
+    assert value(samples, "wabot_cost_usd_total", **model) == pytest.approx(cost)
+    assert value(samples, "wabot_tokens_total", direction="input", model="other") is None  # never called
     assert value(samples, "wabot_reply_timeout_seconds") == 2.5
     assert value(samples, "wabot_build_info", version="0.1.0") == 1.0
 

@@ -481,6 +481,7 @@ def runbook_figures(t: Thresholds) -> dict[str, list[str]]:
             f"in the last {words(w)} (`wabot:store_errors:increase{w} > 0`",
             fires_for("WabotStoreErrors"),
         ],
+        **spend_runbook_figures(t),
         "WabotReplySLOBurnRateHigh": [
             severity,
             f"{_pct(slo.reply_target)} of webhook replies within {lines.twilio_limit_s} s",
@@ -492,6 +493,33 @@ def runbook_figures(t: Thresholds) -> dict[str, list[str]]:
             severity,
             f"{_pct(slo.delivered_target)} of messages get a real answer",
             f"exceeds factor × {_pct(1 - slo.delivered_target)}, {gate}",
+        ],
+    }
+
+
+def spend_runbook_figures(t: Thresholds) -> dict[str, list[str]]:
+    """What the spend alerts' runbook pages say about the numbers."""
+    w, a, sp, words = t.alerts.window, t.alerts, t.spend, duration_words
+
+    def rows(severity: str) -> str:
+        return ", ".join(f"{b.long}/{b.short} at {b.factor:g}×" for b in sp.burn_rates if b.severity == severity)
+
+    fast = next(b for b in sp.burn_rates if b.severity == "critical")
+    return {
+        "WabotSpendBurnRateHigh": [
+            f"critical for the fast row ({rows('critical')}), warning for the slow row ({rows('warning')})",
+            f"(`wabot:cost_usd:rate{fast.long} * {duration_seconds(sp.period):g}`)",
+            f"The fast row fires after {words(fast.for_)}",
+        ],
+        "WabotBudgetRefusalsHigh": [
+            f"more than {sp.budget_refusals} messages were refused in the last {words(w)} "
+            f"(`wabot:budget_refusals:increase{w} > {sp.budget_refusals}`)",
+            f"for {words(t.for_['WabotBudgetRefusalsHigh'])}.",
+        ],
+        "WabotAnswersShortenedOften": [
+            f"more than {_pct(sp.shortened_ratio)} of the messages in the last {words(w)}",
+            f"(`wabot:answers_shortened:ratio_rate{w} > {sp.shortened_ratio:g}`), with at least {a.min_messages} "
+            f"messages in those {words(w)}, for {words(t.for_['WabotAnswersShortenedOften'])}.",
         ],
     }
 

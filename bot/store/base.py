@@ -74,6 +74,18 @@ class Store(Protocol):
         """Count a message of this user in the current fixed window of `window_s` seconds; return the count."""
         ...
 
+    async def tokens_today(self, user_key: str) -> int:
+        """The model tokens this user used today (UTC day on the store's clock), over every replica and worker."""
+        ...
+
+    async def add_tokens(self, user_key: str, tokens: int) -> None:
+        """Add a run's model tokens to this user's count of today; the count ends with the day."""
+        ...
+
+    async def claim_budget_notice(self, user_key: str) -> bool:
+        """True exactly once per user and day (over every replica and worker): this refusal sends the notice."""
+        ...
+
     async def get_conversation(self, user_key: str) -> str | None:
         """The last response id of a user's conversation, for `previous_response_id`."""
         ...

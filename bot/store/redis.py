@@ -40,6 +40,7 @@ from telemetry.logging import get_logger
 
 _PREFIX = "wabot"
 _LINE_TTL_S = 24 * 3600
+_DAY_S = 86_400
 # How often writes that failed during an outage are tried again.
 _RETRY_OWED_S = 0.5
 _COMMAND_CONNECTIONS = 100
@@ -135,6 +136,8 @@ class RedisStore:
     ) -> None:
         self._clock = clock
         self._conversation_ttl = conversation_ttl_s
+        self._token_reads: list[tuple[str, asyncio.Future[int]]] = []
+        self._read_task: asyncio.Task[None] | None = None
         self._lease_s = lease_s
         # Looking twice per lease bounds a dead replica's replies to about 1.5 leases without an owner.
         self.takeover_interval_s = lease_s / 2
@@ -286,6 +289,49 @@ class RedisStore:
             pipe.expire(key, window_s * 2)
             count, _ = await pipe.execute()
         return int(count)
+
+    def _tokens_key(self, kind: str, user_key: str) -> str:
+        # Keyed by the UTC day on the store's clock; the key outlives its day by one, then Redis drops it.
+        return f"{_PREFIX}:{kind}:{user_key}:{int(self._clock() // _DAY_S)}"
+
+    @counted("tokens_today")
+    async def tokens_today(self, user_key: str) -> int:
+        # Read on every message before its run: the reads of one turn of the event loop go out as one MGET, so a
+        # burst of webhooks does not take a pool connection each for it.
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._token_reads.append((self._tokens_key("tokens", user_key), waiter))
+        if len(self._token_reads) == 1:
+            self._read_task = asyncio.create_task(self._read_tokens(), name="redis token reads")
+        try:
+            return await waiter
+        finally:
+            del waiter  # no cycle through a failure's traceback
+
+    async def _read_tokens(self) -> None:
+        batch, self._token_reads = self._token_reads, []
+        try:
+            values = await self._redis.mget([key for key, _ in batch])
+        except Exception as exc:
+            for _, each in batch:
+                if not each.done():
+                    each.set_exception(exc)
+            del batch
+            return
+        for (_, each), value in zip(batch, values, strict=True):
+            if not each.done():
+                each.set_result(int(value) if value is not None else 0)
+
+    @counted("add_tokens")
+    async def add_tokens(self, user_key: str, tokens: int) -> None:
+        key = self._tokens_key("tokens", user_key)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(key, tokens)
+            pipe.expire(key, 2 * _DAY_S)
+            await pipe.execute()
+
+    @counted("claim_budget_notice")
+    async def claim_budget_notice(self, user_key: str) -> bool:
+        return bool(await self._redis.set(self._tokens_key("budget_notice", user_key), "1", nx=True, ex=2 * _DAY_S))
 
     @counted("get_conversation")
     async def get_conversation(self, user_key: str) -> str | None:

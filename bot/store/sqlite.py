@@ -45,7 +45,12 @@ CREATE TABLE IF NOT EXISTS pending (
     media TEXT
 );
 CREATE TABLE IF NOT EXISTS rate_counts (user_key TEXT PRIMARY KEY, window INTEGER NOT NULL, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS user_tokens (
+    user_key TEXT PRIMARY KEY, day INTEGER NOT NULL, tokens INTEGER NOT NULL, noticed INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS user_tokens_day ON user_tokens (day);
 """
+_DAY_S = 86_400
 _PURGE_EVERY_S = 60.0
 _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 # After a refused write, how long writes fail at once before one of them tries (and maybe waits) again.
@@ -81,6 +86,7 @@ class SQLiteStore:
         self._recovery_claimed = False
         self._lanes = UserLanes()
         self._counts: list[tuple[str, int, asyncio.Future[int]]] = []
+        self._token_reads: list[tuple[str, asyncio.Future[int]]] = []
         self._ttl = dedupe_ttl_s
         self._last_purge = 0.0
         self._last_conversation_purge = -math.inf
@@ -131,6 +137,7 @@ class SQLiteStore:
         if aged - self._last_conversation_purge >= _PURGE_EVERY_S:
             self._last_conversation_purge = aged
             await self._db.execute("DELETE FROM conversations WHERE updated_at < ?", (aged - self._conversation_ttl,))
+            await self._db.execute("DELETE FROM user_tokens WHERE day < ?", (int(aged // _DAY_S),))
 
     def _check_writable(self) -> None:
         if time.monotonic() < self._unwritable_until:
@@ -358,6 +365,71 @@ class SQLiteStore:
                     await self._db.execute("ROLLBACK")
             raise
         return totals
+
+    def _today(self) -> int:
+        return int(self._clock() // _DAY_S)
+
+    @counted("tokens_today")
+    async def tokens_today(self, user_key: str) -> int:
+        # Read on every message before its run: reads queued while the connection is busy go into one statement,
+        # as counts do (one statement each cost a burst of 200 about three times as long).
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._token_reads.append((user_key, waiter))
+        async with self._lock:
+            if not waiter.done():
+                await self._read_tokens_queued(waiter)
+        try:
+            return waiter.result()
+        finally:
+            del waiter  # as in accept: no cycle through the exception's traceback
+
+    async def _read_tokens_queued(self, waiter: asyncio.Future[int]) -> None:
+        """One query for every read queued so far; a failure is raised here and set on the others."""
+        batch, self._token_reads = self._token_reads, []
+        try:
+            users = sorted({user_key for user_key, _ in batch})
+            found: dict[str, int] = {}
+            for start in range(0, len(users), _KEYS_PER_QUERY):
+                chunk = users[start : start + _KEYS_PER_QUERY]
+                marks = ",".join("?" * len(chunk))
+                async with self._db.execute(
+                    f"SELECT user_key, tokens FROM user_tokens WHERE day = ? AND user_key IN ({marks})",
+                    (self._today(), *chunk),
+                ) as cur:
+                    found.update({row[0]: int(row[1]) for row in await cur.fetchall()})
+        except BaseException as exc:
+            _fail_waiters([other for _, other in batch if other is not waiter], exc)
+            del batch
+            raise
+        for user_key, each in batch:
+            each.set_result(found.get(user_key, 0))
+        del batch
+
+    @counted("add_tokens")
+    async def add_tokens(self, user_key: str, tokens: int) -> None:
+        # One row per user; a row of an earlier day starts over (and its notice with it), as rate_counts does.
+        await self._write(
+            "INSERT INTO user_tokens (user_key, day, tokens) VALUES (?, ?, ?) ON CONFLICT(user_key) DO UPDATE SET "
+            "tokens = CASE WHEN day = excluded.day THEN tokens + excluded.tokens WHEN day > excluded.day THEN tokens "
+            "ELSE excluded.tokens END, noticed = CASE WHEN day >= excluded.day THEN noticed ELSE 0 END, "
+            "day = MAX(day, excluded.day)",
+            (user_key, self._today(), tokens),
+        )
+
+    @counted("claim_budget_notice")
+    async def claim_budget_notice(self, user_key: str) -> bool:
+        async with self._lock:
+            self._check_writable()
+            try:
+                # One statement: of two workers refusing the same user at once, only one changes the row.
+                async with self._db.execute(
+                    "UPDATE user_tokens SET noticed = 1 WHERE user_key = ? AND day = ? AND noticed = 0",
+                    (user_key, self._today()),
+                ) as cur:
+                    return cur.rowcount == 1
+            except BaseException as exc:
+                self._write_failed(exc)
+                raise
 
     @counted("get_conversation")
     async def get_conversation(self, user_key: str) -> str | None:
