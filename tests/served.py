@@ -25,6 +25,7 @@ from twilio.request_validator import RequestValidator
 from bot.demo.inbound_form import inbound_form
 from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_FROM
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER, free_port
+from tests.forkserver import spawn_bot
 from tests.waiting import wait_until
 
 # The demo signs with TWILIO_AUTH_TOKEN when it is set (a token of its own per run otherwise): tests set this one.
@@ -74,10 +75,8 @@ class ServedBot:
         if demo:
             command.append("--demo")
         # The working directory is the test's own: a developer's .env in the repository must not configure it.
-        with self.output.open("wb") as out:
-            self.process = subprocess.Popen(
-                command, cwd=tmp, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        # Forked from tests/forkserver.py, where openai, FastAPI and the other libraries are already imported.
+        self.process = spawn_bot(command[3:], cwd=tmp, env=full_env, output=self.output)
         self.client = httpx2.Client(timeout=30.0)
 
     # --- lifecycle ------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from dashboards import generate as dashboards
 from telemetry.thresholds import THRESHOLDS, duration_seconds, seconds_name
 from tests.binaries import find_binary
 from tests.conftest import free_port
+from tests.forkserver import Forked, spawn_bot
 from tests.served import DEMO_AUTH_TOKEN
 from tests.waiting import wait_until
 
@@ -127,6 +128,10 @@ class Process:
 
     def __init__(self, name: str, command: list[str], log: Path, **kwargs: Any) -> None:
         self.name, self.log = name, log
+        self.popen: subprocess.Popen[bytes] | Forked
+        if command[:3] == [sys.executable, "-m", "bot"]:  # forked where the libraries are imported already
+            self.popen = spawn_bot(command[3:], cwd=kwargs["cwd"], env=kwargs["env"], output=log)
+            return
         with log.open("wb") as out:
             self.popen = subprocess.Popen(
                 command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs

@@ -38,6 +38,7 @@ from bot.store.sqlite import SQLiteStore
 from telemetry.flood import REJECTION_LOGS_PER_SECOND
 from telemetry.privacy import UserHasher
 from tests.conftest import Bot, LogLines, free_port, metric, new_sid
+from tests.forkserver import spawn_bot
 from tests.served import listening_on
 
 REJECTIONS = "wabot_webhook_rejections_total"
@@ -65,10 +66,7 @@ class _Demo:
         command = [sys.executable, "-m", "bot", "serve", "--demo", "--port", str(self.port)]
         command += ["--metrics-port", str(self.metrics_port), *args]
         env = _clean_env(WABOT_STORE=f"sqlite:///{tmp}/demo-{self.port}.db")
-        with self.output.open("wb") as out:
-            self.process = subprocess.Popen(
-                command, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        self.process = spawn_bot(command[3:], cwd=tmp, env=env, output=self.output)  # tests/forkserver.py
 
     def wait_ready(self, timeout: float = 30.0) -> _Demo:
         deadline = time.monotonic() + timeout

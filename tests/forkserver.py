@@ -1,0 +1,177 @@
+"""`python -m bot ...` subprocesses forked from a server that has already imported the heavy libraries.
+
+A fresh `wabot serve` spends about 2.5 s of CPU importing openai, FastAPI, aiohttp and twilio before it does
+anything, nine tenths of what a short test's bot process costs; the suite starts dozens. The fork server (this file,
+run as a script by the first test that needs it, one per pytest worker) imports those libraries once and forks a
+child per request, as gunicorn's --preload does. The child is a process of its own, in a session of its own, with
+the test's argv, environment, working directory and output file, and runs `bot` as `python -m bot` does
+(runpy._run_module_as_main), exits as it would (SystemExit code, traceback and 1 on an exception, atexit handlers
+run). Nothing of the project is preloaded: bot and telemetry, and prometheus_client (which reads
+PROMETHEUS_MULTIPROC_DIR when imported), are imported in the child, after its environment is set.
+
+The child is forked twice so that it is reparented to the pytest worker, which is made a child subreaper
+(prctl PR_SET_CHILD_SUBREAPER): the test then waits for it and reads its exit status like a subprocess's
+(`Forked` has the Popen methods the tests use).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+# Libraries that read nothing of the environment when imported and start no thread: safe to import before a fork.
+PRELOAD = (
+    "openai",
+    "fastapi",
+    "uvicorn",
+    "aiohttp",
+    "twilio.rest",
+    "twilio.request_validator",
+    "typer",
+    "structlog",
+    "httpx2",
+    "pydantic_settings",
+    "aiosqlite",
+    "redis.asyncio",
+    "opentelemetry.sdk.trace",
+)
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+class Forked:
+    """A process the fork server started for this one: the subset of subprocess.Popen the tests use."""
+
+    def __init__(self, pid: int, args: list[str]) -> None:
+        self.pid, self.args = pid, args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+            time.sleep(0.01)  # the poll interval of a bounded wait for an exit status
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class _Client:
+    """This pytest worker's connection to its fork server."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+        ours, theirs = socket.socketpair()
+        self._lock = threading.Lock()
+        self._file = ours.makefile("rw", encoding="utf-8")
+        self._socket = ours
+        self.server = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+
+    def spawn(self, args: list[str], *, cwd: Path, env: dict[str, str], output: Path) -> Forked:
+        request = {"args": args, "cwd": str(cwd), "env": env, "output": str(output)}
+        with self._lock:
+            self._file.write(json.dumps(request) + "\n")
+            self._file.flush()
+            answer = self._file.readline()
+        if not answer:
+            raise RuntimeError(f"the fork server exited with {self.server.poll()}")
+        return Forked(int(answer), args)
+
+
+_client: _Client | None = None
+
+
+def spawn_bot(args: list[str], *, cwd: Path, env: dict[str, str], output: Path) -> Forked:
+    """`python -m bot *args` in `cwd` with exactly `env`, stdout and stderr to `output`, in a new session."""
+    global _client
+    if _client is None:
+        _client = _Client()
+    return _client.spawn([sys.executable, "-m", "bot", *args], cwd=cwd, env=env, output=output)
+
+
+# ------------------------------------------------------------------------------------------------ the server
+
+
+def _child(request: dict[str, Any], *inherited: Any) -> None:
+    """Runs in the forked process: becomes `python -m bot ...` and never returns to the server's loop."""
+    for thing in inherited:
+        thing.close()
+    os.setsid()
+    out = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    os.close(null)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv = ["-m", *request["args"][3:]]  # as the interpreter sets it for -m, before runpy fills in the path
+    sys.path[0] = os.getcwd()  # `python -m` puts the working directory first, not this script's directory
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    sys.stdout.reconfigure(line_buffering=unbuffered, write_through=unbuffered)
+    import runpy
+
+    runpy._run_module_as_main("bot")  # type: ignore[attr-defined]
+    raise SystemExit(0)
+
+
+def _serve(fd: int) -> None:
+    for name in PRELOAD:
+        __import__(name)
+    connection = socket.socket(fileno=fd)
+    requests = connection.makefile("r", encoding="utf-8")
+    while line := requests.readline():
+        request = json.loads(line)
+        read, write = os.pipe()
+        middle = os.fork()
+        if middle == 0:
+            pid = os.fork()
+            if pid == 0:
+                os.close(read)
+                os.close(write)
+                # Raises SystemExit when the bot is done, and the interpreter exits as `python -m bot` would.
+                _child(request, requests, connection)
+            os.write(write, f"{pid}\n".encode())
+            os._exit(0)  # the child is orphaned now, and so adopted by the subreaper (the pytest worker)
+        os.close(write)
+        os.waitpid(middle, 0)  # only then is the child the worker's: it may wait for it from now on
+        with os.fdopen(read) as answer:
+            connection.sendall(answer.readline().encode())
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]))
