@@ -23,6 +23,7 @@ from bot.settings import Settings
 from bot.signature import SignatureChecker
 from bot.store import Store, open_store
 from bot.tools import registry
+from bot.typing_indicator import TypingIndicators
 from bot.warmup import warm_up_openai
 from telemetry import metrics
 from telemetry.flood import RejectionThrottle
@@ -45,6 +46,7 @@ class Services:
     hasher: UserHasher
     log: FilteringBoundLogger
     recent: RecentActivity
+    typing: TypingIndicators
     rejections: RejectionThrottle = field(default_factory=RejectionThrottle)
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -70,8 +72,9 @@ class Services:
         sender = TwilioSender(settings, tracing.tracer)
         agent = Agent(client, settings, registry, tracing.tracer)
         recent = RecentActivity()
+        typing = TypingIndicators(sender.client, settings, tracing.tracer, log)
         followups = FollowupDelivery(store, sender, log, recent, give_up_s=settings.followup_give_up_s)
-        runner = ReplyRunner(settings, store, agent, followups, log)
+        runner = ReplyRunner(settings, store, agent, followups, log, typing)
         services = cls(
             settings=settings,
             tracing=tracing,
@@ -79,7 +82,7 @@ class Services:
             openai=client,
             sender=sender,
             runner=runner,
-            responder=DeadlineResponder(settings, runner, tracing.tracer, log),
+            responder=DeadlineResponder(settings, runner, tracing.tracer, log, typing),
             signature=SignatureChecker(
                 settings.secret("twilio_auth_token"),
                 settings.public_url,
@@ -88,6 +91,7 @@ class Services:
             hasher=UserHasher(settings.hash_key_value()),
             log=log,
             recent=recent,
+            typing=typing,
         )
         # Before the first webhook and the first resumed run: neither should pay for the SDK's first call.
         await warm_up_openai(registry.specs())
@@ -102,6 +106,7 @@ class Services:
         for task in self.background:
             task.cancel()
         await self.runner.cancel_all()
+        await self.typing.close()
         await self.sender.close()
         await self.openai.close()
         await self.store.close()
