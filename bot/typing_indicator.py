@@ -101,6 +101,8 @@ class TypingIndicators:
 
     async def _send(self, message_sid: str, arrived: float, *, refresh: bool) -> None:
         """One indicator call, bounded; counted, logged and traced whatever its outcome (a cancellation aside)."""
+        error_type: str | None = None
+        code: int | None = None
         with ActiveSpan(
             self._tracer,
             "twilio.typing_indicator.create",
@@ -118,28 +120,29 @@ class TypingIndicators:
                     raise _Unsuccessful
             except Exception as exc:
                 error_type, code = _error_of(exc)
-                seconds = time.monotonic() - arrived
                 if code is not None:
                     span.set_attribute("twilio.error_code", code)
                 record_error(span, error_type)
-                metrics.TYPING_INDICATORS.labels(outcome="failed").inc()
-                self._log.warning(
-                    "typing_indicator",
-                    message_sid=message_sid,
-                    outcome="failed",
-                    seconds=round(seconds, 4),
-                    refresh=refresh,
-                    error_type=error_type,
-                    error_code=code,
-                )
-                return
-            seconds = time.monotonic() - arrived
-            metrics.TYPING_INDICATORS.labels(outcome="sent").inc()
-            if not refresh:
-                metrics.observe(metrics.TYPING_INDICATOR_SECONDS, seconds)
-            self._log.info(
-                "typing_indicator", message_sid=message_sid, outcome="sent", seconds=round(seconds, 4), refresh=refresh
+        # Logged and observed in the message's own span (the run's), as the other events of its reply are.
+        seconds = time.monotonic() - arrived
+        if error_type is not None:
+            metrics.TYPING_INDICATORS.labels(outcome="failed").inc()
+            self._log.warning(
+                "typing_indicator",
+                message_sid=message_sid,
+                outcome="failed",
+                seconds=round(seconds, 4),
+                refresh=refresh,
+                error_type=error_type,
+                error_code=code,
             )
+            return
+        metrics.TYPING_INDICATORS.labels(outcome="sent").inc()
+        if not refresh:
+            metrics.observe(metrics.TYPING_INDICATOR_SECONDS, seconds)
+        self._log.info(
+            "typing_indicator", message_sid=message_sid, outcome="sent", seconds=round(seconds, 4), refresh=refresh
+        )
 
 
 def _error_of(exc: Exception) -> tuple[str, int | None]:
