@@ -11,8 +11,9 @@ import concurrent.futures
 import itertools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
@@ -194,6 +195,32 @@ def test_refreshes_end_at_the_follow_up_budget_even_when_the_answer_is_later(
     # The second message's own reply was tried only once the first one's follow-up was given up, past its budget.
     replies = [a for a in sink.attempts() if a["body"] != "[turn 1] first"]
     assert replies and min(a["at"] for a in replies) - second_at > budget
+
+
+def test_an_indicator_that_cannot_start_within_a_second_of_arrival_is_skipped(
+    make_bot: Callable[..., Bot], sim, sink: TwilioSink, log_lines: LogLines
+) -> None:
+    """Under a burst the loop runs late, and the indicator gives way to the replies (bot/typing_indicator.py). A client
+    slow to send its body makes a message that late without a burst: it arrived with its headers, its run starts
+    only once the body is in."""
+    bot = make_bot(reply_timeout=3.0)
+    mark = log_lines.mark()
+    form = bot.form("slow upload [sim:delay=0.3]", sender="+15550700011")
+    raw = urlencode(form).encode()
+
+    def slowly() -> Iterator[bytes]:
+        yield raw[:20]
+        time.sleep(1.3)  # the slow client itself, not a wait for an outcome
+        yield raw[20:]
+
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": bot.sign("/whatsapp", form)}
+    response = bot.client.post(f"{bot.url}/whatsapp", content=slowly(), headers=headers)
+    assert response.status_code == 200 and "[turn 1] slow upload" in response.text
+    settle(bot)
+    assert accepted(sink, form["MessageSid"]) == []
+    [skipped] = [e for e in log_lines.events(mark) if e["event"] == "typing_indicator_skipped"]
+    assert (skipped["message_sid"], skipped["reason"], skipped["refresh"]) == (form["MessageSid"], "late", False)
+    assert typing_events(log_lines, mark, form["MessageSid"]) == []
 
 
 @pytest.mark.parametrize(
