@@ -24,6 +24,7 @@ from bot.inbound import InboundMessage
 from bot.settings import Settings
 from bot.splitting import split_message
 from bot.store import OwedReply
+from bot.typing_indicator import TypingIndicators
 from telemetry import metrics, spend
 from telemetry.privacy import UserHasher
 from telemetry.tracing import ActiveSpan
@@ -120,7 +121,15 @@ class RunStarter(Protocol):
 class DeadlineResponder:
     """Answers one accepted message within the reply deadline."""
 
-    def __init__(self, settings: Settings, runner: RunStarter, tracer: trace.Tracer, log: FilteringBoundLogger) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        runner: RunStarter,
+        tracer: trace.Tracer,
+        log: FilteringBoundLogger,
+        typing: TypingIndicators | None = None,
+    ) -> None:
+        self._typing = typing
         self._timeout = settings.reply_timeout
         self._holding = split_message(settings.holding_message)
         self._busy = split_message(settings.busy_message)
@@ -142,6 +151,9 @@ class DeadlineResponder:
             try:
                 started = await self._runner.start(reply, handoff)
                 if started:
+                    # "typing…" for the user, in a task of its own: nothing here waits for it (bot/typing_indicator.py).
+                    if self._typing is not None:
+                        self._typing.begin(reply.sid, arrived)
                     await handoff.wait(arrived + self._timeout - time.monotonic())
             except BaseException:
                 # Cancelled (the server stopping): the run must deliver its answer itself.

@@ -27,4 +27,10 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
             await services.store.ping()
     except Exception as exc:
         return JSONResponse({"status": "unavailable", "store": exc.__class__.__name__}, status_code=503)
-    return JSONResponse({"status": "ready", "runs_in_flight": services.runner.in_flight()})
+    return JSONResponse(
+        {
+            "status": "ready",
+            "runs_in_flight": services.runner.in_flight(),
+            "typing_indicators_in_flight": services.typing.active(),
+        }
+    )

@@ -109,6 +109,7 @@ class TwilioSender:
             http_client=self._http,
         )
         self._client.api.base_url = settings.twilio_api_url
+        self._client.messaging.base_url = messaging_url(settings.twilio_api_url)
         self._from = settings.twilio_whatsapp_from or ""
         self._status_callback = f"{settings.public_url}/whatsapp/status" if settings.public_url else None
         self._call_timeout = settings.twilio_call_timeout
@@ -191,8 +192,26 @@ class TwilioSender:
         span.set_attribute("twilio.message.sid", sid)
         return Sent(sid=sid, attempts=attempt, recovered=True)
 
+    @property
+    def client(self) -> Client:
+        """The SDK client, for the other Twilio APIs the bot calls (the typing indicator) on the same connections."""
+        return self._client
+
     async def close(self) -> None:
         await self._http.close()
+
+
+def messaging_url(api_url: str) -> str:
+    """Where Twilio's Messaging v2 API (the typing indicator) is, given `WABOT_TWILIO_API_URL`.
+
+    On Twilio itself it has a host of its own: messaging.twilio.com beside api.twilio.com (and likewise for a
+    regional api.<region>.twilio.com). Any other base URL (the demo's sink, a test double, a proxy) serves both.
+    """
+    scheme, sep, rest = api_url.partition("://")
+    host, slash, path = rest.partition("/")
+    if sep and host.startswith("api.") and host.endswith(".twilio.com"):
+        return f"{scheme}{sep}messaging.{host.removeprefix('api.')}{slash}{path}"
+    return api_url
 
 
 def _created_since(created: object, earliest: float) -> bool:

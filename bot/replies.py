@@ -26,6 +26,7 @@ from bot.ordering import Ticket
 from bot.settings import Settings
 from bot.splitting import split_capped, split_message
 from bot.store import OwedReply, Store, guarded
+from bot.typing_indicator import TypingIndicators
 from telemetry import metrics, spend
 
 # A resumed run gets at least this much time even when its original budget ran out while the bot was down.
@@ -53,7 +54,9 @@ class ReplyRunner:
         followups: FollowupDelivery,
         log: FilteringBoundLogger,
         media: MediaReader | None = None,
+        typing: TypingIndicators | None = None,
     ) -> None:
+        self._typing = typing
         self._budget = settings.followup_timeout
         self._apology = split_message(settings.apology_message)
         self._apology_text = settings.apology_message
@@ -140,6 +143,7 @@ class ReplyRunner:
             if reply.answer_parts is None:
                 slot_taken, has_slot = has_slot, False  # from here on _answer_in_slot releases it
                 answer = await self._answer_in_slot(reply, resumed=handoff is None, has_slot=slot_taken)
+                self._stop_typing(reply)
                 if handoff is not None and handoff.offer(answer):
                     self._log_answer(reply, answer, phase="inline")
                     if await handoff.taken():
@@ -165,6 +169,7 @@ class ReplyRunner:
             # A bug: the reply stays journaled, so the next start still delivers it.
             self._log.exception("reply_run_failed", message_sid=reply.sid, error_type=exc.__class__.__name__)
         finally:
+            self._stop_typing(reply)
             if has_slot:  # the run ended before it used its slot (a resumed answer, a cancellation)
                 self._release_slot()
             if ticket is not None:
@@ -183,6 +188,11 @@ class ReplyRunner:
             return await self._answer(reply, resumed=resumed)
         finally:
             self._release_slot()
+
+    def _stop_typing(self, reply: OwedReply) -> None:
+        """The answer (or apology) is ready to go, or the run ended: "typing…" stops."""
+        if self._typing is not None:
+            self._typing.stop(reply.sid)
 
     def _release_slot(self) -> None:
         metrics.RUNS_ACTIVE.dec()

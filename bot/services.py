@@ -25,6 +25,7 @@ from bot.settings import Settings
 from bot.signature import SignatureChecker
 from bot.store import Store, open_store
 from bot.tools import registry
+from bot.typing_indicator import TypingIndicators
 from bot.warmup import warm_up_openai
 from telemetry import metrics, spend
 from telemetry.flood import RejectionThrottle
@@ -48,6 +49,7 @@ class Services:
     log: FilteringBoundLogger
     recent: RecentActivity
     media_fetcher: MediaFetcher
+    typing: TypingIndicators
     rejections: RejectionThrottle = field(default_factory=RejectionThrottle)
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -76,10 +78,11 @@ class Services:
         sender = TwilioSender(settings, tracing.tracer)
         agent = Agent(client, settings, registry, tracing.tracer)
         recent = RecentActivity()
+        typing = TypingIndicators(sender.client, settings, tracing.tracer, log, recent)
         followups = FollowupDelivery(store, sender, log, recent, give_up_s=settings.followup_give_up_s)
         media_fetcher = MediaFetcher(settings)
         media = MediaReader(settings, client, media_fetcher, tracing.tracer, log, recent)
-        runner = ReplyRunner(settings, store, agent, followups, log, media=media)
+        runner = ReplyRunner(settings, store, agent, followups, log, media=media, typing=typing)
         services = cls(
             settings=settings,
             tracing=tracing,
@@ -87,7 +90,7 @@ class Services:
             openai=client,
             sender=sender,
             runner=runner,
-            responder=DeadlineResponder(settings, runner, tracing.tracer, log),
+            responder=DeadlineResponder(settings, runner, tracing.tracer, log, typing),
             signature=SignatureChecker(
                 settings.secret("twilio_auth_token"),
                 settings.public_url,
@@ -97,6 +100,7 @@ class Services:
             log=log,
             recent=recent,
             media_fetcher=media_fetcher,
+            typing=typing,
         )
         # Before the first webhook and the first resumed run: neither should pay for the SDK's first call.
         await warm_up_openai(registry.specs())
@@ -111,6 +115,7 @@ class Services:
         for task in self.background:
             task.cancel()
         await self.runner.cancel_all()
+        await self.typing.close()
         await self.sender.close()
         await self.media_fetcher.close()
         await self.openai.close()

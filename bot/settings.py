@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, gt=0, validation_alias="WABOT_MAX_BODY_BYTES")
     # WhatsApp's "typing…" (and read receipt) for a message accepted for a model run; some operators want neither.
     typing_indicator: bool = Field(True, validation_alias="WABOT_TYPING_INDICATOR")
+    # Seconds between indicators while a follow-up is prepared: WhatsApp drops "typing…" after 25 s.
+    typing_refresh_s: float = Field(20.0, ge=0.1, le=25.0, validation_alias="WABOT_TYPING_REFRESH")
 
     # Media of inbound messages (voice notes, photos, PDFs): fetched from Twilio into memory, never to disk.
     max_media_bytes: int = Field(16 * 1024 * 1024, gt=0, validation_alias="WABOT_MAX_MEDIA_BYTES")

@@ -133,6 +133,24 @@ def test_a_late_answer_follows_the_holding_reply_in_its_split_parts(context: Bro
     )
 
 
+def test_typing_shows_while_the_bot_works_then_the_answer_comes_and_the_message_is_read(
+    context: BrowserContext, demo: DemoBot
+) -> None:
+    page = chat(context, demo, "+15550002008")
+    typing = page.locator("#typing")
+    expect(typing).to_be_hidden()
+    send(page, "Take your time [sim:delay=1.5]")
+    # The bot's typing indicator reached the sink: WhatsApp shows "typing…" and the message as read.
+    expect(typing).to_be_visible(timeout=WAIT_MS)
+    expect(typing).to_have_text("typing…")
+    expect(page.locator(".msg.user .meta .read")).to_have_text("✓✓", timeout=WAIT_MS)
+    # The holding reply at the 1 s deadline ends it, as any message to the user does; the answer follows.
+    expect(page.locator(".msg.bot .text")).to_have_text(
+        [DEFAULT_HOLDING_MESSAGE, "[turn 1] Take your time"], timeout=WAIT_MS
+    )
+    expect(typing).to_be_hidden(timeout=WAIT_MS)
+
+
 def test_two_users_in_two_tabs_stay_separate(context: BrowserContext, demo: DemoBot) -> None:
     alice = chat(context, demo, "+15550002004")
     bob = chat(context, demo, "+15550002005")

@@ -309,3 +309,31 @@ def test_each_answer_names_the_tools_it_used_with_users_at_once_and_in_follow_up
     assert clock["tools"] == ["get_current_time"]
     assert thanks["text"].startswith('[turn 2] (demo model) A real model would answer "thanks!" here.')
     assert 'Your previous message was "What time is it in Tokyo?"' in thanks["text"] and "tools" not in thanks
+
+
+def test_the_page_learns_typing_and_read_from_the_sinks_typing_indicators(demo_bot: DemoBot) -> None:
+    """/demo/typing: "typing…" while the sink holds a live indicator for the user (until the webhook's reply went out),
+    and the user's messages that got one, as read."""
+    user = "+15550001014"
+
+    def typing() -> dict[str, Any]:
+        response = demo_bot.client.get(f"{demo_bot.url}/demo/typing", params={"user": user})
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    assert typing() == {"typing": False, "read": []}
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(demo_bot.send, user, "take a while [sim:delay=1.5]")  # holding reply at 1 s
+        shown = wait_until(lambda: (state := typing())["typing"] and state, 1.0, "typing… within a second")
+        assert shown["read"] == [1]
+        held.result()
+    assert typing() == {"typing": False, "read": [1]}  # the holding reply ended it
+    demo_bot.send(user, "and this one [sim:delay=0.1]")  # its turn comes once the first one's answer is sent
+    events = demo_bot.events(user, 5)
+    assert [(e["id"], e["role"], e["text"]) for e in events][2:] == [
+        (3, "user", "and this one [sim:delay=0.1]"),
+        (4, "bot", "[turn 1] take a while"),
+        (5, "bot", "[turn 2] and this one"),
+    ]
+    assert typing() == {"typing": False, "read": [1, 3]}
+    assert demo_bot.client.get(f"{demo_bot.url}/demo/typing", params={"user": "nobody"}).status_code == 422

@@ -142,7 +142,8 @@ def test_scraped_metrics_equal_the_scripted_traffic(demo: DemoProcess) -> None:
 
 
 def test_exemplars_only_in_openmetrics(demo: DemoProcess) -> None:
-    assert demo.send("exemplar please [sim:delay=0.1] [sim:echo]", "+15557650010") == ["[turn 1] exemplar please"]
+    # Slow enough for the typing indicator to be accepted before the answer (a faster answer cancels it).
+    assert demo.send("exemplar please [sim:delay=0.5] [sim:echo]", "+15557650010") == ["[turn 1] exemplar please"]
     plain = demo.scrape()
     assert plain.headers["content-type"].startswith("text/plain")
     assert "trace_id" not in plain.text
@@ -159,11 +160,16 @@ def test_exemplars_only_in_openmetrics(demo: DemoProcess) -> None:
         for sample in family.samples
         if sample.exemplar is not None
     }
-    assert set(exemplars) == {"wabot_response_seconds_bucket", "wabot_ai_processing_seconds_bucket"}
+    assert set(exemplars) == {
+        "wabot_response_seconds_bucket",
+        "wabot_ai_processing_seconds_bucket",
+        "wabot_typing_indicator_seconds_bucket",
+    }
     # The exemplar is the message's trace: the same id its log lines carry.
     total_time_traces = {line["trace_id"] for line in json_lines(demo.text()) if line.get("event") == "total_time"}
     assert total_time_traces == {exemplars["wabot_response_seconds_bucket"]}
     assert exemplars["wabot_ai_processing_seconds_bucket"] == exemplars["wabot_response_seconds_bucket"]
+    assert exemplars["wabot_typing_indicator_seconds_bucket"] == exemplars["wabot_response_seconds_bucket"]
 
 
 def test_metrics_and_webhook_ports_are_separate(quiet_demo: DemoProcess) -> None:

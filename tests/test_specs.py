@@ -285,3 +285,24 @@ def test_answers_to_images_and_files_are_valid_responses_and_the_requests_valid_
     refused = http.post("/v1/responses", json=bad)
     assert refused.status_code == 400
     assert problems(ERROR, refused.json(), closed=True) == []
+
+
+def test_the_typing_indicator_the_bot_sends_and_the_sinks_answer_are_twilios_shapes(make_bot, sim, sink) -> None:
+    """The typing indicator's form as the twilio SDK sent it for a message (CreateTypingIndicator's request body) and
+    the sink's answer to it (the operation's 200 body), against Twilio's Messaging v2 document."""
+    bot = make_bot(reply_timeout=2.0)
+    form = bot.form("show me typing [sim:delay=0.3]")
+    assert bot.post_form(form).messages
+    [indicator] = sink.wait_for_typing(1, message_id=form["MessageSid"], timeout=5)
+    assert (
+        problems(validator("twilio.json", "messaging.v2.whatsapp.typing.indicator"), indicator["form"], closed=True)
+        == []
+    )
+    answered = httpx2.post(
+        f"{bot.settings.twilio_api_url}/v2/Indicators/Typing.json",
+        data=indicator["form"],
+        auth=(ACCOUNT_SID, AUTH_TOKEN),
+    )
+    assert answered.status_code == 200, answered.text
+    assert problems(validator("twilio.json", "CreateTypingIndicatorResponse"), answered.json(), closed=True) == []
+    assert answered.json() == {"success": True}

@@ -122,11 +122,20 @@ def test_a_bot_keeping_no_answered_trace_still_exports_every_timeout_trace(
     sender = "+15557654311"
     assert bot.send("slow one [sim:delay=1.5]", sender=sender).messages == [DEFAULT_HOLDING_MESSAGE]
     sink.wait_for_messages(1, to=f"whatsapp:{sender}", timeout=10)
-    spans = wait_for_spans(bot, "POST /whatsapp", "wabot.reply", "invoke_agent", "twilio.messages.create")
+    spans = wait_for_spans(
+        bot, "POST /whatsapp", "wabot.reply", "invoke_agent", "twilio.messages.create", "twilio.typing_indicator.create"
+    )
     # Only the timed-out message's trace, whole: the answered one left nothing behind.
     assert len({span.context.trace_id for span in spans}) == 1
     assert sorted(span.name for span in spans) == sorted(
-        ["POST /whatsapp", "wabot.reply", "invoke_agent", "chat sim-model", "twilio.messages.create"]
+        [
+            "POST /whatsapp",
+            "wabot.reply",
+            "invoke_agent",
+            "chat sim-model",
+            "twilio.messages.create",
+            "twilio.typing_indicator.create",
+        ]
     )
     [reply] = [span for span in spans if span.name == "wabot.reply"]
     assert reply.attributes["wabot.reply.outcome"] == "timeout"

@@ -24,6 +24,7 @@ from twilio.rest import Client
 from bot.demo.loopback import LoopbackServer
 from bot.demo.twilio_sink import TwilioSink, mask_address
 from tests import specs
+from tests.waiting import until
 
 SID = "AC" + "0" * 31 + "1"
 TOKEN = "sink-test-token"
@@ -466,10 +467,116 @@ async def test_http_inspection_endpoints(sink: TwilioSink, client: Client, sink_
     assert sink.messages() == []
 
 
+INBOUND = "SM" + "a" * 32
+LATER = "SM" + "b" * 32
+
+
+async def typing(client: Client, message_id: str = INBOUND) -> bool | None:
+    indicator = await client.messaging.v2.typing_indicator.create_async(channel="whatsapp", message_id=message_id)
+    return indicator.success
+
+
 async def test_typing_indicator(sink: TwilioSink, client: Client) -> None:
-    indicator = await client.messaging.v2.typing_indicator.create_async(channel="whatsapp", message_id="SM" + "a" * 32)
-    assert indicator.success is True
-    assert [(t["channel"], t["message_id"]) for t in sink.typing_indicators()] == [("whatsapp", "SM" + "a" * 32)]
+    assert await typing(client) is True
+    assert [(t["channel"], t["message_id"]) for t in sink.typing_indicators()] == [("whatsapp", INBOUND)]
+    [record] = sink.wait_for_typing(1, message_id=INBOUND, timeout=1.0)
+    assert (record["status"], record["outcome"], record["to"]) == (200, "accepted", None)  # not told whose it is
+    assert record["form"] == {"channel": "whatsapp", "messageId": INBOUND}
+
+
+async def test_typing_indicator_checks_credentials_and_its_form(
+    sink: TwilioSink, client: Client, sink_server: tuple[TwilioSink, str]
+) -> None:
+    bad = make_client(sink_server[1], token="wrong")
+    try:
+        with pytest.raises(TwilioRestException) as refused:
+            await typing(bad)
+    finally:
+        await bad.http_client.close()
+    assert (refused.value.status, refused.value.code) == (401, 20003)
+    for message_id in ("12345", "SM" + "a" * 31, "XX" + "a" * 32):
+        with pytest.raises(TwilioRestException) as invalid:
+            await typing(client, message_id)
+        assert (invalid.value.status, invalid.value.code) == (400, 20001)
+    with pytest.raises(TwilioRestException) as channel:
+        await client.messaging.v2.typing_indicator.create_async(channel="rcs", message_id=INBOUND)
+    assert channel.value.status == 400
+    assert [(t["status"], t["outcome"]) for t in sink.typing_indicators()] == [(401, "error")] + [(400, "error")] * 4
+    assert sink.typing(USER)["read"] == []
+
+
+async def test_typing_indicator_faults(sink: TwilioSink, client: Client) -> None:
+    sink.inject_typing(status=503, message_id=INBOUND)
+    with pytest.raises(TwilioRestException) as unavailable:
+        await typing(client)
+    assert (unavailable.value.status, unavailable.value.code) == (503, 20500)
+    assert await typing(client, LATER) is True  # the fault was for the other message
+    assert await typing(client) is True  # and for one request only
+
+    sink.inject_typing(status=500, reset=True)
+    with pytest.raises(aiohttp.ClientError):
+        await typing(client)
+
+    sink.inbound(INBOUND, USER)
+    sink.inject_typing(status=200, delay=0.5)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await typing(client)
+    # Shown before the answer came late: the caller that gave up cannot tell.
+    assert sink.typing(USER)["typing"] is True
+    assert [t["outcome"] for t in sink.typing_indicators()] == ["error", "accepted", "accepted", "reset", "accepted"]
+
+    sink.inject_typing(status=429, count=2)
+    for _ in range(2):
+        with pytest.raises(TwilioRestException) as limited:
+            await typing(client)
+        assert (limited.value.status, limited.value.code) == (429, 20429)
+    sink.inject_typing(status=500)
+    sink.clear_faults()
+    assert await typing(client) is True
+
+
+async def test_a_live_typing_indicator_per_user_until_a_message_to_them(
+    sink: TwilioSink, client: Client, sink_server: tuple[TwilioSink, str]
+) -> None:
+    sink.inbound(INBOUND, USER)
+    sink.inbound(LATER, OTHER)
+    assert sink.typing(USER) == {"typing": False, "message_id": None, "expires_in": None, "read": []}
+    assert await typing(client) is True
+    shown = sink.typing(USER)
+    assert (shown["typing"], shown["message_id"], shown["read"]) == (True, INBOUND, [INBOUND])
+    assert 24.0 < shown["expires_in"] <= 25.0
+    assert sink.typing(OTHER)["typing"] is False  # another user's chat shows nothing
+    async with aiohttp.ClientSession(base_url=sink_server[1]) as http:
+        over_http = await (await http.get("/_sink/typing", params={"to": USER})).json()
+    assert (over_http["typing"], over_http["read"]) == (True, [INBOUND])
+
+    await client.messages.create_async(to=OTHER, from_=BOT, body="to someone else")
+    assert sink.typing(USER)["typing"] is True
+    await client.messages.create_async(to=USER, from_=BOT, body="the answer")
+    assert sink.typing(USER) == {"typing": False, "message_id": None, "expires_in": None, "read": [INBOUND]}
+
+    # A webhook's TwiML reply ends it too, once the sink is told it went out.
+    assert await typing(client, LATER) is True
+    assert sink.typing(OTHER)["typing"] is True
+    sink.replied(OTHER)
+    assert sink.typing(OTHER)["typing"] is False
+    sink.clear()
+    assert sink.typing(USER)["read"] == []
+
+
+async def test_a_typing_indicator_ends_by_itself() -> None:
+    sink = TwilioSink(account_sid=SID, auth_token=TOKEN, typing_lasts_s=0.3)
+    with LoopbackServer(sink.app, name="twilio-sink") as server:
+        client = make_client(server.url)
+        try:
+            sink.inbound(INBOUND, USER)
+            assert await typing(client) is True
+            assert sink.typing(USER)["typing"] is True
+            await until(lambda: not sink.typing(USER)["typing"], 2.0, "the indicator to lapse")
+            assert sink.typing(USER)["read"] == [INBOUND]  # read it stays
+        finally:
+            await client.http_client.close()
 
 
 # ---------------------------------------------------------------- media

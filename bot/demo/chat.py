@@ -13,6 +13,9 @@ MediaContentType{N}, as Twilio's would. The user's bubble shows them (image thum
 name), loaded through /demo/media/{MediaSid}, which fetches them back from the sink with the account's
 credentials (the sink's URLs need Basic auth, which a page cannot send).
 
+WhatsApp's read ticks and "typing…" come from the typing indicators the bot sends to the demo's sink: the page polls
+/demo/typing, which says whether the sink holds a live indicator for the user and which of their messages got one.
+
 Which sent message a follow-up answers is not written on it (Twilio's REST API carries no reference to the
 inbound message). The bot answers each user's messages in order, so a follow-up goes to the oldest of the user's
 messages still owed one; a split answer's parts go to the same message. A part shorter than a quarter of Twilio's
@@ -97,6 +100,7 @@ class Conversation:
         self.events: list[dict[str, Any]] = []
         self.changed = asyncio.Event()
         self._owed: list[_Sent] = []  # messages that may still get a follow-up, oldest first
+        self.message_ids: dict[str, int] = {}  # inbound MessageSid -> the id of the user's event
         self._current: _Sent | None = None  # the message the last follow-up went to
 
     def notify(self) -> None:
@@ -273,6 +277,8 @@ class ChatHub:
             for url, item in zip(stored, media, strict=True)
         ]
         sent = conversation.sent(text, shown)
+        conversation.message_ids[form["MessageSid"]] = sent.id
+        self._demo.sink.inbound(form["MessageSid"], form["From"])  # as Twilio knows who sent it
         try:
             response = await self._client.post(url, content=urlencode(form), headers=headers)
         except httpx2.HTTPError as exc:
@@ -283,6 +289,8 @@ class ChatHub:
             conversation.notice(sent, f"the webhook answered HTTP {response.status_code}: {response.text[:200]}")
             return
         parts = [m.text or "" for m in ElementTree.fromstring(response.text).iter("Message")]
+        if parts:
+            self._demo.sink.replied(form["From"])  # Twilio sends the TwiML reply: "typing…" ends
         conversation.replied(sent, parts, elapsed, self._kind(parts))
 
     async def _store(self, item: Attachment, sid: str) -> str:
@@ -346,6 +354,14 @@ class ChatHub:
                 await asyncio.wait_for(changed.wait(), KEEPALIVE_S)
             except TimeoutError:
                 yield ": keepalive\n\n"
+
+    def typing(self, user: str) -> dict[str, Any]:
+        """What `user`'s WhatsApp shows of the bot's typing indicators, as the demo's sink holds them: "typing…"
+        (`typing`) and which of their messages are read (`read`, event ids)."""
+        conversation = self.conversation(user)
+        state = self._demo.sink.typing(f"whatsapp:{user}")
+        read = [conversation.message_ids[sid] for sid in state["read"] if sid in conversation.message_ids]
+        return {"typing": state["typing"], "read": read}
 
     # -- the simulator knob
 
@@ -456,6 +472,11 @@ async def events(request: Request, user: str = Query(pattern=PHONE)) -> Streamin
 async def sink_url(request: Request) -> dict[str, str | None]:
     """Where the demo's Twilio sink listens: `wabot send --media` stores its files there."""
     return {"url": request.app.state.settings.twilio_api_url}
+
+
+@router.get("/demo/typing")
+async def typing(request: Request, user: str = Query(pattern=PHONE)) -> dict[str, Any]:
+    return _hub(request).typing(user)
 
 
 @router.get("/demo/users")

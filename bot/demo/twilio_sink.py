@@ -17,6 +17,15 @@ answers the Media resource. Faults per medium: expired (404), slow storage, no C
 `media_fetches()` (or ``GET /_sink/media_fetches``) records every fetch on either origin, with whether an
 Authorization header reached it and how many bytes the storage handed out. The sink learns the base URL its media
 URLs start with from `api_url` (set it to the URL it is served at; the HTTP upload falls back to the request's).
+
+It also takes Messaging v2's typing indicators (`POST /v2/Indicators/Typing.json`, which the SDK sends once
+``client.messaging.base_url`` points here too): Basic auth, the form checked as Twilio's spec says (`channel`
+whatsapp, `messageId` a message SID), `{"success": true}` as the answer, faults of their own (`inject_typing`). Like
+WhatsApp, it holds a live indicator per user: from an accepted indicator for one of the user's messages until a
+message to that user is accepted (a REST message, or a webhook's TwiML reply it is told of with `replied`) or
+`typing_lasts_s` (25 s) pass. Twilio knows which user sent an inbound message; the sink is told by whoever posts
+one to the bot (`inbound`). An indicator for a message it was not told of is accepted (real Twilio would check it)
+but is live for nobody.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import copy
 import email.utils
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -40,6 +50,7 @@ from urllib.parse import urlencode
 import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.requests import ClientDisconnect
 from twilio.request_validator import RequestValidator
 
 from bot.demo.loopback import LoopbackServer
@@ -55,6 +66,8 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # what the demo's upload endpoint keeps in memory for one medium
 CALLBACK_TIMEOUT_S = 5.0
+TYPING_LASTS_S = 25.0  # WhatsApp drops "typing…" after 25 s without a reply
+_MESSAGE_SID = re.compile(r"^(SM|MM)[0-9a-fA-F]{32}$")  # the spec's pattern for the typing indicator's messageId
 
 _ERROR_MESSAGES = {
     20001: "Invalid paging parameter",
@@ -141,6 +154,14 @@ class _Fault:
 
 
 @dataclass
+class _Live:
+    """A user's live typing indicator: for which of their messages, since when (time.monotonic())."""
+
+    message_id: str
+    at: float
+
+
+@dataclass
 class _DeliveryFault:
     status: str
     code: int
@@ -177,8 +198,16 @@ class _DroppedConnection(Response):
 class TwilioSink:
     """A fake Twilio Messages API for one account: serve `app`, set ``client.api.base_url`` to its URL."""
 
-    def __init__(self, *, account_sid: str, auth_token: str, status_callbacks: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        account_sid: str,
+        auth_token: str,
+        status_callbacks: bool = True,
+        typing_lasts_s: float = TYPING_LASTS_S,
+    ) -> None:
         self.account_sid = account_sid
+        self._typing_lasts_s = typing_lasts_s
         self._auth_token = auth_token
         self._status_callbacks = status_callbacks
         self._validator = RequestValidator(auth_token)
@@ -190,6 +219,9 @@ class TwilioSink:
         self._attempts: list[dict[str, Any]] = []
         self._lookups: list[dict[str, Any]] = []
         self._typing: list[dict[str, Any]] = []
+        self._inbound: dict[str, str] = {}  # inbound message sid -> the user who sent it
+        self._live: dict[str, _Live] = {}  # user -> their live typing indicator
+        self._typing_faults: list[_Fault] = []
         self._faults: list[_Fault] = []
         self._list_faults: list[_Fault] = []
         self._delivery_faults: list[_DeliveryFault] = []
@@ -232,7 +264,13 @@ class TwilioSink:
             return copy.deepcopy(self._lookups)
 
     def typing_indicators(self) -> list[dict[str, Any]]:
-        """Typing indicators received (``POST /v2/Indicators/Typing.json``): ``message_id, channel, at``."""
+        """Every typing-indicator request (``POST /v2/Indicators/Typing.json``), accepted or not: ``message_id,
+        channel, to, form, status, outcome, at``.
+
+        `to` is the user who sent the message (None when the sink was not told, see `inbound`); `form` the whole
+        form as sent; `status` the HTTP status answered (None for a dropped connection); `outcome` accepted (the
+        indicator is shown, whatever the caller then got), error or reset.
+        """
         with self._lock:
             return copy.deepcopy(self._typing)
 
@@ -301,6 +339,54 @@ class TwilioSink:
         if server is not None:
             server.stop()
 
+    def inbound(self, message_sid: str, sender: str) -> None:
+        """`sender` (``whatsapp:+E.164``) sent the message `message_sid` to the bot: Twilio would know, the sink is
+        told by whoever posts the webhook, so that the message's typing indicator shows to its user."""
+        with self._lock:
+            self._inbound[message_sid] = sender
+
+    def replied(self, to: str) -> None:
+        """A webhook's TwiML reply to `to` went out. Twilio sends it as messages, which end the user's typing
+        indicator like any other message; the sink never sees TwiML, so whoever posted the webhook says so."""
+        with self._changed:
+            self._live.pop(to, None)
+            self._changed.notify_all()
+
+    def typing(self, to: str) -> dict[str, Any]:
+        """What WhatsApp shows user `to`: ``typing`` (a live indicator), its ``message_id`` and ``expires_in``
+        (seconds), and ``read``, the user's messages that got an accepted indicator (shown as read), oldest first."""
+        now = time.monotonic()
+        with self._lock:
+            live = self._live.get(to)
+            if live is not None and now - live.at >= self._typing_lasts_s:
+                del self._live[to]
+                live = None
+            read = [t["message_id"] for t in self._typing if t["to"] == to and t["outcome"] == "accepted"]
+        return {
+            "typing": live is not None,
+            "message_id": live.message_id if live else None,
+            "expires_in": round(self._typing_lasts_s - (now - live.at), 3) if live else None,
+            "read": list(dict.fromkeys(read)),
+        }
+
+    def wait_for_typing(self, n: int, *, message_id: str | None = None, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Block until at least `n` typing indicators (for `message_id`, if given) were accepted; return them."""
+
+        def matching() -> list[dict[str, Any]]:
+            return [
+                t
+                for t in self._typing
+                if t["outcome"] == "accepted" and (message_id is None or t["message_id"] == message_id)
+            ]
+
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(matching()) >= n, timeout):
+                raise TimeoutError(
+                    f"expected {n} typing indicator(s) within {timeout}s, got {len(matching())} "
+                    f"({len(self._typing)} request(s) in all)"
+                )
+            return copy.deepcopy(matching())
+
     def clear(self) -> None:
         """Forget recorded messages, attempts, lookups, typing indicators, media and their fetches (queued faults
         stay queued)."""
@@ -310,6 +396,8 @@ class TwilioSink:
             self._attempts.clear()
             self._lookups.clear()
             self._typing.clear()
+            self._inbound.clear()
+            self._live.clear()
         self._storage.clear()
 
     def clear_faults(self) -> None:
@@ -317,6 +405,7 @@ class TwilioSink:
             self._faults.clear()
             self._list_faults.clear()
             self._delivery_faults.clear()
+            self._typing_faults.clear()
 
     def wait_for_messages(self, n: int, *, to: str | None = None, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Block until at least `n` accepted messages (to `to`, if given) are recorded, and return them."""
@@ -388,6 +477,26 @@ class TwilioSink:
         with self._lock:
             self._list_faults.append(fault)
 
+    def inject_typing(
+        self,
+        *,
+        status: int = 500,
+        code: int | None = None,
+        count: int = 1,
+        delay: float = 0.0,
+        reset: bool = False,
+        message_id: str | None = None,
+    ) -> None:
+        """Queue a fault for the next `count` typing-indicator requests (for `message_id`, if given), FIFO.
+
+        As `inject` for messages: for an error status the indicator is not shown; the delay comes first, then the
+        connection is dropped (`reset`) or `status` is answered with a Twilio error body. For status 200 the
+        indicator is shown first, then answered after the delay, or the connection dropped instead (`reset`).
+        """
+        fault = _Fault.of(ok=200, status=status, code=code, count=count, delay=delay, reset=reset, to=message_id)
+        with self._lock:
+            self._typing_faults.append(fault)
+
     def fail_delivery(
         self, *, to: str | None = None, status: str = "undelivered", code: int = 63016, count: int = 1
     ) -> None:
@@ -414,19 +523,11 @@ class TwilioSink:
 
         @app.post("/v2/Indicators/Typing.json")
         async def typing_indicator(request: Request) -> Response:
-            if not self._authorized(request):
-                return _twilio_error(401, 20003)
-            form = await request.form()
-            with self._changed:
-                self._typing.append(
-                    {
-                        "message_id": str(form.get("messageId", "")),
-                        "channel": str(form.get("channel", "")),
-                        "at": time.monotonic(),
-                    }
-                )
-                self._changed.notify_all()
-            return JSONResponse({"success": True})
+            return await self._typing_indicator(request)
+
+        @app.get("/_sink/typing")
+        async def get_typing(to: str) -> dict[str, Any]:
+            return self.typing(to)
 
         @app.get(f"/{API_VERSION}/Accounts/{{account_sid}}/Messages/{{message_sid}}/Media/{{media_sid}}")
         async def fetch_media(account_sid: str, message_sid: str, media_sid: str, request: Request) -> Response:
@@ -633,6 +734,7 @@ class TwilioSink:
         delivery_fault = self._take_delivery_fault(to)
         dropped = fault is not None and fault.reset
         with self._changed:
+            self._live.pop(to, None)  # a message to the user ends their "typing…", as on WhatsApp
             self._messages.append(record)
             self._resources[sid] = resource
             self._attempts.append(
@@ -666,6 +768,50 @@ class TwilioSink:
             if fault.reset:
                 return _DroppedConnection()
         return JSONResponse(resource, status_code=201)
+
+    async def _typing_indicator(self, request: Request) -> Response:
+        try:
+            form = {key: str(value) for key, value in (await request.form()).items()}
+        except ClientDisconnect:
+            return Response(status_code=400)  # the caller gave up before its request ended: nobody reads this
+        message_id = form.get("messageId", "")
+        record: dict[str, Any] = {"message_id": message_id, "channel": form.get("channel"), "to": None, "form": form}
+
+        def answer(response: Response, outcome: str) -> Response:
+            status = None if isinstance(response, _DroppedConnection) else response.status_code
+            with self._changed:
+                if outcome == "accepted":
+                    record["to"] = to = self._inbound.get(message_id)
+                    if to is not None:
+                        self._live[to] = _Live(message_id, time.monotonic())
+                self._typing.append({**record, "status": status, "outcome": outcome, "at": time.monotonic()})
+                self._changed.notify_all()
+            return response
+
+        if not self._authorized(request):
+            return answer(_twilio_error(401, 20003), "error")
+        fault = self._take_fault(message_id, self._typing_faults)
+        # A 200 fault shows the indicator first and is answered late (or not at all) after: see below.
+        if fault is not None and fault.status != 200:
+            if fault.delay > 0:
+                # This sleep IS the simulated Twilio latency, not a wait for some condition.
+                await asyncio.sleep(fault.delay)
+            if fault.reset:
+                return answer(_DroppedConnection(), "reset")
+            assert fault.code is not None
+            return answer(_twilio_error(fault.status, fault.code), "error")
+        if form.get("channel") != "whatsapp":
+            return answer(_twilio_error(400, 20001, "Invalid parameter: channel must be whatsapp"), "error")
+        if not _MESSAGE_SID.fullmatch(message_id):
+            return answer(_twilio_error(400, 20001, "Invalid parameter: messageId must be a message SID"), "error")
+        accepted = answer(JSONResponse({"success": True}), "accepted")
+        if fault is not None:
+            # Shown, and answered late: this sleep IS the simulated Twilio latency.
+            if fault.delay > 0:
+                await asyncio.sleep(fault.delay)
+            if fault.reset:
+                return _DroppedConnection()
+        return accepted
 
     async def _list_messages(self, account_sid: str, request: Request) -> Response:
         query = request.query_params

@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const PHONE = /^\+[1-9][0-9]{6,14}$/;
 const KNOWN = "wabot.demo.users";
+const TYPING_POLL_MS = 300;
 const MAX_MEDIA = 10;  // Twilio's limit of media on one message
 const HOLD_MS = 400;  // a press longer than this is a hold: releasing sends the voice note
 
@@ -201,6 +202,28 @@ function start(user) {
   // The conversation so far, then every reply and follow-up as it arrives; EventSource reconnects by itself.
   const events = new EventSource("/demo/events?" + new URLSearchParams({ user }));
   events.onmessage = (message) => render(JSON.parse(message.data));
+
+  // WhatsApp's "typing…" and read ticks: the typing indicators the bot sent, as the demo's Twilio sink holds them.
+  async function showTyping() {
+    try {
+      const state = await (await fetch("/demo/typing?" + new URLSearchParams({ user }))).json();
+      $("typing").hidden = !state.typing;
+      for (const id of state.read) {
+        const meta = document.querySelector(`.msg.user[data-id="${id}"] .meta`);
+        if (meta && !meta.querySelector(".read")) {
+          const ticks = document.createElement("span");
+          ticks.className = "read";
+          ticks.title = "read";
+          ticks.textContent = "✓✓";
+          meta.append(" ", ticks);
+        }
+      }
+    } catch (error) {
+      // The next poll tries again (the server may be restarting).
+    }
+    setTimeout(showTyping, TYPING_POLL_MS);
+  }
+  showTyping();
 
   $("compose").addEventListener("submit", async (submit) => {
     submit.preventDefault();
