@@ -277,6 +277,7 @@ def make_bot(
         store: str | None = None,
         memory_spans: bool = True,
         clock: Callable[[], float] = time.time,
+        start_timeout: float = 10.0,
         **overrides: Any,
     ) -> Bot:
         """`memory_spans=False` leaves span export to the settings (OTLP, none), as in production; `clock` places
@@ -302,7 +303,7 @@ def make_bot(
         spans = InMemorySpanExporter()
         app = create_app(settings, span_exporter=spans if memory_spans else None, clock=clock)
         server = LoopbackServer(app, port=port, name=f"wabot-{port}")
-        server.start()
+        server.start(timeout=start_timeout)
         bot = Bot(url=url, settings=settings, spans=spans, server=server)
         bots.append(bot)
         return bot

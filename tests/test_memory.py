@@ -264,6 +264,8 @@ def test_reply_path_leaves_the_heap_flat(
             user_rate_limit=0,
             openai_base_url=f"{sim_url}/v1",
             twilio_api_url=sink_url,
+            # Start-up (imports, warm-up) runs under tracemalloc, several times slower than without.
+            start_timeout=60.0,
         )
         [window] = _Window.made
         holding = split_message(bot.settings.holding_message)
