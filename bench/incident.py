@@ -171,6 +171,8 @@ def incident(ctx: Context) -> dict[str, Any]:
             "full_max_ms": max((p["ms"] for p in full), default=0.0),
             "full_max_cpu_ms": max((p["cpu_ms"] for p in full), default=0.0),
             "max_pause_ms": max((p["ms"] for p in pauses), default=0.0),
+            "max_pause_cpu_ms": max((p["cpu_ms"] for p in pauses), default=0.0),
+            "pauses_over_5ms": len(pauses),
         },
         "loop_stall_max_ms": max(stalls, default=0.0),
         "loop_stalls_over_50ms": sum(1 for ms in stalls if ms >= 50),

@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import procs
 from bench.bodies import new_run, signed_body
-from bench.botproc import scrape, start_bot
+from bench.botproc import scrape, start_bot, start_peer
 from bench.burst import burst
 from bench.loadgen import ensure_debian_tool
 from bench.scenarios import FAST_CONFIGS, _counter_delta, stubs
@@ -90,22 +90,29 @@ def _wait_spans(otlp: procs.Proc, count: int, timeout: float = 120.0) -> None:
         time.sleep(0.2)  # poll interval of a bounded loop
 
 
-def count_one(work: Path, stubs: Any, env: dict[str, str], *, messages: int, batch: int) -> dict[str, Any]:
-    """Start the bot under callgrind with `env`, warm it up, count the instructions of `messages` messages."""
+def count_one(
+    work: Path, stubs: Any, env: dict[str, str], *, messages: int, batch: int, peer: bool = False
+) -> dict[str, Any]:
+    """Start the bot under callgrind with `env`, warm it up, count the instructions of `messages` messages.
+    `peer`: the minimal peer bot (bench/peer_bot.py) instead of wabot (it exports no spans and has no wabot metrics)."""
     out_file = work / "callgrind.out.%p"
     wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}"]
     env = {**env, "OTEL_BSP_SCHEDULE_DELAY": _NO_TIMER_MS, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": str(batch)}
-    bot = start_bot(
-        work,
-        simulator=stubs.simulator.url,
-        sink=stubs.sink.url,
-        otlp=stubs.otlp.url,
-        env=env,
-        wrapper=wrapper,
-        up_timeout=300,
-    )
+    if peer:
+        bot = start_peer(work, simulator=stubs.simulator.url, sink=stubs.sink.url, wrapper=wrapper, up_timeout=300)
+    else:
+        bot = start_bot(
+            work,
+            simulator=stubs.simulator.url,
+            sink=stubs.sink.url,
+            otlp=stubs.otlp.url,
+            env=env,
+            wrapper=wrapper,
+            up_timeout=300,
+        )
     exports = (
-        env.get("OTEL_SDK_DISABLED") != "true"
+        not peer
+        and env.get("OTEL_SDK_DISABLED") != "true"
         and env.get("OTEL_TRACES_EXPORTER") != "none"
         and env.get("OTEL_TRACES_SAMPLER") != "always_off"
     )
@@ -119,7 +126,7 @@ def count_one(work: Path, stubs: Any, env: dict[str, str], *, messages: int, bat
         warm_ok = _send(bot, per_batch)
         if exports:
             _wait_spans(stubs.otlp, spans_before + batch)
-        before_metrics = scrape(bot)
+        before_metrics = {} if peer else scrape(bot)
         spans_before = _spans_received(stubs.otlp)
         before = _instructions(bot.pid)
         started = time.monotonic()
@@ -128,7 +135,7 @@ def count_one(work: Path, stubs: Any, env: dict[str, str], *, messages: int, bat
         if exports:
             _wait_spans(stubs.otlp, spans_before + _SPANS_PER_MESSAGE * messages)
         after = _instructions(bot.pid)
-        after_metrics = scrape(bot)
+        after_metrics = {} if peer else scrape(bot)
         spans = _spans_received(stubs.otlp) - spans_before
     finally:
         bot.stop(timeout=120)
@@ -170,5 +177,28 @@ def telemetry_cost(ctx: Any) -> dict[str, Any]:
                 work = ctx.dir(f"instructions-{r}-{key.replace(' ', '-')}")  # fresh store: no history carried over
                 results[key].append(
                     count_one(work, s, CONFIGS[key], messages=sizes.instruction_messages, batch=sizes.instruction_batch)
+                )
+    return {"concurrency": CONCURRENCY, "runs": results}
+
+
+def peers_cost(ctx: Any) -> dict[str, Any]:
+    """Instructions per fast-path message: the minimal peer bot, wabot with full telemetry, wabot with telemetry off."""
+    ensure_callgrind()
+    sizes = ctx.sizes
+    configs: dict[str, tuple[dict[str, str], bool]] = {
+        "minimal bot": ({}, True),
+        "wabot, full telemetry": (FAST_CONFIGS["full"], False),
+        "wabot, telemetry off": (FAST_CONFIGS["telemetry off"], False),
+    }
+    results: dict[str, list[dict[str, Any]]] = {key: [] for key in configs}
+    with stubs(ctx, "peers-instructions") as s:
+        for r in range(sizes.instruction_rounds):
+            for key, (env, peer) in configs.items():
+                ctx.say(f"peers: round {r + 1}/{sizes.instruction_rounds} {key} (under callgrind)")
+                work = ctx.dir(f"peers-{r}-{key.replace(' ', '-').replace(',', '')}")
+                results[key].append(
+                    count_one(
+                        work, s, env, messages=sizes.instruction_messages, batch=sizes.instruction_batch, peer=peer
+                    )
                 )
     return {"concurrency": CONCURRENCY, "runs": results}

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import incident, instructions, loadgen, report, scenarios
+from bench import incident, instructions, loadgen, peers, report, scenarios
 from bench.config import FULL, QUICK
 
 SCENARIOS = {
@@ -27,6 +27,7 @@ SCENARIOS = {
     "incident": incident.incident,
     "fast": scenarios.fast_path,
     "instructions": instructions.telemetry_cost,
+    "peers": peers.peers,
     "drain": scenarios.drain,
     "memory": scenarios.memory,
     "scaling": scenarios.scaling,
