@@ -75,9 +75,16 @@ def start_bot(
 
 
 def start_peer(
-    work: Path, *, simulator: str, sink: str, wrapper: list[str] | None = None, up_timeout: float = 60.0
+    work: Path,
+    *,
+    simulator: str,
+    sink: str,
+    wrapper: list[str] | None = None,
+    up_timeout: float = 60.0,
+    env: dict[str, str] | None = None,
 ) -> Proc:
-    """The minimal peer bot (bench/peer_bot.py) with the same environment as wabot's, on a free port."""
+    """The minimal peer bot (bench/peer_bot.py) with the same environment as wabot's, on a free port (it reads
+    WABOT_REPLY_TIMEOUT from `env`, and ignores the rest)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     settings = {
@@ -89,6 +96,7 @@ def start_peer(
         "TWILIO_WHATSAPP_FROM": BOT_NUMBER,
         "WABOT_TWILIO_API_URL": sink,
         "WABOT_PUBLIC_URL": url,
+        **(env or {}),
     }
     argv = [*(wrapper or []), str(VENV_BIN / "python"), "-m", "bench.peer_bot", "--port", str(port)]
     proc = start("peer", argv, log_dir=work, env=clean_env(**settings))

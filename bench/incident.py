@@ -112,7 +112,7 @@ def gc_levels(ctx: Context) -> dict[str, Any]:
     return {
         "baseline": baseline,
         "levels": levels,
-        "automatic_full": sum(1 for p in window if p["gen"] == 2) - len(levels),
+        "automatic_full": sum(1 for p in window if p["gen"] == 2) - len(levels) - 1,
     }
 
 

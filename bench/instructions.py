@@ -98,8 +98,15 @@ def count_one(
     out_file = work / "callgrind.out.%p"
     wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}"]
     env = {**env, "OTEL_BSP_SCHEDULE_DELAY": _NO_TIMER_MS, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": str(batch)}
+    # The GC probe's loop-stall timer would count instructions in proportion to the run's wall time.
+    env["BENCH_LOOP_STALLS"] = "0"
+    # Under callgrind a message takes ~50 times longer, more on a loaded machine: past the production deadline it
+    # would take the holding-reply path, and the count would be of another path than the fast one.
+    env["WABOT_REPLY_TIMEOUT"] = "14"  # the longest Settings allows
     if peer:
-        bot = start_peer(work, simulator=stubs.simulator.url, sink=stubs.sink.url, wrapper=wrapper, up_timeout=300)
+        bot = start_peer(
+            work, simulator=stubs.simulator.url, sink=stubs.sink.url, wrapper=wrapper, up_timeout=300, env=env
+        )
     else:
         bot = start_bot(
             work,

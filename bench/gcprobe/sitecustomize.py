@@ -4,7 +4,8 @@
   one whatever its length. `ms` is wall time (the loop stands still that long); `cpu_ms` the collector's own CPU
   time (time.thread_time), which other processes on a loaded machine do not inflate.
 - `BENCH_LOOP_STALL ms= at=`: the event loop came back 5 ms or more after a 10 ms sleep (any cause: a collection,
-  a long callback, or the machine's other load). Started from the first collection that runs inside a loop.
+  a long callback, or the machine's other load). Started from the first collection that runs inside a loop; not
+  with BENCH_LOOP_STALLS=0 (the instruction counts: its wake-ups would add instructions in proportion to wall time).
 - On SIGUSR2 (sent by bench/gcscale.py): `BENCH_GC_OBJECTS {json}`, the tracked objects by type and generation,
   then one forced full collection, timed like the others: what a full pass costs with what is in flight now.
 
@@ -15,6 +16,7 @@ import asyncio
 import collections
 import gc
 import json
+import os
 import signal
 import sys
 import threading
@@ -24,6 +26,7 @@ _MIN_PAUSE_S = 0.005
 _LAG_PERIOD_S = 0.010
 _started = [0.0, 0.0]
 _monitor = []
+_WATCH_LOOP = os.environ.get("BENCH_LOOP_STALLS", "1") != "0"
 
 
 async def _watch_loop() -> None:
@@ -37,7 +40,7 @@ async def _watch_loop() -> None:
 
 
 def _start_monitor() -> None:
-    if _monitor or threading.current_thread() is not threading.main_thread():
+    if _monitor or threading.current_thread() is not threading.main_thread() or not _WATCH_LOOP:
         return
     try:
         loop = asyncio.get_running_loop()
