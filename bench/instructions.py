@@ -32,6 +32,7 @@ _SPANS_PER_MESSAGE = 4
 # Eight messages in flight, as a share of the fast path's 32 connections: what is amortized over concurrent
 # messages there (the store's group commit, the event loop's wake-ups) is amortized here too.
 CONCURRENCY = 8
+_concurrency = [CONCURRENCY]  # `python -m bench.instructions --concurrency` changes it for a one-off count
 _NO_TIMER_MS = "600000"
 _CONTROL_TIMEOUT_S = 60
 _THREAD_IR = re.compile(r"^\s*Th\s*\d+\s+([\d,]+)\s*$", re.M)
@@ -72,7 +73,7 @@ def _instructions(pid: int) -> int:
 def _send(bot: procs.Proc, count: int) -> int:
     run = new_run()
     result = burst(
-        f"{bot.url}/whatsapp", lambda i: signed_body(i, "hello", bot.url, run), count, concurrency=CONCURRENCY
+        f"{bot.url}/whatsapp", lambda i: signed_body(i, "hello", bot.url, run), count, concurrency=_concurrency[0]
     )
     return result.ok
 
@@ -209,3 +210,44 @@ def peers_cost(ctx: Any) -> dict[str, Any]:
                     )
                 )
     return {"concurrency": CONCURRENCY, "runs": results}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench.instructions CONFIG... [--rounds N] [--messages M]`: one configuration's count, alone."""
+    import argparse
+    import json
+    import tempfile
+
+    from bench.config import FULL
+    from bench.scenarios import Context
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("configs", nargs="+", choices=[*CONFIGS, "minimal bot"])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--messages", type=int, default=FULL.instruction_messages)
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="messages in flight")
+    parser.add_argument(
+        "--source", help="count the bot of this commit (its bot/ and telemetry/ are put where `python -m bot` runs)"
+    )
+    args = parser.parse_args(argv)
+    _concurrency[0] = args.concurrency
+    ensure_callgrind()
+    ctx = Context(work=Path(tempfile.mkdtemp(prefix="wabot-instructions-")), sizes=FULL)
+    with stubs(ctx, "stubs") as s:
+        for r in range(args.rounds):
+            for key in args.configs:
+                peer = key == "minimal bot"
+                work = ctx.dir(f"{r}-{key.replace(' ', '-').replace(',', '')}")
+                if args.source:
+                    # `python -m bot` runs in the work directory, first on sys.path: this commit's code is the bot.
+                    archive = subprocess.run(
+                        ["git", "archive", args.source, "bot", "telemetry"], capture_output=True, check=True
+                    )
+                    subprocess.run(["tar", "-x", "-C", str(work)], input=archive.stdout, check=True)
+                env = {} if peer else CONFIGS[key]
+                counted = count_one(work, s, env, messages=args.messages, batch=FULL.instruction_batch, peer=peer)
+                print(json.dumps({"config": key, "round": r + 1, **counted}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
