@@ -74,6 +74,42 @@ def start_bot(
     return proc
 
 
+def start_peer(
+    work: Path,
+    *,
+    simulator: str,
+    sink: str,
+    wrapper: list[str] | None = None,
+    up_timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """The minimal peer bot (bench/peer_bot.py) with the same environment as wabot's, on a free port (it reads
+    WABOT_REPLY_TIMEOUT from `env`, and ignores the rest)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    settings = {
+        "OPENAI_API_KEY": "bench",
+        "OPENAI_BASE_URL": f"{simulator}/v1",
+        "WABOT_MODEL": "sim-model",
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "TWILIO_WHATSAPP_FROM": BOT_NUMBER,
+        "WABOT_TWILIO_API_URL": sink,
+        "WABOT_PUBLIC_URL": url,
+        **(env or {}),
+    }
+    argv = [*(wrapper or []), str(VENV_BIN / "python"), "-m", "bench.peer_bot", "--port", str(port)]
+    proc = start("peer", argv, log_dir=work, env=clean_env(**settings))
+    proc.url = url
+    proc.extra["settings"] = settings
+    try:
+        wait_until_up(f"{url}/readyz", timeout=up_timeout)
+    except TimeoutError:
+        proc.stop()
+        raise
+    return proc
+
+
 def gc_pauses(bot: Proc) -> list[tuple[int, float, float]]:
     """(generation, pause ms, monotonic time) of every pause of 5 ms or more the GC probe logged."""
     pauses = []

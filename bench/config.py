@@ -27,6 +27,10 @@ class Sizes:
     instruction_messages: int  # messages counted per configuration under callgrind (whole span batches)
     instruction_batch: int  # spans per OTLP export batch in that run
     instruction_rounds: int
+    gc_levels: tuple[int, ...]  # runs in flight at which bench/incident.py counts objects and times a full pass
+    incident_rate: float  # webhooks a second of the incident run
+    incident_seconds: float
+    incident_model_s: float  # the model's answer time during the incident
 
 
 FULL = Sizes(
@@ -44,6 +48,10 @@ FULL = Sizes(
     instruction_messages=256,
     instruction_batch=512,
     instruction_rounds=2,
+    gc_levels=(1000, 2000, 5000),
+    incident_rate=100.0,
+    incident_seconds=60.0,
+    incident_model_s=60.0,
 )
 
 QUICK = Sizes(
@@ -61,4 +69,8 @@ QUICK = Sizes(
     instruction_messages=32,
     instruction_batch=64,
     instruction_rounds=1,
+    gc_levels=(200, 500),
+    incident_rate=20.0,
+    incident_seconds=10.0,
+    incident_model_s=10.0,
 )

@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import procs
 from bench.bodies import new_run, signed_body
-from bench.botproc import scrape, start_bot
+from bench.botproc import scrape, start_bot, start_peer
 from bench.burst import burst
 from bench.loadgen import ensure_debian_tool
 from bench.scenarios import FAST_CONFIGS, _counter_delta, stubs
@@ -32,6 +32,7 @@ _SPANS_PER_MESSAGE = 4
 # Eight messages in flight, as a share of the fast path's 32 connections: what is amortized over concurrent
 # messages there (the store's group commit, the event loop's wake-ups) is amortized here too.
 CONCURRENCY = 8
+_concurrency = [CONCURRENCY]  # `python -m bench.instructions --concurrency` changes it for a one-off count
 _NO_TIMER_MS = "600000"
 _CONTROL_TIMEOUT_S = 60
 _THREAD_IR = re.compile(r"^\s*Th\s*\d+\s+([\d,]+)\s*$", re.M)
@@ -72,7 +73,7 @@ def _instructions(pid: int) -> int:
 def _send(bot: procs.Proc, count: int) -> int:
     run = new_run()
     result = burst(
-        f"{bot.url}/whatsapp", lambda i: signed_body(i, "hello", bot.url, run), count, concurrency=CONCURRENCY
+        f"{bot.url}/whatsapp", lambda i: signed_body(i, "hello", bot.url, run), count, concurrency=_concurrency[0]
     )
     return result.ok
 
@@ -90,22 +91,36 @@ def _wait_spans(otlp: procs.Proc, count: int, timeout: float = 120.0) -> None:
         time.sleep(0.2)  # poll interval of a bounded loop
 
 
-def count_one(work: Path, stubs: Any, env: dict[str, str], *, messages: int, batch: int) -> dict[str, Any]:
-    """Start the bot under callgrind with `env`, warm it up, count the instructions of `messages` messages."""
+def count_one(
+    work: Path, stubs: Any, env: dict[str, str], *, messages: int, batch: int, peer: bool = False
+) -> dict[str, Any]:
+    """Start the bot under callgrind with `env`, warm it up, count the instructions of `messages` messages.
+    `peer`: the minimal peer bot (bench/peer_bot.py) instead of wabot (it exports no spans and has no wabot metrics)."""
     out_file = work / "callgrind.out.%p"
     wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}"]
     env = {**env, "OTEL_BSP_SCHEDULE_DELAY": _NO_TIMER_MS, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": str(batch)}
-    bot = start_bot(
-        work,
-        simulator=stubs.simulator.url,
-        sink=stubs.sink.url,
-        otlp=stubs.otlp.url,
-        env=env,
-        wrapper=wrapper,
-        up_timeout=300,
-    )
+    # The GC probe's loop-stall timer would count instructions in proportion to the run's wall time.
+    env["BENCH_LOOP_STALLS"] = "0"
+    # Under callgrind a message takes ~50 times longer, more on a loaded machine: past the production deadline it
+    # would take the holding-reply path, and the count would be of another path than the fast one.
+    env["WABOT_REPLY_TIMEOUT"] = "14"  # the longest Settings allows
+    if peer:
+        bot = start_peer(
+            work, simulator=stubs.simulator.url, sink=stubs.sink.url, wrapper=wrapper, up_timeout=300, env=env
+        )
+    else:
+        bot = start_bot(
+            work,
+            simulator=stubs.simulator.url,
+            sink=stubs.sink.url,
+            otlp=stubs.otlp.url,
+            env=env,
+            wrapper=wrapper,
+            up_timeout=300,
+        )
     exports = (
-        env.get("OTEL_SDK_DISABLED") != "true"
+        not peer
+        and env.get("OTEL_SDK_DISABLED") != "true"
         and env.get("OTEL_TRACES_EXPORTER") != "none"
         and env.get("OTEL_TRACES_SAMPLER") != "always_off"
     )
@@ -119,7 +134,7 @@ def count_one(work: Path, stubs: Any, env: dict[str, str], *, messages: int, bat
         warm_ok = _send(bot, per_batch)
         if exports:
             _wait_spans(stubs.otlp, spans_before + batch)
-        before_metrics = scrape(bot)
+        before_metrics = {} if peer else scrape(bot)
         spans_before = _spans_received(stubs.otlp)
         before = _instructions(bot.pid)
         started = time.monotonic()
@@ -128,7 +143,7 @@ def count_one(work: Path, stubs: Any, env: dict[str, str], *, messages: int, bat
         if exports:
             _wait_spans(stubs.otlp, spans_before + _SPANS_PER_MESSAGE * messages)
         after = _instructions(bot.pid)
-        after_metrics = scrape(bot)
+        after_metrics = {} if peer else scrape(bot)
         spans = _spans_received(stubs.otlp) - spans_before
     finally:
         bot.stop(timeout=120)
@@ -172,3 +187,67 @@ def telemetry_cost(ctx: Any) -> dict[str, Any]:
                     count_one(work, s, CONFIGS[key], messages=sizes.instruction_messages, batch=sizes.instruction_batch)
                 )
     return {"concurrency": CONCURRENCY, "runs": results}
+
+
+def peers_cost(ctx: Any) -> dict[str, Any]:
+    """Instructions per fast-path message: the minimal peer bot, wabot with full telemetry, wabot with telemetry off."""
+    ensure_callgrind()
+    sizes = ctx.sizes
+    configs: dict[str, tuple[dict[str, str], bool]] = {
+        "minimal bot": ({}, True),
+        "wabot, full telemetry": (FAST_CONFIGS["full"], False),
+        "wabot, telemetry off": (FAST_CONFIGS["telemetry off"], False),
+    }
+    results: dict[str, list[dict[str, Any]]] = {key: [] for key in configs}
+    with stubs(ctx, "peers-instructions") as s:
+        for r in range(sizes.instruction_rounds):
+            for key, (env, peer) in configs.items():
+                ctx.say(f"peers: round {r + 1}/{sizes.instruction_rounds} {key} (under callgrind)")
+                work = ctx.dir(f"peers-{r}-{key.replace(' ', '-').replace(',', '')}")
+                results[key].append(
+                    count_one(
+                        work, s, env, messages=sizes.instruction_messages, batch=sizes.instruction_batch, peer=peer
+                    )
+                )
+    return {"concurrency": CONCURRENCY, "runs": results}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench.instructions CONFIG... [--rounds N] [--messages M]`: one configuration's count, alone."""
+    import argparse
+    import json
+    import tempfile
+
+    from bench.config import FULL
+    from bench.scenarios import Context
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("configs", nargs="+", choices=[*CONFIGS, "minimal bot"])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--messages", type=int, default=FULL.instruction_messages)
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="messages in flight")
+    parser.add_argument(
+        "--source", help="count the bot of this commit (its bot/ and telemetry/ are put where `python -m bot` runs)"
+    )
+    args = parser.parse_args(argv)
+    _concurrency[0] = args.concurrency
+    ensure_callgrind()
+    ctx = Context(work=Path(tempfile.mkdtemp(prefix="wabot-instructions-")), sizes=FULL)
+    with stubs(ctx, "stubs") as s:
+        for r in range(args.rounds):
+            for key in args.configs:
+                peer = key == "minimal bot"
+                work = ctx.dir(f"{r}-{key.replace(' ', '-').replace(',', '')}")
+                if args.source:
+                    # `python -m bot` runs in the work directory, first on sys.path: this commit's code is the bot.
+                    archive = subprocess.run(
+                        ["git", "archive", args.source, "bot", "telemetry"], capture_output=True, check=True
+                    )
+                    subprocess.run(["tar", "-x", "-C", str(work)], input=archive.stdout, check=True)
+                env = {} if peer else CONFIGS[key]
+                counted = count_one(work, s, env, messages=args.messages, batch=FULL.instruction_batch, peer=peer)
+                print(json.dumps({"config": key, "round": r + 1, **counted}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -92,7 +92,7 @@ def start(name: str, argv: list[str], *, log_dir: Path, env: dict[str, str], cwd
     return Proc(name, popen, log_path)
 
 
-def start_stub(kind: str, *, log_dir: Path, args: list[str] | None = None, timeout: float = 20.0) -> Proc:
+def start_stub(kind: str, *, log_dir: Path, args: list[str] | None = None, timeout: float = 90.0) -> Proc:
     """Start `python -m bench.stubs KIND`; it prints its URL first thing."""
     log_path = log_dir / f"{kind}.log"
     with log_path.open("ab") as log:

@@ -7,6 +7,7 @@ BENCH_QUICK=1 (or --quick) runs a short smoke version; --only picks scenarios; -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -16,18 +17,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import instructions, loadgen, report, scenarios
+from bench import incident, instructions, loadgen, peers, report, scenarios
 from bench.config import FULL, QUICK
 
 SCENARIOS = {
     "generator": scenarios.generator_alone,
     "precision": scenarios.precision,
+    "gc_levels": incident.gc_levels,
+    "incident": incident.incident,
     "fast": scenarios.fast_path,
     "instructions": instructions.telemetry_cost,
+    "peers": peers.peers,
     "drain": scenarios.drain,
     "memory": scenarios.memory,
     "scaling": scenarios.scaling,
 }
+# The scenarios whose load comes from wrk; the others send from this process (bench/burst.py).
+_WRK_SCENARIOS = {"generator", "precision", "fast", "scaling"}
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
@@ -39,16 +45,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--no-doc", action="store_true", help=f"do not write {DOC.name}")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, bodies, profiles)")
+    parser.add_argument(
+        "--incident",
+        metavar="RATE,SECONDS,MODEL_S",
+        help="the incident run's size instead of the full run's 100,60,60 (a reduced run on a loaded machine)",
+    )
     args = parser.parse_args(argv)
 
     try:
-        loadgen.ensure_wrk()
+        if set(args.only) & _WRK_SCENARIOS:
+            loadgen.ensure_wrk()
         if "instructions" in args.only:
             instructions.ensure_callgrind()
     except (loadgen.GeneratorMissing, instructions.CallgrindMissing) as exc:
         print(exc, file=sys.stderr)
         return 2
     sizes = QUICK if args.quick else FULL
+    if args.incident:
+        rate, seconds, model_s = (float(part) for part in args.incident.split(","))
+        sizes = dataclasses.replace(sizes, incident_rate=rate, incident_seconds=seconds, incident_model_s=model_s)
     work = Path(tempfile.mkdtemp(prefix="wabot-bench-"))
     ctx = scenarios.Context(work=work, sizes=sizes, profile=args.profile)
     command = "BENCH_QUICK=1 make bench" if args.quick and len(sys.argv) <= 1 else "make bench"

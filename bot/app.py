@@ -44,6 +44,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = await Services.start(settings, tracing, clock)
+        # The serving process's hook (bot/server.py: the GC policy's freeze after the warm-up, and its watcher).
+        on_started = getattr(app.state, "on_started", None)
+        if on_started is not None:
+            on_started(app.state.services)
         if chat is not None:
             chat.start()
         try:

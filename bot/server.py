@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import gc
+import asyncio
 import signal
 from collections.abc import Callable, Iterable
 from types import FrameType
@@ -15,7 +15,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app, multip
 
 from bot import status
 from bot.app import begin_shutdown, create_app
+from bot.gc_policy import GcPolicy
 from bot.metrics_http import MetricsServer, WSGIApp
+from bot.services import Services
 from bot.settings import Settings
 from telemetry.recent import RecentActivity
 
@@ -80,19 +82,23 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def tune_gc() -> None:
-    """Keep the garbage collector's full passes from delaying replies that are due.
+def tune_gc(app: FastAPI) -> None:
+    """Keep the garbage collector's full passes from delaying replies that are due (bot/gc_policy.py).
 
     A full (generation 2) pass stops the event loop while it walks every tracked object, which takes long with many
-    runs in flight, and every holding reply due meanwhile leaves that late (measured in docs/benchmarks.md).
-    Those passes found next to nothing: what the bot allocates is freed by reference counting. So they run ten
-    times less often, and the objects of start-up (imports, the app), which live as long as the process, are left
-    out of them for good.
+    runs in flight, and every holding reply due meanwhile leaves that late (measured in docs/benchmarks.md). The
+    allocator no longer starts them; the objects of start-up (imports, the app) and, once the app has started, of
+    the warm-up are left out of them for good; and a watcher on the event loop runs them when few runs are in flight.
     """
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, 100)
-    gc.collect()
-    gc.freeze()
+    policy = GcPolicy()
+    policy.take_over()
+    policy.freeze()
+
+    def started(services: Services) -> None:
+        policy.freeze()
+        services.background.append(asyncio.create_task(policy.watch(services.runner.in_flight), name="gc policy"))
+
+    app.state.on_started = started
 
 
 def worker_app() -> FastAPI:
@@ -102,7 +108,7 @@ def worker_app() -> FastAPI:
     settings = Settings()
     setup_logging(settings.log_level)
     app = create_app(settings)
-    tune_gc()
+    tune_gc(app)
     return app
 
 
@@ -147,7 +153,7 @@ def serve(
         if app is None:
             uvicorn.run("bot.server:worker_app", factory=True, workers=workers, **options)
         else:
-            tune_gc()
+            tune_gc(app)
             _Server(uvicorn.Config(app, **options), app).run()
     finally:
         metrics_server.stop()

@@ -1,24 +1,86 @@
-"""Put on the bot's PYTHONPATH by the benchmark: logs every garbage-collector pause of 5 ms or more to stderr.
+"""Put on the bot's PYTHONPATH by the benchmark: what the garbage collector and the event loop did, on stderr.
 
-A pause stops the event loop, so it delays every webhook due meanwhile; the precision table counts them. The
-callback itself costs about a microsecond per collection. (Only the benchmark's bot processes load this file.)
+- `BENCH_GC_PAUSE gen= ms= cpu_ms= collected= at=`: every collection of 5 ms or more, and every full (generation 2)
+  one whatever its length. `ms` is wall time (the loop stands still that long); `cpu_ms` the collector's own CPU
+  time (time.thread_time), which other processes on a loaded machine do not inflate.
+- `BENCH_LOOP_STALL ms= at=`: the event loop came back 5 ms or more after a 10 ms sleep (any cause: a collection,
+  a long callback, or the machine's other load). Started from the first collection that runs inside a loop; not
+  with BENCH_LOOP_STALLS=0 (the instruction counts: its wake-ups would add instructions in proportion to wall time).
+- On SIGUSR2 (sent by bench/gcscale.py): `BENCH_GC_OBJECTS {json}`, the tracked objects by type and generation,
+  then one forced full collection, timed like the others: what a full pass costs with what is in flight now.
+
+A callback costs about a microsecond per collection. Only the benchmark's bot processes load this file.
 """
 
+import asyncio
+import collections
 import gc
+import json
+import os
+import signal
 import sys
+import threading
 import time
 
 _MIN_PAUSE_S = 0.005
-_started = [0.0]
+_LAG_PERIOD_S = 0.010
+_started = [0.0, 0.0]
+_monitor = []
+_WATCH_LOOP = os.environ.get("BENCH_LOOP_STALLS", "1") != "0"
+
+
+async def _watch_loop() -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        before = loop.time()
+        await asyncio.sleep(_LAG_PERIOD_S)
+        lag = loop.time() - before - _LAG_PERIOD_S
+        if lag >= _MIN_PAUSE_S:
+            sys.stderr.write(f"BENCH_LOOP_STALL ms={lag * 1000:.1f} at={time.monotonic():.3f}\n")
+
+
+def _start_monitor() -> None:
+    if _monitor or threading.current_thread() is not threading.main_thread() or not _WATCH_LOOP:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    _monitor.append(loop)
+    loop.call_soon(lambda: _monitor.append(loop.create_task(_watch_loop())))
 
 
 def _pause(phase: str, info: dict) -> None:
     if phase == "start":
         _started[0] = time.perf_counter()
+        _started[1] = time.thread_time()
         return
     elapsed = time.perf_counter() - _started[0]
-    if elapsed >= _MIN_PAUSE_S:
-        sys.stderr.write(f"BENCH_GC_PAUSE gen={info['generation']} ms={elapsed * 1000:.1f} at={time.monotonic():.3f}\n")
+    cpu = time.thread_time() - _started[1]
+    if elapsed >= _MIN_PAUSE_S or info["generation"] == 2:
+        sys.stderr.write(
+            f"BENCH_GC_PAUSE gen={info['generation']} ms={elapsed * 1000:.1f} cpu_ms={cpu * 1000:.1f} "
+            f"collected={info['collected']} at={time.monotonic():.3f}\n"
+        )
+    if not _monitor:
+        _start_monitor()
+
+
+def _census(*_: object) -> None:
+    by_type = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+    per_gen = [len(gc.get_objects(g)) for g in range(3)]
+    record = {
+        "tracked": sum(per_gen),
+        "generations": per_gen,
+        "frozen": gc.get_freeze_count(),
+        "threshold": gc.get_threshold(),
+        "top": dict(by_type.most_common(60)),
+        "at": round(time.monotonic(), 3),
+    }
+    sys.stderr.write("BENCH_GC_OBJECTS " + json.dumps(record) + "\n")
+    gc.collect()
+    sys.stderr.flush()
 
 
 gc.callbacks.append(_pause)
+signal.signal(signal.SIGUSR2, _census)

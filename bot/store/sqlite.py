@@ -216,10 +216,10 @@ class SQLiteStore:
             for start in range(0, len(all_keys), _KEYS_PER_QUERY):
                 chunk = all_keys[start : start + _KEYS_PER_QUERY]
                 marks = ",".join("?" * len(chunk))
-                async with self._db.execute(
+                rows = await self._db.execute_fetchall(
                     f"SELECT key FROM processed WHERE key IN ({marks}) AND expires_at >= ?", (*chunk, now)
-                ) as cur:
-                    seen.update(row[0] for row in await cur.fetchall())
+                )
+                seen.update(row[0] for row in rows)
             results, processed, pending = [], [], []
             for (reply, _), keys in zip(batch, keys_of, strict=True):
                 new = not any(key in seen for key in keys)  # also catches a repeat within this batch
@@ -433,13 +433,14 @@ class SQLiteStore:
 
     @counted("get_conversation")
     async def get_conversation(self, user_key: str) -> str | None:
-        async with self._db.execute(
+        # One trip to the connection's thread, not three (execute, fetchone, close): each is a thread hop.
+        rows = await self._db.execute_fetchall(
             "SELECT response_id FROM conversations WHERE user_key = ? AND updated_at > ?",
             (user_key, self._clock() - self._conversation_ttl),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         # An older row is a conversation that went silent for WABOT_CONVERSATION_TTL: the next message starts afresh.
-        return row[0] if row else None
+        row = next(iter(rows), None)
+        return row[0] if row is not None else None
 
     @counted("set_conversation")
     async def set_conversation(self, user_key: str, response_id: str | None) -> None:
