@@ -132,39 +132,55 @@ class RunUsage:
 class SpendWindow:
     """This process's spend in the status window (the alerts' 5 minutes) and today (UTC), for `/status`.
 
-    Thread-safe (the metrics port reads it); bounded in memory like the status window's replies.
+    Thread-safe (the metrics port reads it). Counted in `WINDOW_BUCKETS` time buckets, not per call: its memory is the
+    same at 1 message a minute as at 1,000 a second, and nothing per call stays behind (the heap test's promise). The
+    window's sums may include up to one bucket (a thirtieth of the window) of older calls.
     """
+
+    WINDOW_BUCKETS = 30
 
     def __init__(self, window_s: float = THRESHOLDS.status_window_s, clock: Callable[[], float] = time.time) -> None:
         self.window_s = window_s
+        self._width = window_s / self.WINDOW_BUCKETS
         self._clock = clock
         self._lock = threading.Lock()
-        self._calls: deque[tuple[float, float, int]] = deque(maxlen=200_000)
+        # [bucket number, cost, tokens, calls], oldest first; at most WINDOW_BUCKETS + 1 of them.
+        self._buckets: deque[list[float]] = deque()
         self._day = ""
         self._today = [0.0, 0, 0]  # cost, tokens, unpriced tokens
 
     def add(self, call: CallCost) -> None:
         day = time.strftime("%Y-%m-%d", time.gmtime(self._clock()))
+        bucket = int(time.monotonic() // self._width)
         with self._lock:
-            self._calls.append((time.monotonic(), call.cost_usd, call.tokens))
+            if not self._buckets or self._buckets[-1][0] != bucket:
+                self._buckets.append([bucket, 0.0, 0, 0])
+                self._prune(bucket)
+            last = self._buckets[-1]
+            last[1] += call.cost_usd
+            last[2] += call.tokens
+            last[3] += 1
             if day != self._day:
                 self._day, self._today = day, [0.0, 0, 0]
             self._today[0] += call.cost_usd
             self._today[1] += call.tokens
             self._today[2] += 0 if call.priced else call.tokens
 
+    def _prune(self, bucket: int) -> None:
+        while self._buckets and self._buckets[0][0] < bucket - self.WINDOW_BUCKETS:
+            self._buckets.popleft()
+
     def snapshot(self) -> dict[str, Any]:
-        now, day = time.monotonic(), time.strftime("%Y-%m-%d", time.gmtime(self._clock()))
+        day = time.strftime("%Y-%m-%d", time.gmtime(self._clock()))
         with self._lock:
-            while self._calls and self._calls[0][0] < now - self.window_s:
-                self._calls.popleft()
-            calls = list(self._calls)
+            self._prune(int(time.monotonic() // self._width))
+            buckets = [list(b) for b in self._buckets]
             today = self._today if day == self._day else [0.0, 0, 0]
         return {
             "window_s": self.window_s,
-            "cost_usd_window": sum(c for _, c, _ in calls),
-            "tokens_window": sum(t for _, _, t in calls),
-            "model_calls_window": len(calls),
+            "cost_usd_window": sum(b[1] for b in buckets),
+            "tokens_window": int(sum(b[2] for b in buckets)),
+            "model_calls_window": int(sum(b[3] for b in buckets)),
             "day": day,
             "cost_usd_today": today[0],
             "tokens_today": today[1],

@@ -18,11 +18,12 @@ from pydantic import ValidationError
 
 from bot.settings import DEFAULT_BUDGET_MESSAGE, Settings
 from telemetry import analyze as analysis
-from telemetry.spend import DEFAULT_PRICES, Price, parse_prices
+from telemetry.spend import DEFAULT_PRICES, CallCost, Price, SpendWindow, parse_prices
 from tests.clock import DrivenClock
 from tests.conftest import Bot, LogLines, metric
 from tests.redis_server import RedisServer
 from tests.served import DemoProcess
+from tests.waiting import wait_until
 
 SIM_PRICES = "sim-model=2/0.5/8"  # USD per million tokens for the test bots' model
 
@@ -304,3 +305,17 @@ def test_readme_documents_every_spend_setting() -> None:
     assert "model=input/cached_input/output" in readme
     for model in DEFAULT_PRICES:
         assert f"| `{model}` |" in readme, model
+
+
+def test_the_status_windows_spend_forgets_calls_older_than_the_window_and_keeps_today() -> None:
+    """/status's spend window counts per time bucket, not per call (nothing per call stays in memory), and a call
+    leaves the window's sums once the window passed it; today's sums keep it."""
+    spent = SpendWindow(window_s=0.3)
+    for _ in range(3):
+        spent.add(CallCost("gpt-4.1-mini", 100, 0, 20, 0.001, True))
+    now = spent.snapshot()
+    assert (now["model_calls_window"], now["tokens_window"], now["cost_usd_window"]) == (3, 360, pytest.approx(0.003))
+    wait_until(lambda: spent.snapshot()["model_calls_window"] == 0, 5.0, "the calls to leave the window")
+    later = spent.snapshot()
+    assert (later["tokens_window"], later["cost_usd_window"]) == (0, 0)
+    assert (later["tokens_today"], later["cost_usd_today"]) == (360, pytest.approx(0.003))
