@@ -107,6 +107,7 @@ def test_every_call_is_counted_in_tokens_and_cost_and_logged_without_the_user(
     assert metric("wabot_tokens_total", {"direction": "output", **labels}) - before["output"] == output_tokens
     cost = (input_tokens * 2 + output_tokens * 8) / 1e6
     assert metric("wabot_cost_usd_total", labels) - cost_before == pytest.approx(cost)
+    bot.wait_idle()  # the run's usage is logged after its answer went back
     [event] = [e for e in log_lines.events(mark) if e["event"] == "ai_usage"]
     assert event["model"] == "sim-model" and event["calls"] == 2
     assert (event["input_tokens"], event["cached_tokens"], event["output_tokens"]) == (input_tokens, 0, output_tokens)
@@ -123,6 +124,7 @@ def test_an_unpriced_model_is_counted_in_tokens_under_other_and_flagged(
     mark = log_lines.mark()
     bot.send("hello there", sender="+15550031002")
     bot.send("hello again", sender="+15550031003")
+    bot.wait_idle()  # the runs' usage is logged after their answers went back
     assert metric("wabot_tokens_total", {"direction": "output", "model": "other"}) - before == 2 * 4  # "[turn 1] …"
     assert metric("wabot_cost_usd_total", {"model": "other"}) == 0
     flagged = [e for e in log_lines.events(mark) if e["event"] == "model_unpriced"]
@@ -206,7 +208,10 @@ def test_status_shows_the_spend_of_the_window_and_of_today_against_the_budget(tm
     demo = DemoProcess(tmp_path, env=env)
     try:
         demo.wait_ready()
-        replies = demo.send_all([("one [sim:echo]", "+15557670001"), ("two [sim:echo]", "+15557670002")])
+        # A fixed short latency: the demo's default mode makes some answers slow on purpose (holding replies).
+        replies = demo.send_all(
+            [("one [sim:echo] [sim:delay=0.05]", "+15557670001"), ("two [sim:echo] [sim:delay=0.05]", "+15557670002")]
+        )
         assert replies == [["[turn 1] one"], ["[turn 1] two"]]
         samples = demo.samples()
         output = samples[("wabot_tokens_total", (("direction", "output"), ("model", "gpt-4.1-mini")))]
