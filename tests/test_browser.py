@@ -62,7 +62,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoBot]:
 @pytest.fixture(scope="module")
 def assistant_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoBot]:
     """A bot as `wabot serve --demo` runs it: the simulator answers by intent and calls the bot's tools."""
-    bot = start_demo_bot(tmp_path_factory.mktemp("browser-assistant"))
+    # Not a timing bot: a deadline with room for the tool's two model calls on a loaded machine.
+    bot = start_demo_bot(tmp_path_factory.mktemp("browser-assistant"), reply_timeout=4.0, followup_timeout=12.0)
     yield bot
     bot.stop()
 
@@ -221,7 +222,7 @@ def test_screenshots(context: BrowserContext, assistant_demo: DemoBot, tmp_path:
     expect(page.locator(".msg.bot")).to_have_count(1, timeout=WAIT_MS)
     send(page, "What's 17% of 2,340?")
     expect(page.locator(".msg.bot .meta .tools")).to_have_count(1, timeout=WAIT_MS)
-    send(page, "Plan a week in Lisbon for me [sim:delay=2]")
+    send(page, "Plan a week in Lisbon for me [sim:delay=4.5]")  # past the 4 s deadline: holding reply, answer
     expect(page.locator(".msg.bot")).to_have_count(4, timeout=WAIT_MS)
     page.select_option("#mode", "failing")
     expect(page.locator("#mode-status")).to_have_text("model is failing (for every user)", timeout=WAIT_MS)

@@ -36,10 +36,15 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
+# No timing test here: a deadline that leaves a download, a transcription and the model's calls room on a loaded
+# machine next to Chromium, so every answer is the inline one the tests look for.
+MEDIA_TIMES = {"reply_timeout": 5.0, "followup_timeout": 15.0}
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoBot]:
     """The simulator echoes "[turn N] <what it got>": what the bot understood shows in the answer."""
-    bot = start_demo_bot(tmp_path_factory.mktemp("browser-media"), echo=True)
+    bot = start_demo_bot(tmp_path_factory.mktemp("browser-media"), echo=True, **MEDIA_TIMES)
     yield bot
     bot.stop()
 
@@ -47,7 +52,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoBot]:
 @pytest.fixture(scope="module")
 def assistant_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoBot]:
     """As `wabot serve --demo` runs: the simulator answers by intent and calls the bot's tools."""
-    bot = start_demo_bot(tmp_path_factory.mktemp("browser-media-assistant"))
+    bot = start_demo_bot(tmp_path_factory.mktemp("browser-media-assistant"), **MEDIA_TIMES)
     yield bot
     bot.stop()
 
