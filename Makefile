@@ -64,10 +64,10 @@ format: install
 
 # The whole suite (CI's), on every core: pytest-xdist. The tests marked `exclusive` load every core and measure a
 # deadline while they do: they run afterwards, one at a time, with nothing else alive (not even another worker's
-# module-scoped Prometheus or demo process). TEST_WORKERS=0: one process. Two workers per core: much of the suite
-# waits (deadlines, slow model answers, Prometheus evaluating its rules) with its core idle, and a second worker's
-# test uses it meanwhile (tests/conftest.py starts the modules with slow tests first, so the workers end together).
-TEST_WORKERS ?= $(shell echo $$(( 2 * $$(nproc) )))
+# module-scoped Prometheus or demo process). TEST_WORKERS=0: one process. One worker per core (tests/conftest.py
+# starts the modules with slow tests first, so the workers end together): two per core were ~5 % faster on 2 cores
+# but starved the 1 s deadline tests of their inline answers on every run, a different one each time.
+TEST_WORKERS ?= $(shell nproc)
 # With bytecode written (__pycache__/, ignored by git): every worker and every process a test starts would otherwise
 # compile the project's modules, and pytest rewrite and compile every test module, anew (collection alone: about
 # 6 s of CPU per worker).
