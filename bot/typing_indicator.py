@@ -59,7 +59,7 @@ class TypingIndicators:
         settings: Settings,
         tracer: trace.Tracer,
         log: FilteringBoundLogger,
-        recent: RecentActivity | None = None,
+        recent: RecentActivity,
     ) -> None:
         # Resolved now, at start-up: the SDK imports its Messaging modules on first use, inside some webhook's turn.
         self._indicators = client.messaging.v2.typing_indicator
@@ -137,8 +137,7 @@ class TypingIndicators:
         seconds = time.monotonic() - arrived
         if error_type is not None:
             metrics.TYPING_INDICATORS.labels(outcome="failed").inc()
-            if self._recent is not None:
-                self._recent.record_typing("failed")
+            self._recent.record_typing("failed")
             self._log.warning(
                 "typing_indicator",
                 message_sid=message_sid,
@@ -152,8 +151,7 @@ class TypingIndicators:
         metrics.TYPING_INDICATORS.labels(outcome="sent").inc()
         if first:
             metrics.observe(metrics.TYPING_INDICATOR_SECONDS, seconds)
-        if self._recent is not None:
-            self._recent.record_typing("sent", seconds if first else None)
+        self._recent.record_typing("sent", seconds if first else None)
         self._log.info(
             "typing_indicator", message_sid=message_sid, outcome="sent", seconds=round(seconds, 4), refresh=refresh
         )

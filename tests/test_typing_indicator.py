@@ -21,6 +21,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from bot.demo.twilio_sink import TwilioSink
 from bot.outbound import TwilioSender, messaging_url
 from bot.settings import DEFAULT_BUSY_MESSAGE, DEFAULT_HOLDING_MESSAGE, DEFAULT_RATE_LIMIT_MESSAGE, Settings
+from bot.status import collect
 from tests.clock import DrivenClock
 from tests.conftest import Bot, LogLines, metric
 from tests.specs import problems, validator
@@ -77,6 +78,9 @@ def test_the_indicator_reaches_twilio_within_a_second_of_arrival(
     assert len(accepted(sink, form["MessageSid"])) == 1  # an inline answer needs no refresh
     assert metric("wabot_typing_indicators_total", SENT) == sent + 1
     assert metric("wabot_typing_indicator_seconds_count") == first + 1
+    # /status's window (a fresh bot's) counts the same indicator.
+    window = collect(bot.settings, bot.server.app.state.services.recent)["window"]["typing"]
+    assert (window["outcomes"], window["indicators"]) == ({"sent": 1, "failed": 0}, 1)
     [event] = typing_events(log_lines, mark, form["MessageSid"])
     assert (event["level"], event["outcome"], event["refresh"]) == ("info", "sent", False)
     assert 0 < event["seconds"] < 1.0
