@@ -166,6 +166,8 @@ class DeadlineResponder:
                 return result
             elapsed = time.monotonic() - arrived
             result = self._settle(message, answer, elapsed)
+            if result.outcome == "timeout" and self._typing is not None:
+                self._typing.held(reply.sid, arrived)  # the holding reply clears "typing…": show it again after it
             span.set_attributes(
                 {
                     "wabot.reply.outcome": result.outcome,

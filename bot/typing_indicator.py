@@ -8,6 +8,11 @@ at capacity spares Twilio the extra calls). While the answer is still being prep
 every WABOT_TYPING_REFRESH seconds (20), never later than WABOT_FOLLOWUP_TIMEOUT after the message arrived; it stops
 as soon as the answer (or apology) is ready to go. A run resumed after a restart gets none.
 
+WhatsApp clears "typing…" when any message from the bot arrives, the holding reply included: a message that got the
+holding reply gets its indicator again `AFTER_HOLDING_S` after it went back (time for Twilio to deliver it first),
+then every refresh interval from then, so the user sees the bot is still at work between the holding reply and the
+answer.
+
 Never on the critical path: each message's indicators are a task of their own, which neither the deadline race nor
 the run ever awaits. Each call is bounded here (the SDK's async client ignores its timeout) by
 WABOT_TWILIO_CALL_TIMEOUT, or the refresh interval when that is shorter so two calls never overlap, and is not
@@ -44,6 +49,9 @@ from telemetry.tracing import ActiveSpan, record_error
 CHANNEL = "whatsapp"
 MAX_LATE_S = 1.0  # the promise: a sign of life within a second; later than that the loop has better things to do
 MAX_IN_FLIGHT = 100  # indicator calls waiting for Twilio at once (50 msg/s with Twilio at 300 ms needs ~15)
+# After the holding reply: Twilio usually delivers a WhatsApp message within a second or two, and an indicator that
+# lands before it is cleared by it. Never later than the next refresh would have been.
+AFTER_HOLDING_S = 2.0
 
 
 class _Unsuccessful(Exception):
@@ -79,7 +87,22 @@ class TypingIndicators:
         Returns at once: the indicator is sent by a task of its own."""
         if not self._enabled or message_sid in self._tasks:
             return
-        task = asyncio.create_task(self._indicate(message_sid, arrived), name=f"typing {message_sid}")
+        self._start(message_sid, arrived, arrived, observe_first=True)
+
+    def held(self, message_sid: str, arrived: float) -> None:
+        """The holding reply to `message_sid` is going back: show "typing…" again once it has arrived (it clears
+        the indicator), then refresh from then on. Nothing happens for a message that has no indicator task."""
+        task = self._tasks.get(message_sid)
+        if task is None:
+            return
+        # A call still waiting for Twilio now would land before the holding reply and be cleared by it anyway.
+        task.cancel()
+        again = time.monotonic() + min(AFTER_HOLDING_S, self._refresh_s)
+        self._start(message_sid, arrived, again, observe_first=False)
+
+    def _start(self, message_sid: str, arrived: float, start: float, *, observe_first: bool) -> None:
+        indicate = self._indicate(message_sid, arrived, start, observe_first)
+        task = asyncio.create_task(indicate, name=f"typing {message_sid}")
         self._tasks[message_sid] = task
         task.add_done_callback(self._forget)
 
@@ -107,16 +130,18 @@ class TypingIndicators:
         if self._tasks.get(sid) is task:
             del self._tasks[sid]
 
-    async def _indicate(self, message_sid: str, arrived: float) -> None:
-        first_accepted = False
-        # Due every refresh interval from arrival (a slow call does not delay the next), while within the budget.
+    async def _indicate(self, message_sid: str, arrived: float, start: float, observe_first: bool) -> None:
+        """Indicators due at `start` and every refresh interval after it (a slow call does not delay the next), while
+        within the budget from `arrived`. `observe_first`: the first accepted one's latency from arrival is observed
+        (the sign of life; not for those after the holding reply, which was one)."""
+        first_accepted = not observe_first
         for k in itertools.count():
-            if k and k * self._refresh_s >= self._budget_s:
+            due = start + k * self._refresh_s
+            if due - arrived >= self._budget_s:
                 return
-            due = arrived + k * self._refresh_s
-            if k:
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
-            refresh = k > 0
+            if due > time.monotonic():
+                await asyncio.sleep(due - time.monotonic())
+            refresh = k > 0 or start > arrived
             late = time.monotonic() - due
             if late > MAX_LATE_S or self._in_flight >= MAX_IN_FLIGHT:
                 reason = "late" if late > MAX_LATE_S else "in_flight"

@@ -22,6 +22,7 @@ from bot.demo.twilio_sink import TwilioSink
 from bot.outbound import TwilioSender, messaging_url
 from bot.settings import DEFAULT_BUSY_MESSAGE, DEFAULT_HOLDING_MESSAGE, DEFAULT_RATE_LIMIT_MESSAGE, Settings
 from bot.status import collect
+from bot.typing_indicator import AFTER_HOLDING_S
 from tests.clock import DrivenClock
 from tests.conftest import Bot, LogLines, metric
 from tests.specs import problems, validator
@@ -172,6 +173,39 @@ def test_refreshed_while_a_follow_up_is_prepared_and_stopped_once_it_is_sent(
     assert metric("wabot_typing_indicators_total", SENT) == sent + len(got)
     assert metric("wabot_typing_indicator_seconds_count") == first + 1  # the first one only
     assert [s.attributes["wabot.typing.refresh"] for s in typing_spans(bot)] == [False] + [True] * (len(got) - 1)
+
+
+def test_typing_shows_again_soon_after_the_holding_reply_clears_it(
+    make_bot: Callable[..., Bot], sim, sink: TwilioSink, log_lines: LogLines
+) -> None:
+    """WhatsApp clears "typing…" when the holding reply arrives: the bot sends the indicator again
+    AFTER_HOLDING_S after the holding reply went back, not only at the next 20 s refresh."""
+    user = "+15550700006"
+    bot = make_bot(reply_timeout=1.0, followup_timeout=30.0)  # the default 20 s refresh
+    sent = metric("wabot_typing_indicators_total", SENT)
+    first = metric("wabot_typing_indicator_seconds_count")
+    mark = log_lines.mark()
+    form = bot.form("a long one [sim:delay=4.5]", sender=user)
+    sink.inbound(form["MessageSid"], f"whatsapp:{user}")
+    assert bot.post_form(form).messages == [DEFAULT_HOLDING_MESSAGE]
+    held = time.monotonic()
+    sink.replied(f"whatsapp:{user}")  # Twilio delivered the holding reply: "typing…" is gone
+    assert sink.typing(f"whatsapp:{user}")["typing"] is False
+
+    wait_until(lambda: sink.typing(f"whatsapp:{user}")["typing"], 5.0, '"typing…" shown again')
+    shown = time.monotonic() - held
+    assert AFTER_HOLDING_S - 0.1 < shown < AFTER_HOLDING_S + 1.0, shown
+    [followup] = sink.wait_for_messages(1, to=f"whatsapp:{user}", timeout=10)
+    assert followup["body"] == "[turn 1] a long one"
+    settle(bot)
+
+    # Two indicators: the sign of life at arrival and the one after the holding reply; no refresh was due before
+    # the answer, and only the first one's latency is the sign of life's.
+    events = typing_events(log_lines, mark, form["MessageSid"])
+    assert [(e["outcome"], e["refresh"]) for e in events] == [("sent", False), ("sent", True)], events
+    assert metric("wabot_typing_indicators_total", SENT) == sent + 2
+    assert metric("wabot_typing_indicator_seconds_count") == first + 1
+    assert len(accepted(sink, form["MessageSid"])) == 2
 
 
 def test_refreshes_end_at_the_follow_up_budget_even_when_the_answer_is_later(
