@@ -16,17 +16,21 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+import structlog
+import structlog.testing
 from opentelemetry.trace import SpanKind, StatusCode
 
+from bot.demo.inbound_form import new_message_sid
 from bot.demo.twilio_sink import TwilioSink
 from bot.outbound import TwilioSender, messaging_url
 from bot.settings import DEFAULT_BUSY_MESSAGE, DEFAULT_HOLDING_MESSAGE, DEFAULT_RATE_LIMIT_MESSAGE, Settings
 from bot.status import collect
-from bot.typing_indicator import AFTER_HOLDING_S
+from bot.typing_indicator import AFTER_HOLDING_S, BUSY_MESSAGES, TypingIndicators
+from telemetry.recent import RecentActivity
 from tests.clock import DrivenClock
-from tests.conftest import Bot, LogLines, metric
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, Bot, LogLines, metric
 from tests.specs import problems, validator
-from tests.waiting import wait_until
+from tests.waiting import until, wait_until
 
 SENT = {"outcome": "sent"}
 FAILED = {"outcome": "failed"}
@@ -351,6 +355,50 @@ async def test_the_indicator_goes_to_twilios_messaging_host_or_wherever_the_api_
     assert messaging_url("http://127.0.0.1:8081") == "http://127.0.0.1:8081"
     assert messaging_url("https://twilio-proxy.example.com/twilio") == "https://twilio-proxy.example.com/twilio"
     assert messaging_url("https://api.example.com") == "https://api.example.com"
+
+
+async def test_none_again_after_the_holding_reply_while_over_busy_messages_are_answered(
+    sink_server: tuple[TwilioSink, str],
+) -> None:
+    """In a burst or an incident (every message held) one more Twilio call per held message would take the event loop
+    from the holding replies: above BUSY_MESSAGES messages being answered, held() sends nothing and says why; below,
+    the indicator after the holding reply is on its way."""
+    sink, url = sink_server
+    settings = Settings(
+        _env_file=None,
+        TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+        WABOT_TWILIO_API_URL=url,
+        WABOT_FOLLOWUP_TIMEOUT=60,
+    )
+    sender = TwilioSender(settings, _tracer())
+    indicators = TypingIndicators(sender.client, settings, _tracer(), structlog.get_logger(), RecentActivity())
+    sids = [new_message_sid() for _ in range(BUSY_MESSAGES + 1)]
+    try:
+        with structlog.testing.capture_logs() as logs:
+            now = time.monotonic()
+            for sid in sids[:BUSY_MESSAGES]:
+                indicators.begin(sid, now)
+            await until(lambda: all(accepted(sink, sid) for sid in sids[:BUSY_MESSAGES]), 10.0, "the first indicators")
+            indicators.held(sids[0], now)  # at the line: sent again after AFTER_HOLDING_S
+            indicators.begin(sids[-1], now)
+            indicators.held(sids[1], now)  # over it: skipped
+            assert indicators.active() == BUSY_MESSAGES + 1
+            skipped = [e for e in logs if e["event"] == "typing_indicator_skipped"]
+            assert skipped == [
+                {
+                    "event": "typing_indicator_skipped",
+                    "log_level": "debug",
+                    "message_sid": sids[1],
+                    "reason": "busy",
+                    "refresh": True,
+                }
+            ]
+            await until(lambda: len(accepted(sink, sids[0])) == 2, 10.0, "the indicator after the holding reply")
+            assert len(accepted(sink, sids[1])) == 1
+    finally:
+        await indicators.close()
+        await sender.close()
 
 
 def _tracer() -> Any:
