@@ -220,8 +220,13 @@ def test_screenshots(context: BrowserContext, assistant_demo: DemoBot, tmp_path:
     page.set_viewport_size({"width": 1100, "height": 1000})  # the whole conversation, greeting included
     send(page, "Hi! What can you do for me?")
     expect(page.locator(".msg.bot")).to_have_count(1, timeout=WAIT_MS)
-    send(page, "What's 17% of 2,340?")
-    expect(page.locator(".msg.bot .meta .tools")).to_have_count(1, timeout=WAIT_MS)
+    # The same question as a voice note: what was heard heads the answer, which the calculate tool worked out.
+    page.set_input_files("#attach", [str(ROOT / "tests" / "fixtures" / "media" / "voice.ogg")])
+    expect(page.locator("#pending .chip")).to_have_count(1)
+    page.click("#send")
+    expect(page.locator(".msg.user .media audio")).to_have_count(1, timeout=WAIT_MS)
+    expect(page.locator(".msg.bot .text").nth(1)).to_contain_text("17% of 2,340 is 397.8.", timeout=WAIT_MS)
+    expect(page.locator(".msg.bot .text").nth(1)).to_contain_text('"What\'s 17% of 2,340?"')
     send(page, "Plan a week in Lisbon for me [sim:delay=4.5]")  # past the 4 s deadline: holding reply, answer
     expect(page.locator(".msg.bot")).to_have_count(4, timeout=WAIT_MS)
     page.select_option("#mode", "failing")
