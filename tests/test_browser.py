@@ -227,6 +227,7 @@ def test_screenshots(context: BrowserContext, assistant_demo: DemoBot, tmp_path:
     expect(page.locator(".msg.user .media audio")).to_have_count(1, timeout=WAIT_MS)
     expect(page.locator(".msg.bot .text").nth(1)).to_contain_text("17% of 2,340 is 397.8.", timeout=WAIT_MS)
     expect(page.locator(".msg.bot .text").nth(1)).to_contain_text('"What\'s 17% of 2,340?"')
+    expect(page.locator(".msg.bot .meta .tools")).to_have_text(["tool: calculate"], timeout=WAIT_MS)
     send(page, "Plan a week in Lisbon for me [sim:delay=4.5]")  # past the 4 s deadline: holding reply, answer
     expect(page.locator(".msg.bot")).to_have_count(4, timeout=WAIT_MS)
     page.select_option("#mode", "failing")

@@ -168,7 +168,7 @@ class Conversation:
 
     def _add_tools(self, event: dict[str, Any], sent: _Sent) -> None:
         """Name the tools the answer (its first part) used, for the bubble's small print."""
-        tools = self._tools_used(sent.text, event["text"]) if self._tools_used else []
+        tools = self._tools_used(sent.text, _model_answer(event["text"])) if self._tools_used else []
         if tools:
             event["tools"] = tools
 
@@ -497,6 +497,15 @@ async def post_mode(body: _ModeBody, request: Request) -> dict[str, str]:
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from exc
     return {"mode": hub.mode}
+
+
+def _model_answer(text: str) -> str:
+    """The model's answer in a reply: without the lines bot/replies.py puts above it for attachments (what a voice
+    note was heard as, what could not be read), a paragraph of their own."""
+    head, blank, rest = text.partition("\n\n")
+    if blank and all(line.startswith(('🎤 "', "⚠️ ")) for line in head.splitlines()):
+        return rest
+    return text
 
 
 __all__ = ["PHONE", "Attachment", "ChatHub", "Conversation", "router"]
