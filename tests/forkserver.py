@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -99,8 +100,10 @@ class _Client:
         )
         theirs.close()
 
-    def spawn(self, args: list[str], *, cwd: Path, env: dict[str, str], output: Path) -> Forked:
-        request = {"args": args, "cwd": str(cwd), "env": env, "output": str(output)}
+    def spawn(
+        self, args: list[str], *, cwd: Path, env: dict[str, str], output: Path, errors: Path | None = None
+    ) -> Forked:
+        request = {"args": args, "cwd": str(cwd), "env": env, "output": str(output), "errors": str(errors or output)}
         with self._lock:
             self._file.write(json.dumps(request) + "\n")
             self._file.flush()
@@ -121,6 +124,28 @@ def spawn_bot(args: list[str], *, cwd: Path, env: dict[str, str], output: Path) 
     return _client.spawn([sys.executable, "-m", "bot", *args], cwd=cwd, env=env, output=output)
 
 
+def run_wabot(
+    args: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    """`python -m bot *args` to completion, as subprocess.run(..., capture_output=True, text=True) would run it (the
+    environment is this process's unless `env` is given), forked from the fork server: a CLI command's own work, not
+    2.5 s of imports first. Raises subprocess.TimeoutExpired (after killing it) past `timeout`."""
+    global _client
+    if _client is None:
+        _client = _Client()
+    command = [sys.executable, "-m", "bot", *args]
+    with tempfile.TemporaryDirectory(prefix="wabot-cli-") as work:
+        out, err = Path(work) / "stdout", Path(work) / "stderr"
+        child = _client.spawn(command, cwd=cwd, env=dict(os.environ) if env is None else env, output=out, errors=err)
+        try:
+            code = child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(5.0)
+            raise
+        return subprocess.CompletedProcess(command, code, out.read_text(), err.read_text())
+
+
 # ------------------------------------------------------------------------------------------------ the server
 
 
@@ -130,12 +155,15 @@ def _child(request: dict[str, Any], *inherited: Any) -> None:
         thing.close()
     os.setsid()
     out = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    err = out
+    if request["errors"] != request["output"]:
+        err = os.open(request["errors"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(out)
-    os.close(null)
+    os.dup2(err, 2)
+    for fd in {out, err, null}:
+        os.close(fd)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ import pytest
 
 from bot.settings import DEFAULT_HOLDING_MESSAGE
 from tests.conftest import AUTH_TOKEN, Bot, free_port
+from tests.forkserver import run_wabot
 from tests.served import DemoProcess
 from tests.waiting import wait_until
 
@@ -95,9 +95,7 @@ def test_sigterm_finishes_in_flight_webhooks_and_keeps_owed_replies(served, tmp_
 
 def test_serve_without_credentials_names_every_missing_setting(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "WABOT_", "OPENAI_"))}
-    result = subprocess.run(
-        [*WABOT, "serve", "--port", str(free_port())], capture_output=True, text=True, timeout=30, cwd=tmp_path, env=env
-    )
+    result = run_wabot(["serve", "--port", str(free_port())], cwd=tmp_path, env=env)
     assert result.returncode == 2
     for name in (
         "OPENAI_API_KEY",
@@ -112,18 +110,10 @@ def test_serve_without_credentials_names_every_missing_setting(tmp_path: Path) -
 
 def test_wabot_send_signs_like_twilio_and_prints_the_reply(bot: Bot, sim) -> None:
     env = {**os.environ, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "WABOT_PUBLIC_URL": bot.url}
-    result = subprocess.run(
-        [*WABOT, "send", "Hello from the CLI", "--url", bot.url], capture_output=True, text=True, timeout=30, env=env
-    )
+    result = run_wabot(["send", "Hello from the CLI", "--url", bot.url], cwd=Path.cwd(), env=env)
     assert result.returncode == 0, result.stderr
     assert "[turn 1] Hello from the CLI" in result.stdout
-    bad = subprocess.run(
-        [*WABOT, "send", "Hello", "--url", bot.url],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**env, "TWILIO_AUTH_TOKEN": "wrong"},
-    )
+    bad = run_wabot(["send", "Hello", "--url", bot.url], cwd=Path.cwd(), env={**env, "TWILIO_AUTH_TOKEN": "wrong"})
     assert bad.returncode == 1
     assert "403" in bad.stderr
     assert len(sim.calls()) == 1

@@ -6,8 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +16,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from telemetry.privacy import UserHasher
 from tests.conftest import AUTH_TOKEN, Bot, LogLines
+from tests.forkserver import run_wabot
 from tests.served import DEMO_AUTH_TOKEN, ROOT, DemoProcess
 from tests.test_metrics import json_lines
 from tests.test_tracing import OtlpHttpReceiver, flatten
@@ -281,15 +280,12 @@ def test_no_phone_number_anywhere(make_bot: Callable[..., Bot], sim, sink, log_l
         bad_from["From"] = f"whatsapp:{malformed}x"
         assert demo.post(bad_from).status_code == 400
         # The CLI, as an operator would use it.
-        cli = subprocess.run(
-            [sys.executable, "-m", "bot", "send", "cli hi [sim:delay=0.1] [sim:echo]", "--from", ok, "--url", demo.url],
+        cli = run_wabot(
+            ["send", "cli hi [sim:delay=0.1] [sim:echo]", "--from", ok, "--url", demo.url],
             cwd=ROOT,
             env={"PATH": "/usr/bin:/bin", "TWILIO_AUTH_TOKEN": DEMO_AUTH_TOKEN},
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
         )
+        assert cli.returncode == 0, cli.stderr
         assert "cli hi" in cli.stdout
         demo.wait_for_sample("wabot_message_status_total", {"status": "delivered", "error_code": ""}, 2.0)
         metrics_text = demo.scrape().text + demo.scrape("application/openmetrics-text").text

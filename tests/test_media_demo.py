@@ -22,6 +22,7 @@ from bot.demo.loopback import LoopbackServer
 from bot.demo.media_types import content_type, message_type
 from bot.demo.twilio_sink import TwilioSink
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.forkserver import run_wabot
 from tests.media_samples import jpeg_header, pdf, png, webp_header
 from tests.served import DEMO_AUTH_TOKEN, DemoProcess
 
@@ -86,8 +87,7 @@ def webhook() -> Iterator[RecordingWebhook]:
 def wabot_send(*args: str, url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "WABOT_", "OPENAI_"))}
     env.update(TWILIO_AUTH_TOKEN=AUTH_TOKEN, TWILIO_ACCOUNT_SID=ACCOUNT_SID, WABOT_PUBLIC_URL=url)
-    command = [*WABOT, "send", *args, "--url", url]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, cwd=cwd, check=False)
+    return run_wabot(["send", *args, "--url", url], cwd=cwd, env=env, timeout=60)
 
 
 def test_wabot_send_media_serves_the_files_through_the_sink_and_posts_twilios_media_form(
@@ -181,15 +181,7 @@ def test_a_voice_note_sent_with_wabot_send_is_answered_by_the_demo(tmp_path: Pat
         assert mode.json() == {"mode": "instant"}, mode.text
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "WABOT_", "OPENAI_"))}
         env["TWILIO_AUTH_TOKEN"] = DEMO_AUTH_TOKEN
-        sent = subprocess.run(
-            [*WABOT, "send", "--media", str(FIXTURES / "voice.ogg"), "--url", served.url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-            cwd=tmp_path,
-            check=False,
-        )
+        sent = run_wabot(["send", "--media", str(FIXTURES / "voice.ogg"), "--url", served.url], cwd=tmp_path, env=env)
     finally:
         served.stop()
     assert sent.returncode == 0, sent.stderr

@@ -38,7 +38,7 @@ from bot.store.sqlite import SQLiteStore
 from telemetry.flood import REJECTION_LOGS_PER_SECOND
 from telemetry.privacy import UserHasher
 from tests.conftest import Bot, LogLines, free_port, metric, new_sid
-from tests.forkserver import spawn_bot
+from tests.forkserver import run_wabot, spawn_bot
 from tests.served import listening_on
 
 REJECTIONS = "wabot_webhook_rejections_total"
@@ -124,14 +124,8 @@ def test_demo_listens_on_loopback_with_a_token_of_its_own_that_wabot_send_finds(
     assert _post_signed(demo.url, PUBLISHED_DEMO_TOKEN, "forged [sim:delay=0]").status_code == 403
     assert _post_signed(demo.url, token, "mine [sim:delay=0]").status_code == 200
     # `wabot send`, run where the demo runs, reads the token from the file.
-    sent = subprocess.run(
-        [sys.executable, "-m", "bot", "send", "hello there [sim:delay=0] [sim:echo]", "--url", demo.url],
-        cwd=tmp_path,
-        env=_clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    sent = run_wabot(
+        ["send", "hello there [sim:delay=0] [sim:echo]", "--url", demo.url], cwd=tmp_path, env=_clean_env()
     )
     assert sent.returncode == 0, sent.stderr
     assert "hello there" in sent.stdout

@@ -7,8 +7,6 @@ store, a new day starting over, a store that fails the read letting the message 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ from telemetry import analyze as analysis
 from telemetry.spend import DEFAULT_PRICES, CallCost, Price, SpendWindow, parse_prices
 from tests.clock import DrivenClock
 from tests.conftest import Bot, LogLines, metric
+from tests.forkserver import run_wabot
 from tests.redis_server import RedisServer
 from tests.served import DemoProcess
 from tests.waiting import wait_until
@@ -226,13 +225,7 @@ def test_status_shows_the_spend_of_the_window_and_of_today_against_the_budget(tm
         page = demo.client.get(f"{demo.metrics_url}/status").text
         assert '<dd id="spend-window">0.0600 USD</dd>' in page and '<dd id="spend-today">0.0600 USD</dd>' in page
         assert "3% of the 2.00 USD daily budget" in page
-        printed = subprocess.run(
-            [sys.executable, "-m", "bot", "status", "--url", demo.metrics_url],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        printed = run_wabot(["status", "--url", demo.metrics_url], cwd=Path.cwd())
         assert printed.returncode == 0, printed.stderr
         lines = printed.stdout.splitlines()
         assert any(line.startswith("  spend, last 5 minutes 0.0600 USD (") for line in lines), printed.stdout

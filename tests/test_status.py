@@ -9,7 +9,6 @@ import json
 import re
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from telemetry.recent import RecentActivity
 from telemetry.thresholds import THRESHOLDS
 from tests.binaries import find_binary
 from tests.conftest import free_port
+from tests.forkserver import run_wabot
 from tests.served import ROOT, DemoProcess
 from tests.test_end_to_end_alerts import Process
 from tests.waiting import wait_until
@@ -53,9 +53,7 @@ ALWAYS_FIRING_RULES = {
 
 
 def wabot(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bot", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
-    )
+    return run_wabot(list(args), cwd=ROOT)
 
 
 def status_json(demo: DemoProcess) -> dict[str, Any]:
