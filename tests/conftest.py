@@ -118,9 +118,26 @@ LONG_FIRST = (
 )
 
 
+# The tests that keep a core busy from start to end (measured: CPU time ≈ wall time), in this process: under
+# pytest-xdist they form one group, run one after another on one worker, so that at most one of them loads a core
+# at any moment. Most other tests wait (for a deadline, a retry, Prometheus) far more than they compute: `make test`
+# runs one worker more than there are cores, and the extra worker's share is what the others would spend waiting.
+CPU_BOUND = {
+    ("test_memory", "test_reply_path_leaves_the_heap_flat"),
+    ("test_fuzz_webhook", "test_memory_stays_flat_over_thousands_of_hostile_requests"),
+    ("test_alert_rules", "test_promtool_unit_tests"),
+    ("test_otlp_encoding", "test_the_encoding_is_the_librarys_for_any_span"),
+    ("test_otlp_encoding", "test_spans_read_through_their_public_properties_encode_the_same"),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """LONG_FIRST's modules first, in its order, each kept whole (its module fixtures set up once); the rest after,
-    in their order. A module not listed keeps its place among the rest."""
+    in their order. A module not listed keeps its place among the rest. CPU_BOUND's tests in xdist group "cpu"."""
+    for item in items:
+        if (item.path.stem, getattr(item, "originalname", item.name)) in CPU_BOUND:
+            item.add_marker(pytest.mark.xdist_group("cpu"))
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: each module's order stays
 
