@@ -5,6 +5,7 @@ promtool is the Debian package `prometheus` (v2.42 here); the tests fail, never 
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -104,11 +105,108 @@ def test_promtool_check_rules() -> None:
     assert "SUCCESS" in result.stdout
 
 
+# promtool evaluates every rule of its rule files at every step of a test case (one a minute, up to 520 for the SLO
+# cases), ~16 ms a step for all 81 rules, most of it parsing and printing each rule's query again. So each run below
+# evaluates only the groups holding the alerts it asserts and recording what they and its expressions read
+# (transitively), each group whole and in the deployed order: the same rules, so the same values and alerts at the
+# same moments. A group left out is evaluated by the cases that assert its own alerts and records. The cases that
+# evaluate an hour or more run on their own, so pytest-xdist spreads them over its workers.
+LONG_CASE_MINUTES = 60
+_DURATION = re.compile(r"(\d+)(ms|[smhdwy])")
+_MINUTES = {"ms": 1 / 60000, "s": 1 / 60, "m": 1, "h": 60, "d": 1440, "w": 10080, "y": 525600}
+
+
+@functools.cache
+def _load(path: Path) -> Any:
+    """The parsed YAML file, parsed once a session: read it, never change it."""
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _minutes(duration: str) -> float:
+    parts = _DURATION.findall(duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a Prometheus duration: {duration!r}"
+    return sum(int(n) * _MINUTES[u] for n, u in parts)
+
+
+def _minutes_evaluated(case: dict[str, Any]) -> float:
+    checks = case.get("alert_rule_test", []) + case.get("promql_expr_test", [])
+    return max(_minutes(check["eval_time"]) for check in checks)
+
+
+def _reads(exprs: list[str], record: str) -> bool:
+    """Whether any of `exprs` selects the series `record` (by name or by a __name__ regex)."""
+    text = "\n".join(exprs)
+    if re.search(rf"(?<![\w:]){re.escape(record)}(?![\w:])", text):
+        return True
+    return any(re.fullmatch(pattern, record) for pattern in re.findall(r'__name__=~"([^"]+)"', text))
+
+
+def _groups_read_by(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups of alerts/wabot.rules.yml holding the alerts `cases` assert and recording every series their rules
+    and expressions read, transitively; in the file's order."""
+    groups: list[dict[str, Any]] = _load(RULES)["groups"]
+    alerts = {check["alertname"] for case in cases for check in case.get("alert_rule_test", [])}
+    recorded_in = {rule["record"]: g["name"] for g in groups for rule in g["rules"] if "record" in rule}
+    kept = {g["name"] for g in groups if any(rule.get("alert") in alerts for rule in g["rules"])}
+    reading = [check["expr"] for case in cases for check in case.get("promql_expr_test", [])]
+    reading += [rule["expr"] for g in groups if g["name"] in kept for rule in g["rules"]]
+    while needed := {group for name, group in recorded_in.items() if group not in kept and _reads(reading, name)}:
+        kept |= needed
+        reading += [rule["expr"] for g in groups if g["name"] in needed for rule in g["rules"]]
+    return [g for g in groups if g["name"] in kept]
+
+
+def _promtool_runs() -> list[Any]:
+    """One run per rule-test file for its short cases, one per long case."""
+    runs = []
+    for path in RULE_TESTS:
+        cases = _load(path)["tests"]
+        long = [i for i, case in enumerate(cases) if _minutes_evaluated(case) >= LONG_CASE_MINUTES]
+        short = [i for i in range(len(cases)) if i not in long]
+        if short:
+            runs.append(pytest.param(path, short, id=path.name if not long else f"{path.name}:short"))
+        runs += [pytest.param(path, [i], id=f"{path.name}:{i + 1}") for i in long]
+    return runs
+
+
+def _write_run(path: Path, indexes: list[int], into: Path) -> Path:
+    """A copy of the rule-test file `path` with the cases at `indexes`, on a rules file of the groups they read."""
+    cases = [_load(path)["tests"][i] for i in indexes]
+    groups = _groups_read_by(cases)
+    rules = into / "wabot.rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False), encoding="utf-8")
+    order = [g["name"] for g in groups]
+    spec = {**_load(path), "rule_files": [str(rules)], "group_eval_order": order, "tests": cases}
+    test = into / path.name
+    test.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return test
+
+
 @pytest.mark.prometheus
-def test_promtool_unit_tests() -> None:
-    assert RULE_TESTS, "no alerts/tests/*.yml"
-    result = _run(promtool(), "test", "rules", *map(str, RULE_TESTS), timeout=120)
+@pytest.mark.parametrize(("path", "indexes"), _promtool_runs())
+def test_promtool_unit_tests(path: Path, indexes: list[int], tmp_path: Path) -> None:
+    result = _run(promtool(), "test", "rules", str(_write_run(path, indexes, tmp_path)), timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_runs_take_every_case_once_with_all_it_reads() -> None:
+    assert RULE_TESTS, "no alerts/tests/*.yml"
+    runs = [(p.values[0], p.values[1]) for p in _promtool_runs()]
+    for path in RULE_TESTS:
+        taken = sorted(i for run_path, indexes in runs if run_path == path for i in indexes)
+        assert taken == list(range(len(_load(path)["tests"]))), path.name
+    records = {rule["record"] for rule in _rules() if "record" in rule}
+    for path, indexes in runs:
+        cases = [_load(path)["tests"][i] for i in indexes]
+        groups = _groups_read_by(cases)
+        kept = [rule for g in groups for rule in g["rules"]]
+        alerts = {check["alertname"] for case in cases for check in case.get("alert_rule_test", [])}
+        assert alerts <= {rule["alert"] for rule in kept if "alert" in rule}, path.name
+        reading = [rule["expr"] for rule in kept] + [
+            check["expr"] for case in cases for check in case.get("promql_expr_test", [])
+        ]
+        read = {name for name in records if _reads(reading, name)}
+        assert read <= {rule["record"] for rule in kept if "record" in rule}, (path.name, indexes)
 
 
 def test_every_rule_test_file_orders_groups() -> None:
