@@ -6,6 +6,7 @@ promtool is the Debian package `prometheus` (v2.42 here); the tests fail, never 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import subprocess
 import sys
@@ -74,8 +75,8 @@ EXPECTED_ALERTS = {
 BURN_RATE_TABLE = {(b.long, b.short, b.severity) for b in THRESHOLDS.slo.burn_rates}
 
 
-def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def _run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 def _rules() -> list[dict[str, Any]]:
@@ -185,7 +186,9 @@ def _write_run(path: Path, indexes: list[int], into: Path) -> Path:
 @pytest.mark.prometheus
 @pytest.mark.parametrize(("path", "indexes"), _promtool_runs())
 def test_promtool_unit_tests(path: Path, indexes: list[int], tmp_path: Path) -> None:
-    result = _run(promtool(), "test", "rules", str(_write_run(path, indexes, tmp_path)), timeout=120)
+    test = _write_run(path, indexes, tmp_path)
+    # promtool allocates for every query it parses; collecting less often saves ~15 % of its CPU (~80 MB at most).
+    result = _run(promtool(), "test", "rules", str(test), timeout=120, env={**os.environ, "GOGC": "400"})
     assert result.returncode == 0, result.stdout + result.stderr
 
 
