@@ -143,15 +143,15 @@ def _reads(exprs: list[str], record: str) -> bool:
 
 
 def _groups_read_by(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The groups of alerts/wabot.rules.yml holding the alerts `cases` assert and recording every series their rules
-    and expressions read, transitively; in the file's order."""
+    """The groups of alerts/wabot.rules.yml holding the alerts `cases` assert and making every series their rules and
+    expressions read (a record, or an alert's ALERTS series by its alertname), transitively; in the file's order."""
     groups: list[dict[str, Any]] = _load(RULES)["groups"]
     alerts = {check["alertname"] for case in cases for check in case.get("alert_rule_test", [])}
-    recorded_in = {rule["record"]: g["name"] for g in groups for rule in g["rules"] if "record" in rule}
+    made_in = {(rule.get("record") or rule["alert"], g["name"]) for g in groups for rule in g["rules"]}
     kept = {g["name"] for g in groups if any(rule.get("alert") in alerts for rule in g["rules"])}
     reading = [check["expr"] for case in cases for check in case.get("promql_expr_test", [])]
     reading += [rule["expr"] for g in groups if g["name"] in kept for rule in g["rules"]]
-    while needed := {group for name, group in recorded_in.items() if group not in kept and _reads(reading, name)}:
+    while needed := {group for name, group in made_in if group not in kept and _reads(reading, name)}:
         kept |= needed
         reading += [rule["expr"] for g in groups if g["name"] in needed for rule in g["rules"]]
     return [g for g in groups if g["name"] in kept]
@@ -198,7 +198,7 @@ def test_promtool_runs_take_every_case_once_with_all_it_reads() -> None:
     for path in RULE_TESTS:
         taken = sorted(i for run_path, indexes in runs if run_path == path for i in indexes)
         assert taken == list(range(len(_load(path)["tests"]))), path.name
-    records = {rule["record"] for rule in _rules() if "record" in rule}
+    names = {rule.get("record") or rule["alert"] for rule in _rules()}
     for path, indexes in runs:
         cases = [_load(path)["tests"][i] for i in indexes]
         groups = _groups_read_by(cases)
@@ -208,8 +208,8 @@ def test_promtool_runs_take_every_case_once_with_all_it_reads() -> None:
         reading = [rule["expr"] for rule in kept] + [
             check["expr"] for case in cases for check in case.get("promql_expr_test", [])
         ]
-        read = {name for name in records if _reads(reading, name)}
-        assert read <= {rule["record"] for rule in kept if "record" in rule}, (path.name, indexes)
+        read = {name for name in names if _reads(reading, name)}
+        assert read <= {rule.get("record") or rule["alert"] for rule in kept}, (path.name, indexes)
 
 
 def test_every_rule_test_file_orders_groups() -> None:
