@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +109,9 @@ def test_promtool_check_rules() -> None:
 
 # promtool evaluates every rule of its rule files at every step of a test case (one a minute, up to 520 for the SLO
 # cases), ~16 ms a step for all 81 rules, most of it parsing and printing each rule's query again. So each run below
-# evaluates only the groups holding the alerts it asserts and recording what they and its expressions read
-# (transitively), each group whole and in the deployed order: the same rules, so the same values and alerts at the
-# same moments. A group left out is evaluated by the cases that assert its own alerts and records. The cases that
+# evaluates only the alerts it asserts and the rules making what they and its expressions read (transitively), in
+# their groups and in the deployed order: the same rules reading the same series, so the same values and alerts at
+# the same moments. A rule left out is evaluated by the cases that assert it or what reads it. The cases that
 # evaluate an hour or more run on their own, so pytest-xdist spreads them over its workers.
 LONG_CASE_MINUTES = 60
 _DURATION = re.compile(r"(\d+)(ms|[smhdwy])")
@@ -134,27 +135,34 @@ def _minutes_evaluated(case: dict[str, Any]) -> float:
     return max(_minutes(check["eval_time"]) for check in checks)
 
 
-def _reads(exprs: list[str], record: str) -> bool:
-    """Whether any of `exprs` selects the series `record` (by name or by a __name__ regex)."""
+def _reader(exprs: list[str]) -> Callable[[str], bool]:
+    """Whether `exprs` select the series of a name: by the name, or by a __name__ regex."""
     text = "\n".join(exprs)
-    if re.search(rf"(?<![\w:]){re.escape(record)}(?![\w:])", text):
-        return True
-    return any(re.fullmatch(pattern, record) for pattern in re.findall(r'__name__=~"([^"]+)"', text))
+    names = set(re.findall(r"[A-Za-z_:][\w:]*", text))
+    patterns = [re.compile(m) for m in re.findall(r'__name__=~"([^"]+)"', text)]
+    return lambda name: name in names or any(p.fullmatch(name) for p in patterns)
 
 
-def _groups_read_by(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The groups of alerts/wabot.rules.yml holding the alerts `cases` assert and making every series their rules and
-    expressions read (a record, or an alert's ALERTS series by its alertname), transitively; in the file's order."""
+def _made(rule: dict[str, Any]) -> str:
+    """The series a rule makes: its record, or the alertname of its ALERTS series."""
+    return str(rule.get("record") or rule["alert"])
+
+
+def _rules_read_by(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """alerts/wabot.rules.yml's groups, in order, with only the alerts `cases` assert and the rules making every series
+    those and the cases' expressions read, transitively."""
     groups: list[dict[str, Any]] = _load(RULES)["groups"]
-    alerts = {check["alertname"] for case in cases for check in case.get("alert_rule_test", [])}
-    made_in = {(rule.get("record") or rule["alert"], g["name"]) for g in groups for rule in g["rules"]}
-    kept = {g["name"] for g in groups if any(rule.get("alert") in alerts for rule in g["rules"])}
-    reading = [check["expr"] for case in cases for check in case.get("promql_expr_test", [])]
-    reading += [rule["expr"] for g in groups if g["name"] in kept for rule in g["rules"]]
-    while needed := {group for name, group in made_in if group not in kept and _reads(reading, name)}:
-        kept |= needed
-        reading += [rule["expr"] for g in groups if g["name"] in needed for rule in g["rules"]]
-    return [g for g in groups if g["name"] in kept]
+    asserted = {check["alertname"] for case in cases for check in case.get("alert_rule_test", [])}
+    keep = {id(rule) for g in groups for rule in g["rules"] if rule.get("alert") in asserted}
+    expressions = [check["expr"] for case in cases for check in case.get("promql_expr_test", [])]
+    while True:
+        reads = _reader(expressions + [rule["expr"] for g in groups for rule in g["rules"] if id(rule) in keep])
+        more = {id(rule) for g in groups for rule in g["rules"] if id(rule) not in keep and reads(_made(rule))}
+        if not more:
+            break
+        keep |= more
+    kept = [{**g, "rules": [rule for rule in g["rules"] if id(rule) in keep]} for g in groups]
+    return [g for g in kept if g["rules"]]
 
 
 def _promtool_runs() -> list[Any]:
@@ -171,9 +179,9 @@ def _promtool_runs() -> list[Any]:
 
 
 def _write_run(path: Path, indexes: list[int], into: Path) -> Path:
-    """A copy of the rule-test file `path` with the cases at `indexes`, on a rules file of the groups they read."""
+    """A copy of the rule-test file `path` with the cases at `indexes`, on a rules file of the rules they read."""
     cases = [_load(path)["tests"][i] for i in indexes]
-    groups = _groups_read_by(cases)
+    groups = _rules_read_by(cases)
     rules = into / "wabot.rules.yml"
     rules.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False), encoding="utf-8")
     order = [g["name"] for g in groups]
@@ -198,18 +206,19 @@ def test_promtool_runs_take_every_case_once_with_all_it_reads() -> None:
     for path in RULE_TESTS:
         taken = sorted(i for run_path, indexes in runs if run_path == path for i in indexes)
         assert taken == list(range(len(_load(path)["tests"]))), path.name
-    names = {rule.get("record") or rule["alert"] for rule in _rules()}
+    deployed = {g["name"]: g["rules"] for g in _load(RULES)["groups"]}
+    rules = [rule for group in deployed.values() for rule in group]
     for path, indexes in runs:
         cases = [_load(path)["tests"][i] for i in indexes]
-        groups = _groups_read_by(cases)
+        groups = _rules_read_by(cases)
+        assert all(rule in deployed[g["name"]] for g in groups for rule in g["rules"]), "a rule out of its group"
         kept = [rule for g in groups for rule in g["rules"]]
+        assert kept == [rule for rule in rules if rule in kept], "rules out of the deployed order"
         alerts = {check["alertname"] for case in cases for check in case.get("alert_rule_test", [])}
-        assert alerts <= {rule["alert"] for rule in kept if "alert" in rule}, path.name
-        reading = [rule["expr"] for rule in kept] + [
-            check["expr"] for case in cases for check in case.get("promql_expr_test", [])
-        ]
-        read = {name for name in names if _reads(reading, name)}
-        assert read <= {rule.get("record") or rule["alert"] for rule in kept}, (path.name, indexes)
+        expressions = [check["expr"] for case in cases for check in case.get("promql_expr_test", [])]
+        reads = _reader([rule["expr"] for rule in kept] + expressions)
+        needed = [rule for rule in rules if rule.get("alert") in alerts or reads(_made(rule))]
+        assert [r for r in needed if r not in kept] == [], (path.name, indexes)
 
 
 def test_every_rule_test_file_orders_groups() -> None:
