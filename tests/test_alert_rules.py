@@ -208,6 +208,7 @@ def test_promtool_runs_take_every_case_once_with_all_it_reads() -> None:
         assert taken == list(range(len(_load(path)["tests"]))), path.name
     deployed = {g["name"]: g["rules"] for g in _load(RULES)["groups"]}
     rules = [rule for group in deployed.values() for rule in group]
+    evaluated = []
     for path, indexes in runs:
         cases = [_load(path)["tests"][i] for i in indexes]
         groups = _rules_read_by(cases)
@@ -219,6 +220,8 @@ def test_promtool_runs_take_every_case_once_with_all_it_reads() -> None:
         reads = _reader([rule["expr"] for rule in kept] + expressions)
         needed = [rule for rule in rules if rule.get("alert") in alerts or reads(_made(rule))]
         assert [r for r in needed if r not in kept] == [], (path.name, indexes)
+        evaluated += kept
+    assert [_made(rule) for rule in rules if rule not in evaluated] == [], "rules no run evaluates"
 
 
 def test_every_rule_test_file_orders_groups() -> None:
