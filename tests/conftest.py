@@ -125,7 +125,6 @@ LONG_FIRST = (
 CPU_BOUND = {
     ("test_memory", "test_reply_path_leaves_the_heap_flat"),
     ("test_fuzz_webhook", "test_memory_stays_flat_over_thousands_of_hostile_requests"),
-    ("test_alert_rules", "test_promtool_unit_tests"),
     ("test_otlp_encoding", "test_the_encoding_is_the_librarys_for_any_span"),
     ("test_otlp_encoding", "test_spans_read_through_their_public_properties_encode_the_same"),
 }
