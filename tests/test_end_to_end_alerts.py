@@ -76,6 +76,7 @@ REPLY_TIMEOUT_S = 2.5
 FOLLOWUP_TIMEOUT_S = 5.0
 FOR_OVERRIDE = "1s"
 INTERVAL_S = 1.0  # scrape and evaluation interval
+INTERVAL = f"{round(INTERVAL_S * 1000)}ms"  # as Prometheus writes durations (no fractions)
 SETTLE_TIMEOUT_S = 20.0
 NOTIFY_TIMEOUT_S = 20.0
 SETTLED_EVALUATIONS = 3  # rule evaluations on settled data before a phase counts as observed
@@ -278,12 +279,22 @@ def prometheus_test_config(rules: Path, metrics_port: int, alertmanager_port: in
     [job] = [c for c in config["scrape_configs"] if c["job_name"] == JOB]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
     config["scrape_configs"] = [job]  # the other jobs' targets (collector, Tempo, ...) do not exist here
-    interval = f"{INTERVAL_S:g}s"
-    config["global"].update(scrape_interval=interval, scrape_timeout=interval, evaluation_interval=interval)
+    config["global"].update(scrape_interval=INTERVAL, scrape_timeout=INTERVAL, evaluation_interval=INTERVAL)
     config["rule_files"] = [str(rules)]
     [alertmanagers] = config["alerting"]["alertmanagers"]
     alertmanagers["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager_port}"]}]
     return config
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` different free ports: they are all picked before any server binds one."""
+    ports: list[int] = []
+    for _ in range(10 * count):
+        if (port := free_port()) not in ports:
+            ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no {count} different free ports: {ports}")
 
 
 @pytest.fixture(scope="module")
@@ -296,9 +307,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     receiver = testing.LocalReceiver().start()
     processes: list[Process] = []
     s: Stack | None = None
+    # The three start side by side, as none needs another to start and each takes seconds: the bot its imports (and
+    # the fork server's, the first time), Prometheus its service discovery, which hands even a static target to the
+    # scrape manager on a 5 s tick. Traffic waits for a scrape of the idle bot with every counter at 0; a scrape
+    # before the bot listens only records `up` 0, as WabotDown's `absent(up)` already sees before the first scrape.
+    spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-        # The bot first: Prometheus must find it up at its first scrape, with every counter at 0.
-        port, metrics_port = free_port(), free_port()
+        port, metrics_port, alertmanager_port, prometheus_port = _free_ports(4)
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "WABOT_", "PROMETHEUS_", "TWILIO_"))},
             "WABOT_REPLY_TIMEOUT": f"{REPLY_TIMEOUT_S:g}",
@@ -315,16 +330,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         env.pop("OPENAI_API_KEY", None)
         command = [sys.executable, "-m", "bot", "serve", "--demo", "--host", "127.0.0.1"]
         command += ["--port", str(port), "--metrics-port", str(metrics_port)]
-        bot = Process(
-            "wabot",
-            command,
-            work / "wabot.log",
-            cwd=ROOT,
-            env=env,
-        )
-        processes.append(bot)
 
-        alertmanager_port = free_port()
+        def start_bot() -> Process:
+            bot = Process("wabot", command, work / "wabot.log", cwd=ROOT, env=env)
+            processes.append(bot)
+            return bot
+
+        spawned = spawner.submit(start_bot)
+
         am_config = work / "alertmanager.yml"
         am_config.write_text(
             yaml.safe_dump(testing.alertmanager_test_config(testing.ALERTMANAGER_CONFIG, receiver.url)),
@@ -353,10 +366,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         assert generated.returncode == 0, generated.stdout + generated.stderr
 
-        bot.wait_ready(f"http://127.0.0.1:{port}/readyz")
-        alertmanager.wait_ready(f"http://127.0.0.1:{alertmanager_port}/-/ready")
-
-        prometheus_port = free_port()
         prom_config = work / "prometheus.yml"
         prom_config.write_text(
             yaml.safe_dump(prometheus_test_config(rules_copy, metrics_port, alertmanager_port)), encoding="utf-8"
@@ -372,12 +381,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 f"--web.external-url=http://127.0.0.1:{prometheus_port}",
                 # Firing alerts are re-sent every resend delay (default 1m); ones evaluated before the notifier
                 # knew the Alertmanager (the Watchdog fires at the first evaluation) would wait for it.
-                f"--rules.alert.resend-delay={INTERVAL_S:g}s",
+                f"--rules.alert.resend-delay={INTERVAL}",
                 "--enable-feature=exemplar-storage",
             ],
             work / "prometheus.log",
         )
         processes.append(prometheus)
+
+        bot = spawned.result(timeout=60)
+        bot.wait_ready(f"http://127.0.0.1:{port}/readyz")
+        alertmanager.wait_ready(f"http://127.0.0.1:{alertmanager_port}/-/ready")
         prometheus.wait_ready(f"http://127.0.0.1:{prometheus_port}/-/ready")
 
         s = Stack(
@@ -398,6 +411,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.poll("first scrape of the idle bot", scraped)
         yield s
     finally:
+        spawner.shutdown()  # the bot is in `processes` once spawned
         for process in reversed(processes):
             process.stop()
         receiver.stop()
