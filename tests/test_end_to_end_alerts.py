@@ -272,12 +272,14 @@ class Stack:
 # ---------------------------------------------------------------------------------------------------- fixtures
 
 
-def prometheus_test_config(rules: Path, metrics_port: int, alertmanager_port: int) -> dict[str, Any]:
-    """deploy/prometheus.yml with 1 s intervals, the test rules copy, the test Alertmanager and only the bot's job."""
+def prometheus_test_config(rules: Path, targets: Path, alertmanager_port: int) -> dict[str, Any]:
+    """deploy/prometheus.yml with the test's intervals, the test rules copy, the test Alertmanager and only the bot's
+    job, whose target is read from `targets` (file-based discovery: it exists once the bot is ready)."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
     assert any(Path(f).name == RULES.name for f in config["rule_files"]), config["rule_files"]
     [job] = [c for c in config["scrape_configs"] if c["job_name"] == JOB]
-    job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    del job["static_configs"]
+    job["file_sd_configs"] = [{"files": [str(targets)]}]
     config["scrape_configs"] = [job]  # the other jobs' targets (collector, Tempo, ...) do not exist here
     config["global"].update(scrape_interval=INTERVAL, scrape_timeout=INTERVAL, evaluation_interval=INTERVAL)
     config["rule_files"] = [str(rules)]
@@ -307,10 +309,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     receiver = testing.LocalReceiver().start()
     processes: list[Process] = []
     s: Stack | None = None
-    # The three start side by side, as none needs another to start and each takes seconds: the bot its imports (and
-    # the fork server's, the first time), Prometheus its service discovery, which hands even a static target to the
-    # scrape manager on a 5 s tick. Traffic waits for a scrape of the idle bot with every counter at 0; a scrape
-    # before the bot listens only records `up` 0, as WabotDown's `absent(up)` already sees before the first scrape.
+    # The three start side by side, as each takes seconds: the bot its imports (and the fork server's, the first
+    # time), Prometheus its service discovery, which hands targets to the scrape manager on 5 s ticks. Prometheus
+    # learns the bot's metrics target only once the bot is ready, so its first scrape finds every series the bot
+    # creates, at 0 (a series that appeared a scrape later would be extrapolated differently: ratios would be off).
     spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
         port, metrics_port, alertmanager_port, prometheus_port = _free_ports(4)
@@ -366,9 +368,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         assert generated.returncode == 0, generated.stdout + generated.stderr
 
+        targets = work / "targets.json"
         prom_config = work / "prometheus.yml"
         prom_config.write_text(
-            yaml.safe_dump(prometheus_test_config(rules_copy, metrics_port, alertmanager_port)), encoding="utf-8"
+            yaml.safe_dump(prometheus_test_config(rules_copy, targets, alertmanager_port)), encoding="utf-8"
         )
         started = time.time()
         prometheus = Process(
@@ -390,6 +393,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
         bot = spawned.result(timeout=60)
         bot.wait_ready(f"http://127.0.0.1:{port}/readyz")
+        written = work / "targets.json.new"  # renamed into place: Prometheus never reads half a file
+        written.write_text(json.dumps([{"targets": [f"127.0.0.1:{metrics_port}"]}]), encoding="utf-8")
+        written.replace(targets)
         alertmanager.wait_ready(f"http://127.0.0.1:{alertmanager_port}/-/ready")
         prometheus.wait_ready(f"http://127.0.0.1:{prometheus_port}/-/ready")
 
