@@ -3,8 +3,9 @@
 `wabot serve --demo` answers through its OpenAI simulator; every message carries a `[sim:...]` directive that fixes
 its fate (fast answer, slow answer = holding reply + follow-up, model error = inline apology, tool call), so the
 share of each outcome is exactly what the test chose. Prometheus (Debian's `prometheus`) scrapes the bot every
-second and evaluates a test copy of the rules generated from alerts/generate.py with every `for:` set to 1 s
-(windows, thresholds and traffic gates are the deployed ones); its config is generated from deploy/prometheus.yml.
+second and evaluates every half second a test copy of the rules generated from alerts/generate.py with every `for:`
+set to 1 s (windows, thresholds and traffic gates are the deployed ones); its config is generated from
+deploy/prometheus.yml.
 Alertmanager (Debian's `prometheus-alertmanager`) runs a test copy of alerts/alertmanager.yml made by
 alerts/testing.py, whose receivers all post to a local webhook receiver.
 
@@ -75,8 +76,9 @@ REPLY_SLO = f"wabot:slo_reply_{seconds_name(THRESHOLDS.total_time.twilio_limit_s
 REPLY_TIMEOUT_S = 2.5
 FOLLOWUP_TIMEOUT_S = 5.0
 FOR_OVERRIDE = "1s"
-INTERVAL_S = 1.0  # scrape and evaluation interval
-INTERVAL = f"{round(INTERVAL_S * 1000)}ms"  # as Prometheus writes durations (no fractions)
+SCRAPE_INTERVAL_S = 1.0  # also the scrape timeout: a scrape of the busy bot on a loaded machine must fit in it
+# Rules are evaluated twice per scrape: a phase is observed SETTLED_EVALUATIONS evaluations after its last scrape.
+EVALUATION_INTERVAL_S = 0.5
 SETTLE_TIMEOUT_S = 20.0
 NOTIFY_TIMEOUT_S = 20.0
 SETTLED_EVALUATIONS = 3  # rule evaluations on settled data before a phase counts as observed
@@ -272,6 +274,11 @@ class Stack:
 # ---------------------------------------------------------------------------------------------------- fixtures
 
 
+def _duration(seconds: float) -> str:
+    """A Prometheus duration (whole units only: 0.5 s is 500ms)."""
+    return f"{round(seconds * 1000)}ms"
+
+
 def prometheus_test_config(rules: Path, targets: Path, alertmanager_port: int) -> dict[str, Any]:
     """deploy/prometheus.yml with the test's intervals, the test rules copy, the test Alertmanager and only the bot's
     job, whose target is read from `targets` (file-based discovery: it exists once the bot is ready)."""
@@ -281,7 +288,8 @@ def prometheus_test_config(rules: Path, targets: Path, alertmanager_port: int) -
     del job["static_configs"]
     job["file_sd_configs"] = [{"files": [str(targets)]}]
     config["scrape_configs"] = [job]  # the other jobs' targets (collector, Tempo, ...) do not exist here
-    config["global"].update(scrape_interval=INTERVAL, scrape_timeout=INTERVAL, evaluation_interval=INTERVAL)
+    scrape, evaluation = _duration(SCRAPE_INTERVAL_S), _duration(EVALUATION_INTERVAL_S)
+    config["global"].update(scrape_interval=scrape, scrape_timeout=scrape, evaluation_interval=evaluation)
     config["rule_files"] = [str(rules)]
     [alertmanagers] = config["alerting"]["alertmanagers"]
     alertmanagers["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager_port}"]}]
@@ -384,7 +392,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 f"--web.external-url=http://127.0.0.1:{prometheus_port}",
                 # Firing alerts are re-sent every resend delay (default 1m); ones evaluated before the notifier
                 # knew the Alertmanager (the Watchdog fires at the first evaluation) would wait for it.
-                f"--rules.alert.resend-delay={INTERVAL}",
+                f"--rules.alert.resend-delay={_duration(EVALUATION_INTERVAL_S)}",
                 "--enable-feature=exemplar-storage",
             ],
             work / "prometheus.log",
@@ -446,7 +454,7 @@ def _settle(stack: Stack, expected: dict[str, float]) -> Phase:
 
     def evaluated() -> tuple[bool, Any]:
         last = {g["name"]: datetime.fromisoformat(g["lastEvaluation"]).timestamp() for g in prom.rule_groups()}
-        return min(last.values()) >= settled + SETTLED_EVALUATIONS * INTERVAL_S, last
+        return min(last.values()) >= settled + SETTLED_EVALUATIONS * EVALUATION_INTERVAL_S, last
 
     stack.poll("rule evaluations on the settled counters", evaluated)
     return Phase(settled=settled, end=time.time())
@@ -585,7 +593,7 @@ def test_prometheus_runs_the_test_copy_of_the_real_rules(stack: Stack) -> None:
     assert sorted(g["name"] for g in loaded) == sorted(g["name"] for g in real["groups"])
     for group in loaded:
         assert group["file"] == str(stack.rules_copy)
-        assert group["interval"] == INTERVAL_S
+        assert group["interval"] == EVALUATION_INTERVAL_S
     alerting = [r for g in loaded for r in g["rules"] if r["type"] == "alerting"]
     assert {r["duration"] for r in alerting if r["name"] != "Watchdog"} == {1}
     am = stack.prometheus._get("/api/v1/alertmanagers")["activeAlertmanagers"]
