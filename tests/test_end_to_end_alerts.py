@@ -286,7 +286,8 @@ def prometheus_test_config(rules: Path, targets: Path, alertmanager_port: int) -
     assert any(Path(f).name == RULES.name for f in config["rule_files"]), config["rule_files"]
     [job] = [c for c in config["scrape_configs"] if c["job_name"] == JOB]
     del job["static_configs"]
-    job["file_sd_configs"] = [{"files": [str(targets)]}]
+    # Re-read every second too, should the file system not report the change (inotify).
+    job["file_sd_configs"] = [{"files": [str(targets)], "refresh_interval": _duration(SCRAPE_INTERVAL_S)}]
     config["scrape_configs"] = [job]  # the other jobs' targets (collector, Tempo, ...) do not exist here
     scrape, evaluation = _duration(SCRAPE_INTERVAL_S), _duration(EVALUATION_INTERVAL_S)
     config["global"].update(scrape_interval=scrape, scrape_timeout=scrape, evaluation_interval=evaluation)
