@@ -62,7 +62,9 @@ from tests.forkserver import Forked, spawn_bot
 from tests.served import DEMO_AUTH_TOKEN
 from tests.waiting import wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
+# One worker runs the whole module under `--dist loadgroup`: spread over several, each would start its own bot,
+# Prometheus and Alertmanager and send every phase's traffic again for the tests it got.
+pytestmark = [pytest.mark.slow, pytest.mark.prometheus, pytest.mark.xdist_group("end_to_end_alerts")]
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "alerts" / "wabot.rules.yml"
