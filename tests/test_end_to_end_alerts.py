@@ -3,8 +3,9 @@
 `wabot serve --demo` answers through its OpenAI simulator; every message carries a `[sim:...]` directive that fixes
 its fate (fast answer, slow answer = holding reply + follow-up, model error = inline apology, tool call), so the
 share of each outcome is exactly what the test chose. Prometheus (Debian's `prometheus`) scrapes the bot every
-second and evaluates a test copy of the rules generated from alerts/generate.py with every `for:` set to 1 s
-(windows, thresholds and traffic gates are the deployed ones); its config is generated from deploy/prometheus.yml.
+second and evaluates every half second a test copy of the rules generated from alerts/generate.py with every `for:`
+set to 1 s (windows, thresholds and traffic gates are the deployed ones); its config is generated from
+deploy/prometheus.yml.
 Alertmanager (Debian's `prometheus-alertmanager`) runs a test copy of alerts/alertmanager.yml made by
 alerts/testing.py, whose receivers all post to a local webhook receiver.
 
@@ -47,6 +48,7 @@ import pytest
 import yaml
 from twilio.request_validator import RequestValidator
 
+from alerts import generate as rules_generator
 from alerts import testing
 from bot.demo.inbound_form import inbound_form
 from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_FROM
@@ -60,11 +62,12 @@ from tests.forkserver import Forked, spawn_bot
 from tests.served import DEMO_AUTH_TOKEN
 from tests.waiting import wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
+# One worker runs the whole module under `--dist loadgroup`: spread over several, each would start its own bot,
+# Prometheus and Alertmanager and send every phase's traffic again for the tests it got.
+pytestmark = [pytest.mark.slow, pytest.mark.prometheus, pytest.mark.xdist_group("end_to_end_alerts")]
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "alerts" / "wabot.rules.yml"
-GENERATE_RULES = ROOT / "alerts" / "generate.py"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus.yml"
 JOB = THRESHOLDS.job
 W = THRESHOLDS.alerts.window  # the operational rules' window: every phase's traffic fits in it
@@ -75,7 +78,9 @@ REPLY_SLO = f"wabot:slo_reply_{seconds_name(THRESHOLDS.total_time.twilio_limit_s
 REPLY_TIMEOUT_S = 2.5
 FOLLOWUP_TIMEOUT_S = 5.0
 FOR_OVERRIDE = "1s"
-INTERVAL_S = 1.0  # scrape and evaluation interval
+SCRAPE_INTERVAL_S = 1.0  # also the scrape timeout: a scrape of the busy bot on a loaded machine must fit in it
+# Rules are evaluated twice per scrape: a phase is observed SETTLED_EVALUATIONS evaluations after its last scrape.
+EVALUATION_INTERVAL_S = 0.5
 SETTLE_TIMEOUT_S = 20.0
 NOTIFY_TIMEOUT_S = 20.0
 SETTLED_EVALUATIONS = 3  # rule evaluations on settled data before a phase counts as observed
@@ -271,19 +276,38 @@ class Stack:
 # ---------------------------------------------------------------------------------------------------- fixtures
 
 
-def prometheus_test_config(rules: Path, metrics_port: int, alertmanager_port: int) -> dict[str, Any]:
-    """deploy/prometheus.yml with 1 s intervals, the test rules copy, the test Alertmanager and only the bot's job."""
+def _duration(seconds: float) -> str:
+    """A Prometheus duration (whole units only: 0.5 s is 500ms)."""
+    return f"{round(seconds * 1000)}ms"
+
+
+def prometheus_test_config(rules: Path, targets: Path, alertmanager_port: int) -> dict[str, Any]:
+    """deploy/prometheus.yml with the test's intervals, the test rules copy, the test Alertmanager and only the bot's
+    job, whose target is read from `targets` (file-based discovery: it exists once the bot is ready)."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
     assert any(Path(f).name == RULES.name for f in config["rule_files"]), config["rule_files"]
     [job] = [c for c in config["scrape_configs"] if c["job_name"] == JOB]
-    job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    del job["static_configs"]
+    # Re-read every second too, should the file system not report the change (inotify).
+    job["file_sd_configs"] = [{"files": [str(targets)], "refresh_interval": _duration(SCRAPE_INTERVAL_S)}]
     config["scrape_configs"] = [job]  # the other jobs' targets (collector, Tempo, ...) do not exist here
-    interval = f"{INTERVAL_S:g}s"
-    config["global"].update(scrape_interval=interval, scrape_timeout=interval, evaluation_interval=interval)
+    scrape, evaluation = _duration(SCRAPE_INTERVAL_S), _duration(EVALUATION_INTERVAL_S)
+    config["global"].update(scrape_interval=scrape, scrape_timeout=scrape, evaluation_interval=evaluation)
     config["rule_files"] = [str(rules)]
     [alertmanagers] = config["alerting"]["alertmanagers"]
     alertmanagers["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager_port}"]}]
     return config
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` different free ports: they are all picked before any server binds one."""
+    ports: list[int] = []
+    for _ in range(10 * count):
+        if (port := free_port()) not in ports:
+            ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no {count} different free ports: {ports}")
 
 
 @pytest.fixture(scope="module")
@@ -296,9 +320,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     receiver = testing.LocalReceiver().start()
     processes: list[Process] = []
     s: Stack | None = None
+    # The three start side by side, as each takes seconds: the bot its imports (and the fork server's, the first
+    # time), Prometheus its service discovery, which hands targets to the scrape manager on 5 s ticks. Prometheus
+    # learns the bot's metrics target only once the bot is ready, so its first scrape finds every series the bot
+    # creates, at 0 (a series that appeared a scrape later would be extrapolated differently: ratios would be off).
+    spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-        # The bot first: Prometheus must find it up at its first scrape, with every counter at 0.
-        port, metrics_port = free_port(), free_port()
+        port, metrics_port, alertmanager_port, prometheus_port = _free_ports(4)
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "WABOT_", "PROMETHEUS_", "TWILIO_"))},
             "WABOT_REPLY_TIMEOUT": f"{REPLY_TIMEOUT_S:g}",
@@ -315,16 +343,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         env.pop("OPENAI_API_KEY", None)
         command = [sys.executable, "-m", "bot", "serve", "--demo", "--host", "127.0.0.1"]
         command += ["--port", str(port), "--metrics-port", str(metrics_port)]
-        bot = Process(
-            "wabot",
-            command,
-            work / "wabot.log",
-            cwd=ROOT,
-            env=env,
-        )
-        processes.append(bot)
 
-        alertmanager_port = free_port()
+        def start_bot() -> Process:
+            bot = Process("wabot", command, work / "wabot.log", cwd=ROOT, env=env)
+            processes.append(bot)
+            return bot
+
+        spawned = spawner.submit(start_bot)
+
         am_config = work / "alertmanager.yml"
         am_config.write_text(
             yaml.safe_dump(testing.alertmanager_test_config(testing.ALERTMANAGER_CONFIG, receiver.url)),
@@ -345,21 +371,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         processes.append(alertmanager)
 
         rules_copy = work / "wabot.rules.test.yml"
-        generated = subprocess.run(
-            [sys.executable, str(GENERATE_RULES), "--for-override", FOR_OVERRIDE, "--out", str(rules_copy)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert generated.returncode == 0, generated.stdout + generated.stderr
+        # `alerts/generate.py --for-override` run in this process (tests/test_alert_rules.py runs the script itself).
+        assert rules_generator.main(["--for-override", FOR_OVERRIDE, "--out", str(rules_copy)]) == 0
 
-        bot.wait_ready(f"http://127.0.0.1:{port}/readyz")
-        alertmanager.wait_ready(f"http://127.0.0.1:{alertmanager_port}/-/ready")
-
-        prometheus_port = free_port()
+        targets = work / "targets.json"
         prom_config = work / "prometheus.yml"
         prom_config.write_text(
-            yaml.safe_dump(prometheus_test_config(rules_copy, metrics_port, alertmanager_port)), encoding="utf-8"
+            yaml.safe_dump(prometheus_test_config(rules_copy, targets, alertmanager_port)), encoding="utf-8"
         )
         started = time.time()
         prometheus = Process(
@@ -372,12 +390,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 f"--web.external-url=http://127.0.0.1:{prometheus_port}",
                 # Firing alerts are re-sent every resend delay (default 1m); ones evaluated before the notifier
                 # knew the Alertmanager (the Watchdog fires at the first evaluation) would wait for it.
-                f"--rules.alert.resend-delay={INTERVAL_S:g}s",
+                f"--rules.alert.resend-delay={_duration(EVALUATION_INTERVAL_S)}",
                 "--enable-feature=exemplar-storage",
             ],
             work / "prometheus.log",
         )
         processes.append(prometheus)
+
+        bot = spawned.result(timeout=60)
+        bot.wait_ready(f"http://127.0.0.1:{port}/readyz")
+        written = work / "targets.json.new"  # renamed into place: Prometheus never reads half a file
+        written.write_text(json.dumps([{"targets": [f"127.0.0.1:{metrics_port}"]}]), encoding="utf-8")
+        written.replace(targets)
+        alertmanager.wait_ready(f"http://127.0.0.1:{alertmanager_port}/-/ready")
         prometheus.wait_ready(f"http://127.0.0.1:{prometheus_port}/-/ready")
 
         s = Stack(
@@ -398,6 +423,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.poll("first scrape of the idle bot", scraped)
         yield s
     finally:
+        spawner.shutdown()  # the bot is in `processes` once spawned
         for process in reversed(processes):
             process.stop()
         receiver.stop()
@@ -424,9 +450,16 @@ def _settle(stack: Stack, expected: dict[str, float]) -> Phase:
     stack.poll("the phase's counters in Prometheus", scraped)
     settled = time.time()
 
+    # Each group's evaluations that started after `settled`, told apart by their start times. The poll comes every
+    # 0.1 s, evaluations every EVALUATION_INTERVAL_S: one the poll did not see (a stalled test process) only makes
+    # the wait longer.
+    seen: dict[str, set[float]] = {}
+
     def evaluated() -> tuple[bool, Any]:
-        last = {g["name"]: datetime.fromisoformat(g["lastEvaluation"]).timestamp() for g in prom.rule_groups()}
-        return min(last.values()) >= settled + SETTLED_EVALUATIONS * INTERVAL_S, last
+        for group in prom.rule_groups():
+            start = datetime.fromisoformat(group["lastEvaluation"]).timestamp()
+            seen.setdefault(group["name"], set()).update([start] if start >= settled else [])
+        return min(len(starts) for starts in seen.values()) >= SETTLED_EVALUATIONS, seen
 
     stack.poll("rule evaluations on the settled counters", evaluated)
     return Phase(settled=settled, end=time.time())
@@ -565,7 +598,7 @@ def test_prometheus_runs_the_test_copy_of_the_real_rules(stack: Stack) -> None:
     assert sorted(g["name"] for g in loaded) == sorted(g["name"] for g in real["groups"])
     for group in loaded:
         assert group["file"] == str(stack.rules_copy)
-        assert group["interval"] == INTERVAL_S
+        assert group["interval"] == EVALUATION_INTERVAL_S
     alerting = [r for g in loaded for r in g["rules"] if r["type"] == "alerting"]
     assert {r["duration"] for r in alerting if r["name"] != "Watchdog"} == {1}
     am = stack.prometheus._get("/api/v1/alertmanagers")["activeAlertmanagers"]
