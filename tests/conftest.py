@@ -130,6 +130,15 @@ CPU_BOUND = {
 }
 
 
+def _shares_a_module_fixture(item: pytest.Item) -> bool:
+    """The test uses a module-scoped fixture (a Prometheus, a browser, a demo process): its module then runs on one
+    pytest-xdist worker, which builds that fixture once, instead of on every worker that gets one of its tests."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """LONG_FIRST's modules first, in its order, each kept whole (its module fixtures set up once); the rest after,
@@ -137,6 +146,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if (item.path.stem, getattr(item, "originalname", item.name)) in CPU_BOUND:
             item.add_marker(pytest.mark.xdist_group("cpu"))
+        elif _shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: each module's order stays
 
