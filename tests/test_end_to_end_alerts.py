@@ -222,7 +222,11 @@ class Stack:
     rules_copy: Path
     started: float  # wall-clock time before Prometheus started
     processes: list[Process] = field(default_factory=list)
-    http: httpx2.Client = field(default_factory=lambda: httpx2.Client(timeout=30.0))
+    # Idle connections dropped after 2 s, well before uvicorn closes them (5 s): a webhook sent on a kept-alive
+    # connection the bot is closing at that moment comes back as "Server disconnected without sending a response".
+    http: httpx2.Client = field(
+        default_factory=lambda: httpx2.Client(timeout=30.0, limits=httpx2.Limits(keepalive_expiry=2.0))
+    )
 
     def diagnostics(self) -> str:
         return "\n".join(p.tail() for p in self.processes)
