@@ -28,6 +28,7 @@ from bot.splitting import split_capped, split_message
 from bot.store import OwedReply, Store, guarded
 from bot.typing_indicator import TypingIndicators
 from telemetry import metrics, spend
+from telemetry.tracing import detached_context
 
 # A resumed run gets at least this much time even when its original budget ran out while the bot was down.
 _MIN_RESUMED_BUDGET_S = 30.0
@@ -88,9 +89,14 @@ class ReplyRunner:
         if has_slot:
             await self._slots.acquire()  # free slot: returns without suspending
             metrics.RUNS_ACTIVE.inc()
-        task = asyncio.create_task(self._run(reply, handoff, ticket, has_slot), name=f"reply {reply.sid}")
+        # In a context of its own, callback included (a callback keeps the context it was added in): the run waits
+        # on the model long after the webhook's spans ended, and must not keep them (telemetry/tracing.py).
+        context = detached_context()
+        task = asyncio.create_task(
+            self._run(reply, handoff, ticket, has_slot), name=f"reply {reply.sid}", context=context
+        )
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._tasks.discard, context=context)
         return has_slot
 
     async def resume_orphans(self) -> int:

@@ -47,7 +47,7 @@ from twilio.rest import Client
 from bot.settings import Settings
 from telemetry import metrics
 from telemetry.recent import RecentActivity
-from telemetry.tracing import ActiveSpan, record_error
+from telemetry.tracing import ActiveSpan, detached_context, record_error
 
 CHANNEL = "whatsapp"
 MAX_LATE_S = 1.0  # the promise: a sign of life within a second; later than that the loop has better things to do
@@ -109,9 +109,11 @@ class TypingIndicators:
 
     def _start(self, message_sid: str, arrived: float, start: float, *, observe_first: bool) -> None:
         indicate = self._indicate(message_sid, arrived, start, observe_first)
-        task = asyncio.create_task(indicate, name=f"typing {message_sid}")
+        # Not in the webhook's context, which holds its spans (telemetry/tracing.py); the callback neither.
+        context = detached_context()
+        task = asyncio.create_task(indicate, name=f"typing {message_sid}", context=context)
         self._tasks[message_sid] = task
-        task.add_done_callback(self._forget)
+        task.add_done_callback(self._forget, context=context)
 
     def stop(self, message_sid: str) -> None:
         """The answer to `message_sid` is ready: no more indicators for it, and none still on its way."""
