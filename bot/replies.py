@@ -147,8 +147,15 @@ class ReplyRunner:
             # An answer journaled by an earlier process: it may have died while Twilio was taking a part of it.
             journaled = reply.answer_parts is not None
             if reply.answer_parts is None:
-                slot_taken, has_slot = has_slot, False  # from here on _answer_in_slot releases it
-                answer = await self._answer_in_slot(reply, resumed=handoff is None, has_slot=slot_taken)
+                # The model's answer, computed while holding a model slot (waiting for one first if needed). Here,
+                # not in a coroutine of its own: every frame is held by each run waiting on the model.
+                slot_taken, has_slot = has_slot, False  # from here on the finally below releases it
+                if not slot_taken:
+                    await self._take_slot()
+                try:
+                    answer = await self._answer(reply, resumed=handoff is None)
+                finally:
+                    self._release_slot()
                 self._stop_typing(reply)
                 if handoff is not None and handoff.offer(answer):
                     self._log_answer(reply, answer, phase="inline")
@@ -181,19 +188,14 @@ class ReplyRunner:
             if ticket is not None:
                 await guarded(ticket.release(), self._log, "release_turn", reply.sid)
 
-    async def _answer_in_slot(self, reply: OwedReply, *, resumed: bool, has_slot: bool) -> RunResult:
-        """The model's answer, computed while holding a model slot (waiting for one first if needed)."""
-        if not has_slot:
-            metrics.RUNS_QUEUED.inc()
-            try:
-                await self._slots.acquire()
-            finally:
-                metrics.RUNS_QUEUED.dec()
-            metrics.RUNS_ACTIVE.inc()
+    async def _take_slot(self) -> None:
+        """Wait for a model slot (every one was taken when the run started)."""
+        metrics.RUNS_QUEUED.inc()
         try:
-            return await self._answer(reply, resumed=resumed)
+            await self._slots.acquire()
         finally:
-            self._release_slot()
+            metrics.RUNS_QUEUED.dec()
+        metrics.RUNS_ACTIVE.inc()
 
     def _stop_typing(self, reply: OwedReply) -> None:
         """The answer (or apology) is ready to go, or the run ended: "typing…" stops."""
