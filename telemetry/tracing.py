@@ -185,7 +185,7 @@ class ActiveSpan:
             span.end()
 
 
-def detached_context() -> contextvars.Context:
+def detached_context(parent: trace.SpanContext | None = None) -> contextvars.Context:
     """The context to start a task in that outlives the request starting it (a run, its typing indicator).
 
     Its spans are children of the current span and its log lines carry that span's ids, as in a copy of the current
@@ -194,10 +194,12 @@ def detached_context() -> contextvars.Context:
     OpenTelemetry's context, for as long as the task waits on the model: ~30 objects per waiting run that every
     full collection walks (docs/benchmarks.md). Here the current span is replaced by its context alone (ids, flags,
     state, remote or not: all a child span, a log line and an exemplar read of it), and no other variable is set.
+    `parent`: that span context, taken earlier (a timer's task), instead of the current span's.
     """
-    parent = trace.NonRecordingSpan(trace.get_current_span().get_span_context())
+    if parent is None:
+        parent = trace.get_current_span().get_span_context()
     detached = contextvars.Context()
-    detached.run(context.attach, trace.set_span_in_context(parent, context.Context()))
+    detached.run(context.attach, trace.set_span_in_context(trace.NonRecordingSpan(parent), context.Context()))
     return detached
 
 
