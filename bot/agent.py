@@ -149,7 +149,16 @@ class Agent:
     async def _loop(
         self, prompt: str | ResponseInputParam, previous_response_id: str | None, usage: _Usage, span: trace.Span
     ) -> AgentResult:
-        response = await self._first_call(prompt, previous_response_id, usage)
+        # The first call inline, not in a coroutine of its own, and no comprehension around an await (it would make
+        # `self` a cell): every frame and object here is held by each run waiting on the model (docs/benchmarks.md).
+        try:
+            response = await self._call(prompt, previous_response_id, usage)
+        except openai.BadRequestError as exc:
+            # A conversation the provider no longer keeps (expired, or another account) must not make the
+            # user's message fail: answer it as the start of a new conversation.
+            if not (previous_response_id and _is_lost_conversation(exc)):
+                raise
+            response = await self._call(prompt, None, usage)
         tool_count = 0
         for _round in range(self._max_tool_rounds + 1):
             calls = [item for item in response.output if item.type == "function_call"]
@@ -157,7 +166,9 @@ class Agent:
                 break
             if _round == self._max_tool_rounds:
                 raise AgentError("tool_error", f"still calling tools after {self._max_tool_rounds} rounds")
-            outputs: ResponseInputParam = [await self._execute_tool(call) for call in calls]
+            outputs: ResponseInputParam = []
+            for call in calls:
+                outputs.append(await self._execute_tool(call))
             tool_count += len(calls)
             response = await self._call(outputs, response.id, usage)
         span.set_attributes(
@@ -176,18 +187,6 @@ class Agent:
         if not text:
             raise AgentError("empty", "the model answered with no text")
         return AgentResult(text=text, response_id=response.id, tool_count=tool_count)
-
-    async def _first_call(
-        self, prompt: str | ResponseInputParam, previous_response_id: str | None, usage: _Usage
-    ) -> Response:
-        try:
-            return await self._call(prompt, previous_response_id, usage)
-        except openai.BadRequestError as exc:
-            # A conversation the provider no longer keeps (expired, or another account) must not make the
-            # user's message fail: answer it as the start of a new conversation.
-            if previous_response_id and _is_lost_conversation(exc):
-                return await self._call(prompt, None, usage)
-            raise
 
     async def _call(
         self, input_: str | ResponseInputParam, previous_response_id: str | None, usage: _Usage

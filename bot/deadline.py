@@ -52,6 +52,8 @@ class Handoff:
     anything, so the run waits at most one turn of the event loop.
     """
 
+    __slots__ = ("_answer", "_closed", "_taken")
+
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self._answer: asyncio.Future[RunResult] = loop.create_future()
@@ -81,6 +83,9 @@ class Handoff:
                 self._taken.set_result(True)
             return self._answer.result()
         metrics.FOLLOWUPS_PENDING.inc()
+        # Nobody waits on either future any more (`offer` now says no): the run, which may wait on the model for
+        # minutes, need not keep them.
+        del self._answer, self._taken
         return None
 
     def give_back(self) -> None:

@@ -28,6 +28,7 @@ from bot.splitting import split_capped, split_message
 from bot.store import OwedReply, Store, guarded
 from bot.typing_indicator import TypingIndicators
 from telemetry import metrics, spend
+from telemetry.tracing import detached_context
 
 # A resumed run gets at least this much time even when its original budget ran out while the bot was down.
 _MIN_RESUMED_BUDGET_S = 30.0
@@ -88,9 +89,14 @@ class ReplyRunner:
         if has_slot:
             await self._slots.acquire()  # free slot: returns without suspending
             metrics.RUNS_ACTIVE.inc()
-        task = asyncio.create_task(self._run(reply, handoff, ticket, has_slot), name=f"reply {reply.sid}")
+        # In a context of its own, callback included (a callback keeps the context it was added in): the run waits
+        # on the model long after the webhook's spans ended, and must not keep them (telemetry/tracing.py).
+        context = detached_context()
+        task = asyncio.create_task(
+            self._run(reply, handoff, ticket, has_slot), name=f"reply {reply.sid}", context=context
+        )
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._tasks.discard, context=context)
         return has_slot
 
     async def resume_orphans(self) -> int:
@@ -141,8 +147,15 @@ class ReplyRunner:
             # An answer journaled by an earlier process: it may have died while Twilio was taking a part of it.
             journaled = reply.answer_parts is not None
             if reply.answer_parts is None:
-                slot_taken, has_slot = has_slot, False  # from here on _answer_in_slot releases it
-                answer = await self._answer_in_slot(reply, resumed=handoff is None, has_slot=slot_taken)
+                # The model's answer, computed while holding a model slot (waiting for one first if needed). Here,
+                # not in a coroutine of its own: every frame is held by each run waiting on the model.
+                slot_taken, has_slot = has_slot, False  # from here on the finally below releases it
+                if not slot_taken:
+                    await self._take_slot()
+                try:
+                    answer = await self._answer(reply, resumed=handoff is None)
+                finally:
+                    self._release_slot()
                 self._stop_typing(reply)
                 if handoff is not None and handoff.offer(answer):
                     self._log_answer(reply, answer, phase="inline")
@@ -175,19 +188,14 @@ class ReplyRunner:
             if ticket is not None:
                 await guarded(ticket.release(), self._log, "release_turn", reply.sid)
 
-    async def _answer_in_slot(self, reply: OwedReply, *, resumed: bool, has_slot: bool) -> RunResult:
-        """The model's answer, computed while holding a model slot (waiting for one first if needed)."""
-        if not has_slot:
-            metrics.RUNS_QUEUED.inc()
-            try:
-                await self._slots.acquire()
-            finally:
-                metrics.RUNS_QUEUED.dec()
-            metrics.RUNS_ACTIVE.inc()
+    async def _take_slot(self) -> None:
+        """Wait for a model slot (every one was taken when the run started)."""
+        metrics.RUNS_QUEUED.inc()
         try:
-            return await self._answer(reply, resumed=resumed)
+            await self._slots.acquire()
         finally:
-            self._release_slot()
+            metrics.RUNS_QUEUED.dec()
+        metrics.RUNS_ACTIVE.inc()
 
     def _stop_typing(self, reply: OwedReply) -> None:
         """The answer (or apology) is ready to go, or the run ended: "typing…" stops."""

@@ -16,10 +16,11 @@ incident (every message held), and one more Twilio call per held message would c
 holding replies need (measured at 100 held messages a second on 2 cores: the bot's own p99 overhead went from 38 ms
 to 839 ms); the regular refreshes go on.
 
-Never on the critical path: each message's indicators are a task of their own, which neither the deadline race nor
-the run ever awaits. Each call is bounded here (the SDK's async client ignores its timeout) by
-WABOT_TWILIO_CALL_TIMEOUT, or the refresh interval when that is shorter so two calls never overlap, and is not
-retried: the next refresh is its retry. A failure is counted, logged and traced, and changes nothing the user gets.
+Never on the critical path: each message's indicators are sent by tasks of their own, started by a timer when due,
+which neither the deadline race nor the run ever awaits. Each call is bounded here (the SDK's async client ignores
+its timeout) by WABOT_TWILIO_CALL_TIMEOUT, or the refresh interval when that is shorter so two calls never overlap,
+and is not retried: the next refresh is its retry. A failure is counted, logged and traced, and changes nothing the
+user gets.
 When the answer is ready, a call still waiting for Twilio is cancelled: an indicator landing after the reply would
 show "typing…" under the answer for 25 s. So an answer faster than Twilio's round trip may come with no indicator.
 
@@ -35,11 +36,12 @@ building the request.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextvars
 import time
 
 import aiohttp
 from opentelemetry import trace
+from opentelemetry.trace import SpanContext
 from structlog.typing import FilteringBoundLogger
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 from twilio.rest import Client
@@ -47,7 +49,7 @@ from twilio.rest import Client
 from bot.settings import Settings
 from telemetry import metrics
 from telemetry.recent import RecentActivity
-from telemetry.tracing import ActiveSpan, record_error
+from telemetry.tracing import ActiveSpan, detached_context, record_error
 
 CHANNEL = "whatsapp"
 MAX_LATE_S = 1.0  # the promise: a sign of life within a second; later than that the loop has better things to do
@@ -62,8 +64,30 @@ class _Unsuccessful(Exception):
     """Twilio answered 200 with `"success": false`."""
 
 
+class _Indicators:
+    """One message's indicators: the next one's number `k` (due at `start + k * refresh`), and what is pending for
+    it: the timer that starts it, or the task sending it. A timer, not a task asleep: a message waits for its next
+    refresh far longer than a call takes, and a sleeping task is ~15 objects the garbage collector walks, a timer 3
+    (docs/benchmarks.md). `parent` is the span the calls' spans and log lines belong to (the message's)."""
+
+    __slots__ = ("arrived", "first_accepted", "k", "parent", "pending", "sid", "start")
+
+    def __init__(self, sid: str, arrived: float, start: float, first_accepted: bool, parent: SpanContext) -> None:
+        self.sid = sid
+        self.arrived = arrived
+        self.start = start
+        self.first_accepted = first_accepted
+        self.parent = parent
+        self.k = 0
+        self.pending: asyncio.TimerHandle | asyncio.Task[None] | None = None
+
+
+# The timers' context: they only start the calls' tasks, each in a context of its own (the message's span).
+_TIMERS = contextvars.Context()
+
+
 class TypingIndicators:
-    """Starts, refreshes and stops the typing indicator of each message being answered; one task per message."""
+    """Starts, refreshes and stops the typing indicator of each message being answered."""
 
     def __init__(
         self,
@@ -83,79 +107,100 @@ class TypingIndicators:
         self._tracer = tracer
         self._log = log
         self._recent = recent
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._messages: dict[str, _Indicators] = {}
         self._in_flight = 0
 
     def begin(self, message_sid: str, arrived: float) -> None:
         """Show "typing…" for the message `message_sid`, which reached the app at `arrived` (time.monotonic()).
         Returns at once: the indicator is sent by a task of its own."""
-        if not self._enabled or message_sid in self._tasks:
+        if not self._enabled or message_sid in self._messages:
             return
         self._start(message_sid, arrived, arrived, observe_first=True)
 
     def held(self, message_sid: str, arrived: float) -> None:
         """The holding reply to `message_sid` is going back: show "typing…" again once it has arrived (it clears
-        the indicator), then refresh from then on. Nothing happens for a message that has no indicator task."""
-        task = self._tasks.get(message_sid)
-        if task is None:
+        the indicator), then refresh from then on. Nothing happens for a message that has no indicators."""
+        current = self._messages.get(message_sid)
+        if current is None:
             return
-        if len(self._tasks) > BUSY_MESSAGES:
+        if len(self._messages) > BUSY_MESSAGES:
             self._log.debug("typing_indicator_skipped", message_sid=message_sid, reason="busy", refresh=True)
             return
         # A call still waiting for Twilio now would land before the holding reply and be cleared by it anyway.
-        task.cancel()
+        _cancel(current)
         again = time.monotonic() + min(AFTER_HOLDING_S, self._refresh_s)
         self._start(message_sid, arrived, again, observe_first=False)
 
     def _start(self, message_sid: str, arrived: float, start: float, *, observe_first: bool) -> None:
-        indicate = self._indicate(message_sid, arrived, start, observe_first)
-        task = asyncio.create_task(indicate, name=f"typing {message_sid}")
-        self._tasks[message_sid] = task
-        task.add_done_callback(self._forget)
+        # The current span is the message's (`wabot.reply`); only its ids are kept (telemetry/tracing.py).
+        parent = trace.get_current_span().get_span_context()
+        indicators = _Indicators(message_sid, arrived, start, not observe_first, parent)
+        self._messages[message_sid] = indicators
+        self._next(indicators)
 
     def stop(self, message_sid: str) -> None:
         """The answer to `message_sid` is ready: no more indicators for it, and none still on its way."""
-        task = self._tasks.pop(message_sid, None)
-        if task is not None:
-            task.cancel()
+        indicators = self._messages.pop(message_sid, None)
+        if indicators is not None:
+            _cancel(indicators)
 
     def active(self) -> int:
         """Messages whose indicator is being sent or refreshed."""
-        return len(self._tasks)
+        return len(self._messages)
 
     async def close(self) -> None:
-        """Cancel every indicator (the server is stopping) and wait, bounded, for their tasks to end."""
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
+        """Cancel every indicator (the server is stopping) and wait, bounded, for the calls under way to end."""
+        messages = list(self._messages.values())
+        self._messages.clear()
+        tasks = [m.pending for m in messages if isinstance(m.pending, asyncio.Task)]
+        for indicators in messages:
+            _cancel(indicators)
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        sid = task.get_name().removeprefix("typing ")
-        if self._tasks.get(sid) is task:
-            del self._tasks[sid]
+    def _forget(self, indicators: _Indicators) -> None:
+        if self._messages.get(indicators.sid) is indicators:
+            del self._messages[indicators.sid]
 
-    async def _indicate(self, message_sid: str, arrived: float, start: float, observe_first: bool) -> None:
-        """Indicators due at `start` and every refresh interval after it (a slow call does not delay the next), while
-        within the budget from `arrived`. `observe_first`: the first accepted one's latency from arrival is observed
-        (the sign of life; not for those after the holding reply, which was one)."""
-        first_accepted = not observe_first
-        for k in itertools.count():
-            due = start + k * self._refresh_s
-            if due - arrived >= self._budget_s:
-                return
-            if due > time.monotonic():
-                await asyncio.sleep(due - time.monotonic())
-            refresh = k > 0 or start > arrived
-            late = time.monotonic() - due
-            if late > MAX_LATE_S or self._in_flight >= MAX_IN_FLIGHT:
-                reason = "late" if late > MAX_LATE_S else "in_flight"
-                self._log.debug("typing_indicator_skipped", message_sid=message_sid, reason=reason, refresh=refresh)
-                continue
-            accepted = await self._send(message_sid, arrived, refresh=refresh, first=not first_accepted)
-            first_accepted = first_accepted or accepted
+    def _next(self, indicators: _Indicators) -> None:
+        """Set the timer of indicator `k`, while within the budget from the message's arrival (a slow call does not
+        delay the next: each is due at its own time)."""
+        due = indicators.start + indicators.k * self._refresh_s
+        if due - indicators.arrived >= self._budget_s:
+            self._forget(indicators)
+            return
+        delay = max(0.0, due - time.monotonic())
+        indicators.pending = asyncio.get_running_loop().call_later(delay, self._due, indicators, due, context=_TIMERS)
+
+    def _due(self, indicators: _Indicators, due: float) -> None:
+        """Indicator `k` is due: send it, or skip it when the loop is late or too many calls are waiting."""
+        refresh = indicators.k > 0 or indicators.start > indicators.arrived
+        late = time.monotonic() - due
+        context = detached_context(indicators.parent)
+        if late > MAX_LATE_S or self._in_flight >= MAX_IN_FLIGHT:
+            reason = "late" if late > MAX_LATE_S else "in_flight"
+            context.run(
+                self._log.debug, "typing_indicator_skipped", message_sid=indicators.sid, reason=reason, refresh=refresh
+            )
+            indicators.k += 1
+            self._next(indicators)
+            return
+        send = self._send_due(indicators, refresh)
+        indicators.pending = asyncio.create_task(send, name=f"typing {indicators.sid}", context=context)
+
+    async def _send_due(self, indicators: _Indicators, refresh: bool) -> None:
+        """`_send` the due indicator, then set the next one's timer; a message whose call failed unexpectedly (a
+        bug) gets no more."""
+        try:
+            accepted = await self._send(
+                indicators.sid, indicators.arrived, refresh=refresh, first=not indicators.first_accepted
+            )
+        except BaseException:
+            self._forget(indicators)
+            raise
+        indicators.first_accepted = indicators.first_accepted or accepted
+        indicators.k += 1
+        self._next(indicators)
 
     async def _send(self, message_sid: str, arrived: float, *, refresh: bool, first: bool) -> bool:
         """One indicator call, bounded; counted, logged and traced whatever its outcome (a cancellation aside). True
@@ -213,6 +258,11 @@ class TypingIndicators:
                 record_error(span, error_type)
                 return error_type, code
         return None, None
+
+
+def _cancel(indicators: _Indicators) -> None:
+    if indicators.pending is not None:
+        indicators.pending.cancel()
 
 
 def _error_of(exc: Exception) -> tuple[str, int | None]:

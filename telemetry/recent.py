@@ -43,13 +43,6 @@ class _Attachment:
     transcribe_s: float | None
 
 
-@dataclass(frozen=True)
-class _Indicator:
-    at: float
-    outcome: str
-    seconds: float | None  # arrival -> accepted, for a message's first indicator only
-
-
 class RecentActivity:
     """Replies, follow-ups, attachments and typing indicators of the last `window_s` seconds. Thread-safe: the
     metrics port reads it."""
@@ -64,7 +57,9 @@ class RecentActivity:
         self._replies: deque[tuple[float, str, float]] = deque(maxlen=_MAX_EVENTS)
         self._followups: deque[tuple[float, str]] = deque(maxlen=_MAX_EVENTS)
         self._attachments: deque[_Attachment] = deque(maxlen=_MAX_EVENTS)
-        self._indicators: deque[_Indicator] = deque(maxlen=_MAX_EVENTS)
+        # (at, outcome, seconds), plain tuples too: every message in flight sends one every refresh (20 s), so under an
+        # incident (5,000 in flight) the window holds ~75,000 of them.
+        self._indicators: deque[tuple[float, str, float | None]] = deque(maxlen=_MAX_EVENTS)
 
     def record_reply(self, outcome: str, total_s: float) -> None:
         with self._lock:
@@ -83,7 +78,7 @@ class RecentActivity:
         """One typing indicator call (refreshes included). `seconds`: arrival -> accepted, only for a message's first
         indicator Twilio accepted (what wabot_typing_indicator_seconds observes); None for refreshes and failures."""
         with self._lock:
-            self._indicators.append(_Indicator(time.monotonic(), outcome, seconds))
+            self._indicators.append((time.monotonic(), outcome, seconds))
 
     def _prune(self, now: float) -> None:
         horizon = now - self.window_s
@@ -93,7 +88,7 @@ class RecentActivity:
             self._followups.popleft()
         while self._attachments and self._attachments[0].at < horizon:
             self._attachments.popleft()
-        while self._indicators and self._indicators[0].at < horizon:
+        while self._indicators and self._indicators[0][0] < horizon:
             self._indicators.popleft()
 
     def snapshot(self, *, deadline_s: float, pending_followups: int) -> dict[str, Any]:
@@ -166,14 +161,14 @@ def media_snapshot(attachments: list[_Attachment], thresholds: Thresholds) -> di
     }
 
 
-def typing_snapshot(indicators: list[_Indicator], thresholds: Thresholds) -> dict[str, Any]:
-    """Typing indicators by outcome, the failed share as WabotTypingIndicatorsFailing computes it, and arrival ->
-    accepted of the messages' first indicators against the 1 s line."""
+def typing_snapshot(indicators: list[tuple[float, str, float | None]], thresholds: Thresholds) -> dict[str, Any]:
+    """Typing indicators (at, outcome, seconds) by outcome, the failed share as WabotTypingIndicatorsFailing computes
+    it, and arrival -> accepted of the messages' first indicators against the 1 s line."""
     m = thresholds.media
     outcomes = dict.fromkeys(TYPING_OUTCOMES, 0)
-    for i in indicators:
-        outcomes[i.outcome] = outcomes.get(i.outcome, 0) + 1
-    firsts = [i.seconds for i in indicators if i.seconds is not None]
+    for _, outcome, _ in indicators:
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    firsts = [seconds for _, _, seconds in indicators if seconds is not None]
     return {
         "indicators": len(indicators),
         "outcomes": outcomes,

@@ -11,6 +11,7 @@ are null. Metrics and logs are not affected.
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
@@ -182,6 +183,24 @@ class ActiveSpan:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
         finally:
             span.end()
+
+
+def detached_context(parent: trace.SpanContext | None = None) -> contextvars.Context:
+    """The context to start a task in that outlives the request starting it (a run, its typing indicator).
+
+    Its spans are children of the current span and its log lines carry that span's ids, as in a copy of the current
+    context; but it holds none of the request's objects. A copy would hold the current span itself (`wabot.reply`,
+    ended when the webhook returns: its attributes, events, locks), the server span and FastAPI's request state in
+    OpenTelemetry's context, for as long as the task waits on the model: ~30 objects per waiting run that every
+    full collection walks (docs/benchmarks.md). Here the current span is replaced by its context alone (ids, flags,
+    state, remote or not: all a child span, a log line and an exemplar read of it), and no other variable is set.
+    `parent`: that span context, taken earlier (a timer's task), instead of the current span's.
+    """
+    if parent is None:
+        parent = trace.get_current_span().get_span_context()
+    detached = contextvars.Context()
+    detached.run(context.attach, trace.set_span_in_context(trace.NonRecordingSpan(parent), context.Context()))
+    return detached
 
 
 def record_error(span: trace.Span, error_type: str) -> None:

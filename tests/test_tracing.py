@@ -7,6 +7,7 @@ Span trees are read from each bot's in-memory exporter; OTLP export is checked e
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import threading
 import time
@@ -22,6 +23,7 @@ from fastapi.testclient import TestClient
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -201,6 +203,23 @@ def test_timed_out_run_keeps_its_span_open_until_the_followup(make_bot: Callable
         "twilio.message.sid": followup["sid"],
     }
     assert_no_phone_number(spans, sender)
+
+
+def test_a_run_waiting_on_the_model_keeps_none_of_its_webhooks_spans(make_bot: Callable[..., Bot], sim, sink) -> None:
+    """After the holding reply the run keeps only the ids of the span it belongs to, not the webhook's ended
+    `wabot.reply` (a dozen objects every full collection walks, times the runs in flight in an incident:
+    docs/benchmarks.md); its own spans still have that parent (the test above)."""
+    bot = make_bot(reply_timeout=0.5)
+    sender = "+15557654309"
+    assert bot.send("waiting [sim:delay=8]", sender=sender).messages == [DEFAULT_HOLDING_MESSAGE]
+    gc.collect()
+    live = [o for o in gc.get_objects() if isinstance(o, SdkSpan)]
+    waiting = {s.context.trace_id for s in live if s.name == "invoke_agent" and s.is_recording()}
+    assert waiting, "the run should still be waiting on the model"
+    assert [s for s in live if s.name == "wabot.reply" and s.context.trace_id in waiting] == []
+    del live
+    [followup] = sink.wait_for_messages(1, to=f"whatsapp:{sender}", timeout=20)
+    assert followup["body"] == "[turn 1] waiting"
 
 
 def test_model_error_ends_the_run_span_in_error(make_bot: Callable[..., Bot], sim) -> None:

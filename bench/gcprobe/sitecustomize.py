@@ -8,6 +8,8 @@
   with BENCH_LOOP_STALLS=0 (the instruction counts: its wake-ups would add instructions in proportion to wall time).
 - On SIGUSR2 (sent by bench/gcscale.py): `BENCH_GC_OBJECTS {json}`, the tracked objects by type and generation,
   then one forced full collection, timed like the others: what a full pass costs with what is in flight now.
+  With BENCH_GC_DETAIL=1 (bench/waiting_objects.py) it first writes `BENCH_GC_DETAIL {json}`: which coroutines,
+  functions, cells' contents, spans and dicts' owners those objects are, so a per-run count can be traced to code.
 
 A callback costs about a microsecond per collection. Only the benchmark's bot processes load this file.
 """
@@ -27,6 +29,7 @@ _LAG_PERIOD_S = 0.010
 _started = [0.0, 0.0]
 _monitor = []
 _WATCH_LOOP = os.environ.get("BENCH_LOOP_STALLS", "1") != "0"
+_DETAIL = os.environ.get("BENCH_GC_DETAIL", "0") != "0"
 
 
 async def _watch_loop() -> None:
@@ -66,7 +69,71 @@ def _pause(phase: str, info: dict) -> None:
         _start_monitor()
 
 
+def _name(obj: object) -> str:
+    return type(obj).__module__ + "." + type(obj).__qualname__
+
+
+def _detail(objects: list) -> dict:
+    """Finer keys than the type for the objects a waiting run holds; owners found through gc.get_referrers on a
+    sample (slow: each call walks the whole heap), by the referrer's type (a dict's owner: the type of whatever
+    refers to the dict)."""
+    keys: collections.Counter = collections.Counter()
+    samples: dict[str, list] = collections.defaultdict(list)
+    for obj in objects:
+        kind = type(obj).__qualname__
+        if kind == "coroutine":
+            key = "coroutine " + obj.cr_code.co_qualname
+        elif kind == "function":
+            key = "function " + obj.__qualname__
+        elif kind in ("generator", "async_generator"):
+            code = getattr(obj, "gi_code", None) or getattr(obj, "ag_code", None)
+            key = kind + " " + (code.co_qualname if code else "?")
+        elif kind == "method":
+            key = "method " + getattr(obj.__func__, "__qualname__", "?")
+        elif kind == "cell":
+            try:
+                key = "cell -> " + _name(obj.cell_contents)
+            except ValueError:
+                key = "cell -> (empty)"
+        elif kind == "_Span":
+            key = "_Span " + obj.name
+        elif kind == "Task":
+            coro = obj.get_coro()
+            key = "Task " + (coro.cr_code.co_qualname if hasattr(coro, "cr_code") else type(coro).__qualname__)
+        else:
+            key = _name(obj)
+        keys[key] += 1
+        if len(samples[key]) < 3:
+            samples[key].append(obj)
+    owners: dict[str, dict[str, int]] = {}
+    frame_types = (type(sys._getframe()),)
+    for key, count in keys.most_common(80):
+        if count < 200:
+            break
+        found: collections.Counter = collections.Counter()
+        for obj in samples[key]:
+            for ref in gc.get_referrers(obj):
+                if ref is objects or ref is samples[key] or isinstance(ref, frame_types):
+                    continue
+                owner = _name(ref)
+                if type(ref).__qualname__ == "dict":
+                    # A dict refers to it: name the dict by what holds the dict (an instance's __dict__, a frame...).
+                    holders = [_name(h) for h in gc.get_referrers(ref) if h is not objects and not isinstance(h, list)]
+                    owner += " in " + ",".join(sorted(set(holders))[:3])
+                elif type(ref).__qualname__ == "coroutine":
+                    owner += " " + ref.cr_code.co_qualname
+                elif type(ref).__qualname__ == "cell":
+                    owner += " (closure)"
+                found[owner] += 1
+        owners[key] = dict(found.most_common(6))
+    return {"keys": dict(keys.most_common(250)), "owners": owners}
+
+
 def _census(*_: object) -> None:
+    if _DETAIL:
+        record = _detail(gc.get_objects())
+        record["at"] = round(time.monotonic(), 3)
+        sys.stderr.write("BENCH_GC_DETAIL " + json.dumps(record) + "\n")
     by_type = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
     per_gen = [len(gc.get_objects(g)) for g in range(3)]
     record = {
@@ -74,7 +141,7 @@ def _census(*_: object) -> None:
         "generations": per_gen,
         "frozen": gc.get_freeze_count(),
         "threshold": gc.get_threshold(),
-        "top": dict(by_type.most_common(60)),
+        "top": dict(by_type.most_common(150)),
         "at": round(time.monotonic(), 3),
     }
     sys.stderr.write("BENCH_GC_OBJECTS " + json.dumps(record) + "\n")
