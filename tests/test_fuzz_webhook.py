@@ -11,8 +11,10 @@ Runs are reproducible: `derandomize=True` and no example database, so CI sees th
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import gc
+import inspect
 import itertools
 import json
 import re
@@ -262,11 +264,18 @@ def signed(bot: Bot, case: dict[str, Any]) -> dict[str, Any]:
     return {"path": case["path"], "body": body, "content_type": FORM.encode(), "headers": headers, "chunked": False}
 
 
-MEASURED = 3_000
+MEASURED = 1_350  # 150 of each of the nine kinds below
 
 
-def small_blocks(snapshot: tracemalloc.Snapshot) -> int:
-    return sum(trace.size for trace in snapshot.traces if trace.size < 64 * 1024)
+def small_blocks(snapshot: tracemalloc.Snapshot) -> tuple[int, int]:
+    """Bytes and number of the blocks under 64 KiB."""
+    traces = [trace.size for trace in snapshot.traces if trace.size < 64 * 1024]
+    return sum(traces), len(traces)
+
+
+def _line_of(function: Callable[..., Any], text: str) -> int:
+    lines, first = inspect.getsourcelines(function)
+    return first + next(i for i, line in enumerate(lines) if text in line)
 
 
 def rss_kib() -> int:
@@ -354,7 +363,7 @@ def test_validly_signed_odd_forms_never_5xx(target: Target, sim, sink, log_lines
 
 @pytest.mark.slow
 def test_memory_stays_flat_over_thousands_of_hostile_requests(target: Target, sim, log_lines: LogLines) -> None:
-    """After a warm-up, 3,000 more requests of every refused kind (and signed status callbacks and replays) leave
+    """After a warm-up, 1,350 more requests of every refused kind (and signed status callbacks and replays) leave
     the bot's Python heap where it was."""
     bot = target.bot
     replayed = bot.form("answer me once")
@@ -383,13 +392,19 @@ def test_memory_stays_flat_over_thousands_of_hostile_requests(target: Target, si
             response = target.send(cycle[i % len(cycle)])
             assert response.status_code < 500, (i % len(cycle), response.status_code, response.text)
 
-    # Not counted: the test's own bookkeeping, which keeps every log line (conftest's LogLines); and OpenTelemetry's
-    # allocations, because uvicorn's keep-alive timer handle (cancelled or not, it stays in the event loop's heap
-    # for 5 s) holds the request's context and so its server span: a few hundred spans alive at any moment, freed
-    # in bulk, ~250 KB of swing that is bounded in time, not a leak. Everything the bot's own code allocates counts.
+    # Not counted: the test's own bookkeeping, which keeps every log line (conftest's LogLines); OpenTelemetry's and
+    # FastAPI's telemetry allocations (the server span), and the timer handles and contexts holding them: uvicorn's
+    # keep-alive timer handle (cancelled or not, it stays in the event loop's heap for 5 s) holds the request's
+    # context and so its server span, a few hundred spans alive at any moment, freed in bulk: ~250 KB and ~500 blocks
+    # of swing that is bounded in time, not a leak. Everything else counts, the bot's own code and every library's.
     ignore = [
         tracemalloc.Filter(False, "*/tests/conftest.py"),
         tracemalloc.Filter(False, "*/opentelemetry/*"),
+        tracemalloc.Filter(False, "*/fastapi/telemetry/*"),
+        tracemalloc.Filter(
+            False, asyncio.base_events.__file__, _line_of(asyncio.BaseEventLoop.call_at, "TimerHandle(")
+        ),
+        tracemalloc.Filter(False, asyncio.events.__file__, _line_of(asyncio.Handle.__init__, "copy_context()")),
         tracemalloc.Filter(False, tracemalloc.__file__),
     ]
 
@@ -402,9 +417,8 @@ def test_memory_stays_flat_over_thousands_of_hostile_requests(target: Target, si
     hammer(900)  # warm-up: connection handling, caches, lazily built objects
     tracemalloc.start()
     try:
-        # More warm-up under tracing: some ~400 KB allocated in the first few hundred traced requests is only
-        # released later (measured: the heap then stays within +-15 KB from one 450-request step to the next).
-        hammer(900)
+        # More warm-up under tracing, for what the first traced requests allocate and free only later.
+        hammer(450)
         before = heap()
         hammer(MEASURED)
         after = heap()
@@ -412,12 +426,23 @@ def test_memory_stays_flat_over_thousands_of_hostile_requests(target: Target, si
         tracemalloc.stop()
     # Blocks of 64 KiB and more are read buffers of whatever socket some thread is reading from at that instant
     # (asyncio reads into 256 KiB and shrinks): noise of that size, and a leak of them would show in RSS below.
-    growth = small_blocks(after) - small_blocks(before)
-    changes = after.compare_to(before, "lineno")
-    # A leak of even the smallest object per request (a 48-byte string) would be 144 KB over 3,000 requests.
-    # Measured without a leak: within +-80 KB (mostly objects still held by the last requests of either snapshot).
-    assert growth < 128 * 1024, "\n".join(str(stat) for stat in changes[:8])
+    (bytes_0, blocks_0), (bytes_1, blocks_1) = small_blocks(before), small_blocks(after)
+    growth, blocks = bytes_1 - bytes_0, blocks_1 - blocks_0
+    changes = "\n".join(str(stat) for stat in after.compare_to(before, "lineno")[:8])
+    rss = [rss_before, rss_kib()]
+    print(
+        json.dumps(
+            {"measured_requests": MEASURED, "heap_growth_bytes": growth, "heap_growth_blocks": blocks, "rss_kib": rss}
+        )
+    )
+    # A leak of any object per request, however small, is one more block per request. One 48-byte bytes object per
+    # request kept in a list in bot/webhook.py's _signed_form, injected for a try: +1,756 and +1,829 blocks (+105 and
+    # +110 KB, which the bytes bound below alone lets pass), the first line of `changes` pointing at it. Measured
+    # without a leak, 2 cores shared with other test runs: +394 to +513 blocks (+29 to +34 KB), strings of 55-67
+    # bytes at structlog, re and ElementTree lines still accumulating after the warm-up, not per request.
+    assert blocks < MEASURED * 2 // 3, changes
+    # A leak of big objects shows in bytes (one 1 KiB string per request: +1.3 MB).
+    assert growth < 128 * 1024, changes
     # What a snapshot does not see (native buffers, blocks over 64 KiB): RSS may grow by allocator slack only.
-    assert rss_kib() - rss_before < 32 * 1024
+    assert rss[1] - rss[0] < 32 * 1024
     assert sim.calls()[-1]["text"] == "answer me once"  # nothing but the first message reached the model
-    print(json.dumps({"measured_requests": MEASURED, "heap_growth_bytes": growth, "rss_kib": [rss_before, rss_kib()]}))
