@@ -129,10 +129,12 @@ def test_thousand_users_over_the_concurrency_cap_all_answered(simulator, sink_se
         inline = replies[("[turn 1] a question",)]
         assert inline + replies[(DEFAULT_HOLDING_MESSAGE,)] == 500, replies
         busy = [r for r in results if r["messages"] == [DEFAULT_BUSY_MESSAGE]]
-        # The busy reply does not wait for the deadline. It still queues behind the burst: 500 model calls
-        # starting and 1,000 webhooks on two cores shared with the simulator, the sink and the load generator.
+        # The busy reply does not wait for the deadline: every one is back before the first holding reply could be.
+        # It still queues behind the burst: 500 model calls starting and 1,000 webhooks on two cores shared with the
+        # simulator, the sink and the load generator (the last busy reply at 3.4-5.6 s here on 2026-12-05, for code
+        # old and new alike: half the deadline, the bound before, was inside that spread).
         busy_times = sorted(float(r["since_sent"]) for r in busy)
-        assert busy_times[-1] < DEADLINE_S / 2, busy_times[-5:]
+        assert busy_times[-1] < DEADLINE_S, busy_times[-5:]
         # Everyone not answered inline gets the answer as a follow-up, once.
         followed = [r for r in results if r["messages"] != ["[turn 1] a question"]]
         delivered = sink.wait_for_messages(len(followed), timeout=60)
