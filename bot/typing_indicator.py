@@ -11,10 +11,14 @@ as soon as the answer (or apology) is ready to go. A run resumed after a restart
 WhatsApp clears "typing…" when any message from the bot arrives, the holding reply included: a message that got the
 holding reply gets its indicator again `AFTER_HOLDING_S` after it went back (time for Twilio to deliver it first),
 then every refresh interval from then, so the user sees the bot is still at work between the holding reply and the
-answer. Not while more than `BUSY_MESSAGES` messages are being answered at once: then the bot is in a burst or an
-incident (every message held), and one more Twilio call per held message would cost the event loop what the
-holding replies need (measured at 100 held messages a second on 2 cores: the bot's own p99 overhead went from 38 ms
-to 839 ms); the regular refreshes go on.
+answer.
+
+Neither that one nor any refresh while more than `BUSY_MESSAGES` messages are being answered at once: then the bot
+is in a burst or an incident (every message held), and refreshes grow with the messages in flight (one per message
+every 20 s: 300 Twilio calls a second at 6,000 in flight), costing the event loop what the holding replies need.
+Measured on 2 cores (docs/benchmarks.md): at 100 held messages a second the indicator after the holding reply took
+the bot's own p99 overhead from 38 ms to 839 ms; in the incident run (100 msg/s for 60 s, model 60 s) the refreshes
+took it from 45 ms to 17 s. The first indicator of each message (the sign of life within a second) still goes out.
 
 Never on the critical path: each message's indicators are sent by tasks of their own, started by a timer when due,
 which neither the deadline race nor the run ever awaits. Each call is bounded here (the SDK's async client ignores
@@ -57,7 +61,7 @@ MAX_IN_FLIGHT = 100  # indicator calls waiting for Twilio at once (50 msg/s with
 # After the holding reply: Twilio usually delivers a WhatsApp message within a second or two, and an indicator that
 # lands before it is cleared by it. Never later than the next refresh would have been.
 AFTER_HOLDING_S = 2.0
-BUSY_MESSAGES = 100  # messages with an indicator at once above which none is sent again after the holding reply
+BUSY_MESSAGES = 100  # messages with an indicator at once above which no indicator but the first is sent
 
 
 class _Unsuccessful(Exception):
@@ -176,9 +180,10 @@ class TypingIndicators:
         """Indicator `k` is due: send it, or skip it when the loop is late or too many calls are waiting."""
         refresh = indicators.k > 0 or indicators.start > indicators.arrived
         late = time.monotonic() - due
+        busy = refresh and len(self._messages) > BUSY_MESSAGES
         context = detached_context(indicators.parent)
-        if late > MAX_LATE_S or self._in_flight >= MAX_IN_FLIGHT:
-            reason = "late" if late > MAX_LATE_S else "in_flight"
+        if busy or late > MAX_LATE_S or self._in_flight >= MAX_IN_FLIGHT:
+            reason = "busy" if busy else "late" if late > MAX_LATE_S else "in_flight"
             context.run(
                 self._log.debug, "typing_indicator_skipped", message_sid=indicators.sid, reason=reason, refresh=refresh
             )

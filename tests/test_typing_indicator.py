@@ -394,8 +394,52 @@ async def test_none_again_after_the_holding_reply_while_over_busy_messages_are_a
                     "refresh": True,
                 }
             ]
+            # Back at the line before sids[0]'s indicator is due (over it, that one would be skipped as well).
+            indicators.stop(sids[-1])
             await until(lambda: len(accepted(sink, sids[0])) == 2, 10.0, "the indicator after the holding reply")
             assert len(accepted(sink, sids[1])) == 1
+    finally:
+        await indicators.close()
+        await sender.close()
+
+
+async def test_no_refresh_while_over_busy_messages_are_answered(sink_server: tuple[TwilioSink, str]) -> None:
+    """The model slow for everyone: refreshes would grow with the messages in flight (one per message per interval)
+    and take the event loop from the holding replies. Above BUSY_MESSAGES messages being answered every refresh is
+    skipped, saying why; once the count is back at the line the next refreshes go out."""
+    sink, url = sink_server
+    settings = Settings(
+        _env_file=None,
+        TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+        WABOT_TWILIO_API_URL=url,
+        WABOT_FOLLOWUP_TIMEOUT=60,
+        WABOT_TYPING_REFRESH=1.0,
+    )
+    sender = TwilioSender(settings, _tracer())
+    indicators = TypingIndicators(sender.client, settings, _tracer(), structlog.get_logger(), RecentActivity())
+    sids = [new_message_sid() for _ in range(BUSY_MESSAGES + 1)]
+    try:
+        with structlog.testing.capture_logs() as logs:
+            now = time.monotonic()
+            for sid in sids[:BUSY_MESSAGES]:
+                indicators.begin(sid, now)
+            await until(lambda: all(accepted(sink, sid) for sid in sids[:BUSY_MESSAGES]), 10.0, "the first indicators")
+            indicators.begin(sids[-1], time.monotonic())
+            await until(lambda: accepted(sink, sids[-1]), 10.0, "the last message's first indicator")
+
+            def busy_skips() -> set[str]:
+                return {
+                    e["message_sid"]
+                    for e in logs
+                    if e["event"] == "typing_indicator_skipped" and e["reason"] == "busy" and e["refresh"]
+                }
+
+            await until(lambda: busy_skips() == set(sids), 10.0, "every message's refresh skipped")
+            assert [len(accepted(sink, sid)) for sid in sids] == [1] * len(sids)
+            indicators.stop(sids[-1])  # BUSY_MESSAGES left: at the line, not over it
+            await until(lambda: all(len(accepted(sink, sid)) >= 2 for sid in sids[:-1]), 10.0, "the refreshes")
+            assert len(accepted(sink, sids[-1])) == 1
     finally:
         await indicators.close()
         await sender.close()
