@@ -23,17 +23,17 @@ from bench import procs
 from bench.bodies import new_run, signed_body
 from bench.burst import burst
 from bench.scenarios import (
-    _NEVER_S,
     Context,
     _bot,
     _counter_delta,
     _log_events,
     _percentiles,
     _wait_idle,
-    _wait_in_flight,
     running,
     scrape,
     stubs,
+    waiting_runs,
+    warm_up,
 )
 
 
@@ -78,26 +78,10 @@ def gc_levels(ctx: Context) -> dict[str, Any]:
         )
         with running(bot):
             run = new_run()
-            url = f"{bot.url}/whatsapp"
-            # Through every path first (inline, holding reply, follow-up), as the memory scenario does.
-            burst(url, lambda i: signed_body(i, "hello", bot.url, run), 200, concurrency=20)
-            burst(url, lambda i: signed_body(200 + i, "[sim:delay=1.5] hi", bot.url, run), 50, concurrency=50)
-            _wait_idle(bot, 30)
-            time.sleep(1.0)
+            warm_up(bot, run)
             baseline = _census(bot)
             levels = []
-            sent = 0
-            for level in ctx.sizes.gc_levels:
-                ctx.say(f"gc levels: {level} runs in flight")
-                first = 1000 + sent
-                burst(
-                    url,
-                    lambda i, first=first: signed_body(first + i, f"[sim:delay={_NEVER_S}] hello", bot.url, run),
-                    level - sent,
-                    concurrency=500,
-                )
-                sent = level
-                in_flight = _wait_in_flight(bot, level, 60)
+            for _, in_flight in waiting_runs(ctx, bot, run, ctx.sizes.gc_levels, label="gc levels", timeout=60):
                 time.sleep(1.0)
                 census = _census(bot)
                 census["in_flight"] = in_flight

@@ -24,6 +24,7 @@ DEFAULT_INTRO = "# Benchmarks\n\n(Describe the method and findings here; `make b
 PRECISION_TARGET_USERS = "500"
 PRECISION_TARGET_MS = 50.0
 INCIDENT_TARGET_MS = 50.0
+MEMORY_TARGET_MIB = 25.0
 
 
 def write(path: Path, results: dict[str, Any], started: float) -> None:
@@ -206,6 +207,7 @@ def _fast_rows(runs: dict[str, list[dict[str, Any]]]) -> list[list[Any]]:
                 mid["latency_ms"]["p50"],
                 mid["latency_ms"]["p99"],
                 median([r["server_cpu_ms_per_request"] or 0.0 for r in series]),
+                median([r.get("server_sys_ms_per_request") or 0.0 for r in series]),
                 median([r["server_cpu_share"] for r in series]),
                 median([r["wrk_cpu_share"] for r in series]),
                 " / ".join(f"{r['rps']:.0f}" for r in series),
@@ -221,6 +223,7 @@ _FAST_HEADER = [
     "p50 ms",
     "p99 ms",
     "CPU ms/msg",
+    "of which kernel",
     "server CPU",
     "wrk CPU",
     "msg/s of each round",
@@ -609,6 +612,31 @@ def _targets(results: dict[str, Any]) -> str:
                 "met" if ours <= peer else "missed",
             ]
         )
+    fast_peers = (results.get("peers", {}).get("fast") or {}).get("runs", {})
+    if fast_peers.get("minimal bot") and fast_peers.get("wabot, full telemetry"):
+
+        def cpu_ms(key: str) -> float:
+            return median([r["server_cpu_ms_per_request"] or 0.0 for r in fast_peers[key]])
+
+        peer, ours, off = cpu_ms("minimal bot"), cpu_ms("wabot, full telemetry"), cpu_ms("wabot, telemetry off")
+        rows.append(
+            [
+                "fast path CPU per message ≤ 1.0× the minimal bot, full telemetry on (wrk rounds)",
+                f"{ours:.2f} ms vs {peer:.2f} ms ({ours / peer:.2f}×); telemetry off {off:.2f} ms ({off / peer:.2f}×)",
+                "met" if ours <= peer else "missed",
+            ]
+        )
+    memory = results.get("memory")
+    if memory and memory["levels"]:
+        top = memory["levels"][-1]
+        per_1000 = top["rss_per_1000_kib"] / 1024
+        rows.append(
+            [
+                f"memory per 1,000 conversations in flight < {MEMORY_TARGET_MIB:g} MiB",
+                f"{per_1000:.1f} MiB at {top['conversations']:,} (RSS)",
+                "met" if per_1000 < MEMORY_TARGET_MIB else "missed",
+            ]
+        )
     gen = results.get("generator")
     if gen and runs:
         top = max(median_run(series)["rps"] for key, series in runs.items() if key != "bare")
@@ -639,6 +667,17 @@ def render(results: dict[str, Any], started: float) -> str:
                 ["kind", "quick smoke run (BENCH_QUICK=1)" if results.get("quick") else "full run"],
                 ["duration", f"{results.get('elapsed_s', 0):.0f} s"],
                 ["load average at start", results.get("loadavg", "?")],
+                *(
+                    [
+                        [
+                            "merged",
+                            f"{', '.join(merged['scenarios'])} from an earlier run: `{merged['from']}` "
+                            f"(load average at its start {merged['loadavg']})",
+                        ]
+                    ]
+                    if (merged := results.get("merged"))
+                    else []
+                ),
                 *machine(),
             ],
         ),

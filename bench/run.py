@@ -46,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-doc", action="store_true", help=f"do not write {DOC.name}")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, bodies, profiles)")
     parser.add_argument(
+        "--merge",
+        type=Path,
+        metavar="JSON",
+        help="the results of scenarios run earlier (another run's --json), reported with this run's; "
+        "scenarios this run repeats are this run's",
+    )
+    parser.add_argument(
         "--incident",
         metavar="RATE,SECONDS,MODEL_S",
         help="the incident run's size instead of the full run's 100,60,60 (a reduced run on a loaded machine)",
@@ -78,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
     results["elapsed_s"] = round(time.time() - started, 1)
+    if args.merge:
+        earlier = json.loads(args.merge.read_text())
+        merged = [name for name in SCENARIOS if name in earlier and name not in results]
+        results.update({name: earlier[name] for name in merged})
+        results["merged"] = {
+            "from": earlier.get("command", str(args.merge)),
+            "loadavg": earlier.get("loadavg", "?"),
+            "scenarios": merged,
+        }
     results["profiles"] = ctx.profiles
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

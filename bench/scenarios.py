@@ -95,13 +95,15 @@ def _counter_delta(before: dict[str, float], after: dict[str, float], prefix: st
 def _wrk(target: procs.Proc, bodies: Path, **kwargs: Any) -> dict[str, Any]:
     """One wrk run against `target`, with the CPU share the server processes used meanwhile."""
     pids = procs.tree(target.pid)
-    cpu_before = procs.cpu_seconds(pids)
+    cpu_before, sys_before = procs.cpu_seconds(pids), procs.cpu_seconds(pids, system_only=True)
     result = loadgen.run_wrk(f"{target.url}/whatsapp", bodies, **kwargs)
     server_cpu = procs.cpu_seconds(pids) - cpu_before
+    server_sys = procs.cpu_seconds(pids, system_only=True) - sys_before
     out = result.as_dict()
     out["server_cpu_share"] = round(server_cpu / result.seconds, 3) if result.seconds else 0.0
     # CPU per message barely moves when neighbours on the machine steal cycles; messages/s does.
     out["server_cpu_ms_per_request"] = round(1000 * server_cpu / result.requests, 3) if result.requests else None
+    out["server_sys_ms_per_request"] = round(1000 * server_sys / result.requests, 3) if result.requests else None
     out["wrk_cpu_share"] = round(result.cpu_share, 3)
     return out
 
@@ -453,27 +455,12 @@ def memory(ctx: Context) -> dict[str, Any]:
         )
         with running(bot):
             run = new_run()
-            url = f"{bot.url}/whatsapp"
-            # Warm-up through every path a conversation takes (inline answer, holding reply, follow-up), so the
-            # baseline includes what a first message loads, not just an idle process.
-            burst(url, lambda i: signed_body(i, "hello", bot.url, run), 200, concurrency=20)
-            burst(url, lambda i: signed_body(200 + i, "[sim:delay=1.5] hi", bot.url, run), 50, concurrency=50)
-            _wait_idle(bot, 30)
-            time.sleep(1.0)
+            warm_up(bot, run)
             baseline = procs.memory_kib(bot.pid)
             levels = []
-            sent = 0
-            for level in ctx.sizes.memory_conversations:
-                ctx.say(f"memory: {level} conversations in flight")
-                first = 1000 + sent
-                burst(
-                    url,
-                    lambda i, first=first: signed_body(first + i, f"[sim:delay={_NEVER_S}] hello", bot.url, run),
-                    level - sent,
-                    concurrency=500,
-                )
-                sent = level
-                in_flight = _wait_in_flight(bot, level, 30)
+            for level, in_flight in waiting_runs(
+                ctx, bot, run, ctx.sizes.memory_conversations, label="memory", timeout=30
+            ):
                 time.sleep(1.0)
                 mem = procs.memory_kib(bot.pid)
                 levels.append(
@@ -487,6 +474,35 @@ def memory(ctx: Context) -> dict[str, Any]:
                     }
                 )
     return {"baseline_rss_kib": baseline["VmRSS"], "baseline_hwm_kib": baseline["VmHWM"], "levels": levels}
+
+
+def warm_up(bot: procs.Proc, run: str) -> None:
+    """Every path a conversation takes (inline answer, holding reply, follow-up), then idle again: a baseline taken
+    next includes what a first message loads, not just an idle process. Message numbers 0-249 of `run`."""
+    url = f"{bot.url}/whatsapp"
+    burst(url, lambda i: signed_body(i, "hello", bot.url, run), 200, concurrency=20)
+    burst(url, lambda i: signed_body(200 + i, "[sim:delay=1.5] hi", bot.url, run), 50, concurrency=50)
+    _wait_idle(bot, 30)
+    time.sleep(1.0)  # the follow-ups' last log lines and timers settle before a baseline
+
+
+def waiting_runs(
+    ctx: Context, bot: procs.Proc, run: str, levels: list[int], *, label: str, timeout: float, concurrency: int = 500
+) -> Iterator[tuple[int, int]]:
+    """Runs whose model answer never comes in time (`[sim:delay=590]`), added until each of `levels` (ascending) is
+    reached: yields the level and the runs in flight then (fewer if `timeout` passed first). From message 1000 on."""
+    sent = 0
+    for level in levels:
+        ctx.say(f"{label}: {level} runs in flight")
+        first = 1000 + sent
+        burst(
+            f"{bot.url}/whatsapp",
+            lambda i, first=first: signed_body(first + i, f"[sim:delay={_NEVER_S}] hello", bot.url, run),
+            level - sent,
+            concurrency=concurrency,
+        )
+        sent = level
+        yield level, _wait_in_flight(bot, level, timeout)
 
 
 def _in_flight(bot: procs.Proc) -> int:

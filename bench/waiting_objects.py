@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.bodies import new_run, signed_body
+from bench.bodies import new_run
 from bench.botproc import start_bot
-from bench.burst import burst
 from bench.config import QUICK
-from bench.scenarios import _NEVER_S, Context, _wait_idle, _wait_in_flight, running, stubs
+from bench.scenarios import Context, running, stubs, waiting_runs, warm_up
 
 
 def _records(path: Path, prefix: str) -> list[dict[str, Any]]:
@@ -69,24 +68,10 @@ def measure(levels: list[int], *, detail: bool, env: dict[str, str], keep: bool)
         bot = start_bot(ctx.dir("waiting"), simulator=s.simulator.url, sink=s.sink.url, otlp=s.otlp.url, env=settings)
         with running(bot):
             run = new_run()
-            url = f"{bot.url}/whatsapp"
-            burst(url, lambda i: signed_body(i, "hello", bot.url, run), 200, concurrency=20)
-            burst(url, lambda i: signed_body(200 + i, "[sim:delay=1.5] hi", bot.url, run), 50, concurrency=50)
-            _wait_idle(bot, 30)
-            time.sleep(1.0)
+            warm_up(bot, run)
             base = _census(bot.log_path, bot.pid, detail)
-            sent = 0
-            for level in levels:
-                ctx.say(f"waiting objects: {level} runs in flight")
-                first = 1000 + sent
-                burst(
-                    url,
-                    lambda i, first=first: signed_body(first + i, f"[sim:delay={_NEVER_S}] hello", bot.url, run),
-                    level - sent,
-                    concurrency=200,
-                )
-                sent = level
-                in_flight = _wait_in_flight(bot, level, 120)
+            ramp = waiting_runs(ctx, bot, run, levels, label="waiting objects", timeout=120, concurrency=200)
+            for _, in_flight in ramp:
                 time.sleep(2.0)  # every webhook past its 1 s deadline: the runs wait on the model only
                 census = _census(bot.log_path, bot.pid, detail)
                 runs = max(in_flight, 1)

@@ -1,11 +1,12 @@
 """The full reply path leaves the Python heap where it was: holding replies, follow-ups through Twilio's REST API and
 inline answers, hundreds of each, on a real bot in this process.
 
-Batches of new users message the bot at once. The OpenAI simulator sits behind a gate that holds every model call
-until each webhook of the batch has returned its holding reply, so every answer is a follow-up through the Twilio
-sink however loaded the host is; a few more users then get answers fast enough to go back inline. Each batch is
-checked in full (every webhook's reply, every follow-up delivered once to its own user, every message reaching the
-model once, the bot's own count of outcomes), so the heap comparison cannot pass on a bot that did nothing.
+Batches of new users message the bot at once. The OpenAI simulator (in a process of its own with the Twilio sink:
+tests/memory_doubles.py) sits behind a gate that holds every model call until each webhook of the batch has returned
+its holding reply, so every answer is a follow-up through the Twilio sink however loaded the host is; a few more
+users then get answers fast enough to go back inline. Each batch is checked in full (every webhook's reply, every
+follow-up delivered once to its own user, every message reaching the model once, the bot's own count of outcomes),
+so the heap comparison cannot pass on a bot that did nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ import fnmatch
 import gc
 import inspect
 import json
-import logging
-import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 from xml.etree import ElementTree
@@ -29,12 +28,10 @@ import aiohttp
 import pytest
 
 from bot import services
-from bot.demo.loopback import LoopbackServer
-from bot.demo.openai_simulator import OpenAISimulator
-from bot.demo.twilio_sink import TwilioSink
 from bot.splitting import split_message
 from telemetry.recent import WINDOW_S, RecentActivity
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, Bot
+from tests.memory_doubles import Doubles
 
 HELD = 100  # webhooks per batch that get the holding reply, all posted at once
 INLINE = 4  # messages per batch answered inline, one after the other
@@ -44,85 +41,14 @@ MEASURED_BATCHES = 6
 MEASURED = MEASURED_BATCHES * (HELD + INLINE)  # 624 messages
 SMALL_BLOCK = 1024  # bytes: see _heap
 
-Scope = MutableMapping[str, Any]
-
-
-class _Gate:
-    """Holds requests while closed. The test closes and opens it; the simulator's event loop waits at it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._closed = False
-        self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-
-    def open(self) -> None:
-        with self._lock:
-            self._closed = False
-            waiting, self._waiting = self._waiting, []
-        for loop, waiter in waiting:
-            loop.call_soon_threadsafe(_let_through, waiter)
-
-    async def passage(self) -> None:
-        with self._lock:
-            if not self._closed:
-                return
-            loop = asyncio.get_running_loop()
-            waiter = loop.create_future()
-            self._waiting.append((loop, waiter))
-        await waiter
-
-
-def _let_through(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-def _one_request_per_connection(app: Any, gate: _Gate | None = None) -> Any:
-    """`app` answering with `Connection: close`, behind `gate` if given.
-
-    The bot's HTTP clients then keep no idle connection to the doubles: a pool of kept-alive connections, each one
-    holding its last request and response, sized by the busiest moment of the last few seconds, would move the heap
-    by tens of KB from one snapshot to the next.
-    """
-
-    async def wrapped(scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-
-        async def send_closing(message: Scope) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
-            await send(message)
-
-        if gate is not None:
-            await gate.passage()
-        await app(scope, receive, send_closing)
-
-    return wrapped
-
 
 @pytest.fixture
-def doubles() -> Iterator[tuple[OpenAISimulator, TwilioSink, _Gate, str, str]]:
-    """This test's own OpenAI simulator (behind the gate) and Twilio sink. No status callbacks: the bot's
-    /whatsapp/status is measured by the fuzz test's memory test."""
-    sim = OpenAISimulator(mode="instant", seed=7, echo=True)
-    sink = TwilioSink(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, status_callbacks=False)
-    gate = _Gate()
-    servers = [
-        LoopbackServer(_one_request_per_connection(sim.app, gate), name="memory-openai"),
-        LoopbackServer(_one_request_per_connection(sink.app), name="memory-sink"),
-    ]
-    sim_url, sink_url = (server.start() for server in servers)
-    yield sim, sink, gate, sim_url, sink_url
-    gate.open()
-    sim.shutdown()
-    for server in servers:
-        server.stop()
+def doubles() -> Iterator[Doubles]:
+    """This test's own OpenAI simulator (behind the gate) and Twilio sink, in a process of their own. No status
+    callbacks: the bot's /whatsapp/status is measured by the fuzz test's memory test."""
+    served = Doubles(ACCOUNT_SID, AUTH_TOKEN)
+    yield served
+    served.stop()
 
 
 class _Window(RecentActivity):
@@ -243,13 +169,9 @@ def _heap(snapshot: tracemalloc.Snapshot) -> tuple[int, int, int]:
 @pytest.mark.timeout(400)  # ~120-190 s under a loaded `make test` (tracemalloc on every allocation)
 def test_reply_path_leaves_the_heap_flat(
     make_bot: Callable[..., Bot],
-    doubles: tuple[OpenAISimulator, TwilioSink, _Gate, str, str],
+    doubles: Doubles,
     monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    sim, sink, gate, sim_url, sink_url = doubles
-    # The sink logs every message it takes, and pytest keeps every log record of a test for its report.
-    caplog.set_level(logging.WARNING, logger="wabot.demo.sink")
     _Window.made.clear()
     monkeypatch.setattr(services, "RecentActivity", _Window)
     # Traced from before the bot starts: an entry of some cache allocated unseen and replaced by a traced one during the
@@ -262,8 +184,8 @@ def test_reply_path_leaves_the_heap_flat(
             reply_timeout=DEADLINE_S,
             memory_spans=False,
             user_rate_limit=0,
-            openai_base_url=f"{sim_url}/v1",
-            twilio_api_url=sink_url,
+            openai_base_url=f"{doubles.sim_url}/v1",
+            twilio_api_url=doubles.sink_url,
             # Start-up (imports, warm-up) runs under tracemalloc, several times slower than without.
             start_timeout=60.0,
             # conftest's 10 s: on a loaded host a batch's 100 runs, released together, under tracemalloc, took longer
@@ -279,33 +201,29 @@ def test_reply_path_leaves_the_heap_flat(
             senders = [f"+1555{next(numbers):07d}" for _ in range(HELD + INLINE)]
             texts = {sender: f"hello from {sender[-7:]}" for sender in senders}
             held, inline = senders[:HELD], senders[HELD:]
-            gate.close()
+            doubles.close_gate()
             try:
                 replies = asyncio.run(_post_all(bot, [bot.form(texts[sender], sender=sender) for sender in held]))
             finally:
-                gate.open()
+                doubles.open_gate()
             assert replies == [(200, holding)] * HELD
-            sink.wait_for_messages(HELD, timeout=30)
+            doubles.wait_for_messages(HELD)
             slowest = 0.0
             for sender in inline:
                 posted = bot.send(texts[sender], sender=sender)
                 assert posted.messages == [f"[turn 1] {texts[sender]}"], posted
                 slowest = max(slowest, posted.elapsed)
             bot.wait_idle()
+            messages, calls = doubles.take()
             # Every follow-up once, to its own user; none to the users answered inline.
-            delivered = collections.Counter((message["to"], message["body"]) for message in sink.messages())
+            delivered = collections.Counter((message["to"], message["body"]) for message in messages)
             assert delivered == {(f"whatsapp:{sender}", f"[turn 1] {texts[sender]}"): 1 for sender in held}
-            assert collections.Counter((call["text"], call["outcome"]) for call in sim.calls()) == {
+            assert collections.Counter((call["text"], call["outcome"]) for call in calls) == {
                 (text, "ok"): 1 for text in texts.values()
             }
             seen = window.take(DEADLINE_S)
             assert seen["outcomes"] == {"ok": INLINE, "timeout": HELD, "error": 0}, seen
             assert (seen["followups_delivered"], seen["followups_failed"]) == (HELD, 0), seen
-            # The doubles keep everything by design: the sink every message, the simulator every call and every
-            # response it gave (for previous_response_id, which no new user sends).
-            sink.clear()
-            sim.clear_calls()
-            sim._responses.clear()
             return slowest
 
         def heap() -> tracemalloc.Snapshot:
