@@ -25,7 +25,12 @@ def peers(ctx: Context, rounds: int = 3) -> dict[str, Any]:
                 targets["minimal bot"] = start_peer(where, simulator=s.simulator.url, sink=s.sink.url)
                 targets["wabot, full telemetry"] = _bot(ctx, "peers-wabot-full", s, **FAST_CONFIGS["full"])
                 targets["wabot, telemetry off"] = _bot(ctx, "peers-wabot-off", s, **FAST_CONFIGS["telemetry off"])
-                bots = {"wabot, full telemetry", "wabot, telemetry off"}
+                # The minimal bot sends no typing indicator; wabot sends one per message (a Twilio call, started
+                # before the answer is ready and cancelled when it is): its share of the difference.
+                targets["wabot, telemetry off, no typing indicator"] = _bot(
+                    ctx, "peers-wabot-off-no-typing", s, WABOT_TYPING_INDICATOR="false", **FAST_CONFIGS["telemetry off"]
+                )
+                bots = set(targets) - {"minimal bot"}
                 result["fast"] = {
                     "connections": ctx.sizes.fast_connections,
                     "seconds": ctx.sizes.fast_seconds,

@@ -196,6 +196,12 @@ def _precision(data: dict[str, Any]) -> str:
     )
 
 
+def _median_or_dash(values: list[float | None]) -> float | str:
+    """The median of the values measured ("—" when none was: a run from before that measure existed)."""
+    known = [value for value in values if value is not None]
+    return median(known) if known else "—"
+
+
 def _fast_rows(runs: dict[str, list[dict[str, Any]]]) -> list[list[Any]]:
     rows = []
     for key, series in runs.items():
@@ -207,7 +213,7 @@ def _fast_rows(runs: dict[str, list[dict[str, Any]]]) -> list[list[Any]]:
                 mid["latency_ms"]["p50"],
                 mid["latency_ms"]["p99"],
                 median([r["server_cpu_ms_per_request"] or 0.0 for r in series]),
-                median([r.get("server_sys_ms_per_request") or 0.0 for r in series]),
+                _median_or_dash([r.get("server_sys_ms_per_request") for r in series]),
                 median([r["server_cpu_share"] for r in series]),
                 median([r["wrk_cpu_share"] for r in series]),
                 " / ".join(f"{r['rps']:.0f}" for r in series),
