@@ -85,7 +85,8 @@ test-fast: install
 	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup -m "not browser and not prometheus and not slow"
 
 # Speed, not behaviour: runs the bot, stubs and wrk (installed from Debian's package if missing) on 127.0.0.1 for
-# about 25 minutes and rewrites docs/benchmarks.md. BENCH_QUICK=1 makes it a three-minute smoke run.
+# about 55 minutes (half of it under callgrind) and rewrites docs/benchmarks.md. BENCH_QUICK=1 makes it a
+# three-minute smoke run.
 bench: install
 	$(BIN)/python -m bench.run
 

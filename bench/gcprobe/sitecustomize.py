@@ -10,6 +10,9 @@
   then one forced full collection, timed like the others: what a full pass costs with what is in flight now.
   With BENCH_GC_DETAIL=1 (bench/waiting_objects.py) it first writes `BENCH_GC_DETAIL {json}`: which coroutines,
   functions, cells' contents, spans and dicts' owners those objects are, so a per-run count can be traced to code.
+  With BENCH_HEAP=1 (bench/waiting_objects.py --heap) every allocation is traced from start-up (tracemalloc, one
+  frame) and it first writes `BENCH_HEAP {json}`: the bytes and blocks alive by file and by line, and in all, so a
+  per-run memory figure can be traced to code too (slow: a traced process runs several times slower).
 
 A callback costs about a microsecond per collection. Only the benchmark's bot processes load this file.
 """
@@ -30,6 +33,11 @@ _started = [0.0, 0.0]
 _monitor = []
 _WATCH_LOOP = os.environ.get("BENCH_LOOP_STALLS", "1") != "0"
 _DETAIL = os.environ.get("BENCH_GC_DETAIL", "0") != "0"
+_HEAP = os.environ.get("BENCH_HEAP", "0") != "0"
+if _HEAP:
+    import tracemalloc
+
+    tracemalloc.start(1)
 
 
 async def _watch_loop() -> None:
@@ -129,7 +137,29 @@ def _detail(objects: list) -> dict:
     return {"keys": dict(keys.most_common(250)), "owners": owners}
 
 
+def _heap() -> dict:
+    gc.collect()
+    snapshot = tracemalloc.take_snapshot()
+
+    def top(key: str, n: int) -> dict:
+        stats = snapshot.statistics(key)[:n]
+        return {
+            f"{s.traceback[0].filename}:{s.traceback[0].lineno}" if key == "lineno" else s.traceback[0].filename: [
+                s.size,
+                s.count,
+            ]
+            for s in stats
+        }
+
+    traced, _peak = tracemalloc.get_traced_memory()
+    return {"traced": traced, "by_file": top("filename", 60), "by_line": top("lineno", 120)}
+
+
 def _census(*_: object) -> None:
+    if _HEAP:
+        record = _heap()
+        record["at"] = round(time.monotonic(), 3)
+        sys.stderr.write("BENCH_HEAP " + json.dumps(record) + "\n")
     if _DETAIL:
         record = _detail(gc.get_objects())
         record["at"] = round(time.monotonic(), 3)
