@@ -56,7 +56,8 @@ class Services:
     @classmethod
     async def start(cls, settings: Settings, tracing: Tracing, clock: Callable[[], float] = time.time) -> Services:
         """Open the store, build the clients, and resume replies a previous process left owing. `clock` places
-        the per-user rate-limit windows and ages conversations (tests drive it)."""
+        the per-user rate-limit windows and the rejections' one-second log windows, and ages conversations (tests
+        drive it)."""
         log = get_logger("wabot")
         metrics.init(
             __version__,
@@ -101,6 +102,7 @@ class Services:
             recent=recent,
             media_fetcher=media_fetcher,
             typing=typing,
+            rejections=RejectionThrottle(clock=clock),
         )
         # Before the first webhook and the first resumed run: neither should pay for the SDK's first call.
         await warm_up_openai(registry.specs())

@@ -15,10 +15,9 @@ answer.
 
 Neither that one nor any refresh while more than `BUSY_MESSAGES` messages are being answered at once: then the bot
 is in a burst or an incident (every message held), and refreshes grow with the messages in flight (one per message
-every 20 s: 300 Twilio calls a second at 6,000 in flight), costing the event loop what the holding replies need.
-Measured on 2 cores (docs/benchmarks.md): at 100 held messages a second the indicator after the holding reply took
-the bot's own p99 overhead from 38 ms to 839 ms; in the incident run (100 msg/s for 60 s, model 60 s) the refreshes
-took it from 45 ms to 17 s. The first indicator of each message (the sign of life within a second) still goes out.
+per interval), costing the event loop what the holding replies need: in the incident benchmark they held the
+holding replies back by seconds (docs/benchmarks.md, sections 5 and 6). The first indicator of each message (the
+sign of life within a second) still goes out.
 
 Never on the critical path: each message's indicators are sent by tasks of their own, started by a timer when due,
 which neither the deadline race nor the run ever awaits. Each call is bounded here (the SDK's async client ignores
