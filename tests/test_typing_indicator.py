@@ -8,10 +8,11 @@ the indicator does (failing, hanging, dropping the connection) changes the reply
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -357,6 +358,35 @@ async def test_the_indicator_goes_to_twilios_messaging_host_or_wherever_the_api_
     assert messaging_url("https://api.example.com") == "https://api.example.com"
 
 
+@contextlib.asynccontextmanager
+async def _at_the_line(
+    sink: TwilioSink, url: str, **settings: Any
+) -> AsyncIterator[tuple[TypingIndicators, list[str], list[MutableMapping[str, Any]]]]:
+    """TypingIndicators sending to the sink, with BUSY_MESSAGES messages begun and their first indicators accepted (at
+    the line, not over it); the ids of those messages and of one more, not begun; the log events from the start."""
+    config = Settings(
+        _env_file=None,
+        TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+        WABOT_TWILIO_API_URL=url,
+        WABOT_FOLLOWUP_TIMEOUT=60,
+        **settings,
+    )
+    sender = TwilioSender(config, _tracer())
+    indicators = TypingIndicators(sender.client, config, _tracer(), structlog.get_logger(), RecentActivity())
+    sids = [new_message_sid() for _ in range(BUSY_MESSAGES + 1)]
+    try:
+        with structlog.testing.capture_logs() as logs:
+            now = time.monotonic()
+            for sid in sids[:BUSY_MESSAGES]:
+                indicators.begin(sid, now)
+            await until(lambda: all(accepted(sink, sid) for sid in sids[:BUSY_MESSAGES]), 10.0, "the first indicators")
+            yield indicators, sids, logs
+    finally:
+        await indicators.close()
+        await sender.close()
+
+
 async def test_none_again_after_the_holding_reply_while_over_busy_messages_are_answered(
     sink_server: tuple[TwilioSink, str],
 ) -> None:
@@ -364,43 +394,26 @@ async def test_none_again_after_the_holding_reply_while_over_busy_messages_are_a
     from the holding replies: above BUSY_MESSAGES messages being answered, held() sends nothing and says why; below,
     the indicator after the holding reply is on its way."""
     sink, url = sink_server
-    settings = Settings(
-        _env_file=None,
-        TWILIO_ACCOUNT_SID=ACCOUNT_SID,
-        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
-        WABOT_TWILIO_API_URL=url,
-        WABOT_FOLLOWUP_TIMEOUT=60,
-    )
-    sender = TwilioSender(settings, _tracer())
-    indicators = TypingIndicators(sender.client, settings, _tracer(), structlog.get_logger(), RecentActivity())
-    sids = [new_message_sid() for _ in range(BUSY_MESSAGES + 1)]
-    try:
-        with structlog.testing.capture_logs() as logs:
-            now = time.monotonic()
-            for sid in sids[:BUSY_MESSAGES]:
-                indicators.begin(sid, now)
-            await until(lambda: all(accepted(sink, sid) for sid in sids[:BUSY_MESSAGES]), 10.0, "the first indicators")
-            indicators.held(sids[0], now)  # at the line: sent again after AFTER_HOLDING_S
-            indicators.begin(sids[-1], now)
-            indicators.held(sids[1], now)  # over it: skipped
-            assert indicators.active() == BUSY_MESSAGES + 1
-            skipped = [e for e in logs if e["event"] == "typing_indicator_skipped"]
-            assert skipped == [
-                {
-                    "event": "typing_indicator_skipped",
-                    "log_level": "debug",
-                    "message_sid": sids[1],
-                    "reason": "busy",
-                    "refresh": True,
-                }
-            ]
-            # Back at the line before sids[0]'s indicator is due (over it, that one would be skipped as well).
-            indicators.stop(sids[-1])
-            await until(lambda: len(accepted(sink, sids[0])) == 2, 10.0, "the indicator after the holding reply")
-            assert len(accepted(sink, sids[1])) == 1
-    finally:
-        await indicators.close()
-        await sender.close()
+    async with _at_the_line(sink, url) as (indicators, sids, logs):
+        now = time.monotonic()
+        indicators.held(sids[0], now)  # at the line: sent again after AFTER_HOLDING_S
+        indicators.begin(sids[-1], now)
+        indicators.held(sids[1], now)  # over it: skipped
+        assert indicators.active() == BUSY_MESSAGES + 1
+        skipped = [e for e in logs if e["event"] == "typing_indicator_skipped"]
+        assert skipped == [
+            {
+                "event": "typing_indicator_skipped",
+                "log_level": "debug",
+                "message_sid": sids[1],
+                "reason": "busy",
+                "refresh": True,
+            }
+        ]
+        # Back at the line before sids[0]'s indicator is due (over it, that one would be skipped as well).
+        indicators.stop(sids[-1])
+        await until(lambda: len(accepted(sink, sids[0])) == 2, 10.0, "the indicator after the holding reply")
+        assert len(accepted(sink, sids[1])) == 1
 
 
 async def test_no_refresh_while_over_busy_messages_are_answered(sink_server: tuple[TwilioSink, str]) -> None:
@@ -408,41 +421,23 @@ async def test_no_refresh_while_over_busy_messages_are_answered(sink_server: tup
     and take the event loop from the holding replies. Above BUSY_MESSAGES messages being answered every refresh is
     skipped, saying why; once the count is back at the line the next refreshes go out."""
     sink, url = sink_server
-    settings = Settings(
-        _env_file=None,
-        TWILIO_ACCOUNT_SID=ACCOUNT_SID,
-        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
-        WABOT_TWILIO_API_URL=url,
-        WABOT_FOLLOWUP_TIMEOUT=60,
-        WABOT_TYPING_REFRESH=1.0,
-    )
-    sender = TwilioSender(settings, _tracer())
-    indicators = TypingIndicators(sender.client, settings, _tracer(), structlog.get_logger(), RecentActivity())
-    sids = [new_message_sid() for _ in range(BUSY_MESSAGES + 1)]
-    try:
-        with structlog.testing.capture_logs() as logs:
-            now = time.monotonic()
-            for sid in sids[:BUSY_MESSAGES]:
-                indicators.begin(sid, now)
-            await until(lambda: all(accepted(sink, sid) for sid in sids[:BUSY_MESSAGES]), 10.0, "the first indicators")
-            indicators.begin(sids[-1], time.monotonic())
-            await until(lambda: accepted(sink, sids[-1]), 10.0, "the last message's first indicator")
+    # 3 s: the 101st message is begun (over the line) well before the first refreshes are due, on a loaded host too.
+    async with _at_the_line(sink, url, WABOT_TYPING_REFRESH=3.0) as (indicators, sids, logs):
+        indicators.begin(sids[-1], time.monotonic())
+        await until(lambda: accepted(sink, sids[-1]), 10.0, "the last message's first indicator")
 
-            def busy_skips() -> set[str]:
-                return {
-                    e["message_sid"]
-                    for e in logs
-                    if e["event"] == "typing_indicator_skipped" and e["reason"] == "busy" and e["refresh"]
-                }
+        def busy_skips() -> set[str]:
+            return {
+                e["message_sid"]
+                for e in logs
+                if e["event"] == "typing_indicator_skipped" and e["reason"] == "busy" and e["refresh"]
+            }
 
-            await until(lambda: busy_skips() == set(sids), 10.0, "every message's refresh skipped")
-            assert [len(accepted(sink, sid)) for sid in sids] == [1] * len(sids)
-            indicators.stop(sids[-1])  # BUSY_MESSAGES left: at the line, not over it
-            await until(lambda: all(len(accepted(sink, sid)) >= 2 for sid in sids[:-1]), 10.0, "the refreshes")
-            assert len(accepted(sink, sids[-1])) == 1
-    finally:
-        await indicators.close()
-        await sender.close()
+        await until(lambda: busy_skips() == set(sids), 10.0, "every message's refresh skipped")
+        assert [len(accepted(sink, sid)) for sid in sids] == [1] * len(sids)
+        indicators.stop(sids[-1])  # BUSY_MESSAGES left: at the line, not over it
+        await until(lambda: all(len(accepted(sink, sid)) >= 2 for sid in sids[:-1]), 10.0, "the refreshes")
+        assert len(accepted(sink, sids[-1])) == 1
 
 
 def _tracer() -> Any:
