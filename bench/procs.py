@@ -143,18 +143,18 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pids: list[int], *, system_only: bool = False) -> float:
-    """User + system CPU time the processes have used so far (system time only: the kernel's share, system calls
-    and thread switches, which instruction counts under callgrind do not see)."""
-    total = 0
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """CPU time the processes have used so far: user + system, and system alone (the kernel's share: system calls and
+    thread switches, which instruction counts under callgrind do not see)."""
+    total = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        # utime, stime (fields 14 and 15 of stat)
-        total += int(fields[12]) if system_only else int(fields[11]) + int(fields[12])
-    return total / _CLOCK_TICKS
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        system += int(fields[12])
+    return total / _CLOCK_TICKS, system / _CLOCK_TICKS
 
 
 def memory_kib(pid: int) -> dict[str, int]:

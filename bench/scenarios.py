@@ -95,10 +95,10 @@ def _counter_delta(before: dict[str, float], after: dict[str, float], prefix: st
 def _wrk(target: procs.Proc, bodies: Path, **kwargs: Any) -> dict[str, Any]:
     """One wrk run against `target`, with the CPU share the server processes used meanwhile."""
     pids = procs.tree(target.pid)
-    cpu_before, sys_before = procs.cpu_seconds(pids), procs.cpu_seconds(pids, system_only=True)
+    cpu_before, sys_before = procs.cpu_seconds(pids)
     result = loadgen.run_wrk(f"{target.url}/whatsapp", bodies, **kwargs)
-    server_cpu = procs.cpu_seconds(pids) - cpu_before
-    server_sys = procs.cpu_seconds(pids, system_only=True) - sys_before
+    cpu_after, sys_after = procs.cpu_seconds(pids)
+    server_cpu, server_sys = cpu_after - cpu_before, sys_after - sys_before
     out = result.as_dict()
     out["server_cpu_share"] = round(server_cpu / result.seconds, 3) if result.seconds else 0.0
     # CPU per message barely moves when neighbours on the machine steal cycles; messages/s does.
