@@ -168,7 +168,9 @@ def test_a_recorded_voice_note_is_answered_with_its_transcript(context: BrowserC
     # No transcript in a real recording: the simulator hears the start of its passage, as long as the audio.
     expect(page.locator(".msg.bot .text")).to_contain_text("Hi, it's me.", timeout=WAIT_MS)
     [call] = demo.demo.simulator.transcriptions()[-1:]
-    assert call["filename"].endswith((".webm", ".ogg")) and call["seconds"] >= 1.0, call
+    # The clock showed 0:01 of recording; the audio itself may be a few frames shorter (Chromium's capture starts
+    # a little after the recorder's start event on a busy machine: 0.98 s was seen).
+    assert call["filename"].endswith((".webm", ".ogg")) and 0.8 <= call["seconds"] < 10, call
 
 
 def test_an_attached_voice_note_is_answered_in_the_demo(browser: Browser, assistant_demo: DemoBot) -> None:

@@ -106,12 +106,17 @@ async function startRecording() {
   }
   state.recorder = new MediaRecorder(state.stream, type ? { mimeType: type } : {});
   state.recorder.ondataavailable = (data) => { if (data.data.size) state.chunks.push(data.data); };
+  // The clock starts when the recorder does (its start event), not when it was asked to: on a busy machine that
+  // can be a good part of a second later, and the time shown should be the voice note's length.
+  state.recorder.onstart = () => {
+    if (recording !== state) return;  // already stopped: no clock to run
+    state.started = Date.now();
+    state.timer = setInterval(() => {
+      const seconds = Math.floor((Date.now() - state.started) / 1000);
+      $("record-time").textContent = `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, "0")}`;
+    }, 250);
+  };
   state.recorder.start();
-  state.started = Date.now();
-  state.timer = setInterval(() => {
-    const seconds = Math.floor((Date.now() - state.started) / 1000);
-    $("record-time").textContent = `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, "0")}`;
-  }, 250);
 }
 
 function stopRecording(send) {
