@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import fnmatch
-import gc
-import inspect
 import json
 import time
 import tracemalloc
@@ -31,14 +29,15 @@ from bot import services
 from bot.splitting import split_message
 from telemetry.recent import WINDOW_S, RecentActivity
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, Bot
+from tests.heap import NOT_THE_BOTS, settled_snapshot
 from tests.memory_doubles import Doubles
 
 HELD = 100  # webhooks per batch that get the holding reply, all posted at once
 INLINE = 4  # messages per batch answered inline, one after the other
 DEADLINE_S = 1.0  # inline answers took 0.07-0.19 s here with tracemalloc on, 0.5 s and more on a loaded host
-WARMUP_BATCHES = 5
-MEASURED_BATCHES = 6
-MEASURED = MEASURED_BATCHES * (HELD + INLINE)  # 624 messages
+WARMUP_BATCHES = 2
+MEASURED_BATCHES = 3
+MEASURED = MEASURED_BATCHES * (HELD + INLINE)  # 312 messages
 SMALL_BLOCK = 1024  # bytes: see _heap
 
 
@@ -88,51 +87,15 @@ async def _post_all(bot: Bot, forms: list[dict[str, str]]) -> list[tuple[int, li
         return await asyncio.gather(*(post(session, form) for form in forms))
 
 
-async def _drop_cancelled_timers(bot: Bot, probes: int = 150) -> None:
-    """Make the bot's event loop forget the timers cancelled during the last batch.
-
-    asyncio keeps a cancelled timer in its heap until it falls due, and with it the context it was scheduled in: a
-    webhook's span and request telemetry, a run's context variables. Every webhook, model call and Twilio call leaves
-    one or two (asyncio.timeout, wait_for, uvicorn's keep-alive) for up to 10 s, between 5 and 70 of them at a
-    snapshot: up to 30 KB more or less from one snapshot to the next, measured. The loop drops all of them at once when
-    cancelled timers are over half of more than 100. Probes on kept-alive connections, closed together, cancel 150
-    keep-alive timers of their own: enough for the loop to drop the batch's (checked: the loop then holds 76-106
-    cancelled timers, the probes'), and their contexts hold next to nothing (/healthz is not traced).
-    """
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-
-        async def probe() -> None:
-            async with session.get(f"{bot.url}/healthz") as response:
-                await response.read()
-
-        await asyncio.gather(*(probe() for _ in range(probes)))
-
-
-def _line_of(function: Callable[..., Any], text: str) -> int:
-    lines, first = inspect.getsourcelines(function)
-    return first + next(i for i, line in enumerate(lines) if text in line)
-
-
-# Not counted, each for its reason. Everything else the process allocates counts, the bot's code and every library it
-# calls included, and the test's own allocations too.
+# Not counted, besides what neither heap test counts (tests/heap.py), each for its reason.
 IGNORE = [
-    # The test's bookkeeping: conftest's LogLines keeps every log line of the session.
-    tracemalloc.Filter(False, "*/tests/conftest.py"),
-    # OpenTelemetry's objects, and FastAPI's own for the server span: cancelled timers keep recent requests' contexts,
-    # and so their spans, for seconds (see _drop_cancelled_timers, and the fuzz test's memory test).
-    tracemalloc.Filter(False, "*/opentelemetry/*"),
-    tracemalloc.Filter(False, "*/fastapi/telemetry/*"),
-    # The timers and contexts themselves (contextvars.copy_context() in Handle.__init__). Futures, tasks, and whatever
-    # else asyncio allocates count.
-    tracemalloc.Filter(False, asyncio.base_events.__file__, _line_of(asyncio.BaseEventLoop.call_at, "TimerHandle(")),
-    tracemalloc.Filter(False, asyncio.events.__file__, _line_of(asyncio.Handle.__init__, "copy_context()")),
+    *NOT_THE_BOTS,
     # What sqlite3 allocates in the store's thread: the connection keeps a weak reference to every cursor it made and
     # drops the dead ones only every 200 cursors, a saw-tooth of up to 16 KB whose phase depends on how many /readyz
     # polls a batch took. Rows the store reads would be allocated there too: with every user new, it reads none.
     tracemalloc.Filter(False, "*/aiosqlite/core.py"),
     # The status window is emptied before each snapshot (_Window); its deques keep a few blocks for reuse.
     tracemalloc.Filter(False, "*/telemetry/recent.py"),
-    tracemalloc.Filter(False, tracemalloc.__file__),
 ]
 
 
@@ -166,7 +129,7 @@ def _heap(snapshot: tracemalloc.Snapshot) -> tuple[int, int, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)  # ~65 s alone, more under a loaded `make test` (tracemalloc on every allocation)
+@pytest.mark.timeout(300)  # ~30 s alone, more under a loaded `make test` (tracemalloc on every allocation)
 def test_reply_path_leaves_the_heap_flat(
     make_bot: Callable[..., Bot],
     doubles: Doubles,
@@ -227,10 +190,7 @@ def test_reply_path_leaves_the_heap_flat(
             return slowest
 
         def heap() -> tracemalloc.Snapshot:
-            asyncio.run(_drop_cancelled_timers(bot))
-            bot.client.get(f"{bot.url}/healthz")  # the server has finished the last request
-            gc.collect()
-            return tracemalloc.take_snapshot()
+            return settled_snapshot(bot.url, bot.client)
 
         started = time.monotonic()
         slowest = [batch() for _ in range(WARMUP_BATCHES)]
@@ -259,16 +219,13 @@ def test_reply_path_leaves_the_heap_flat(
         stats = after.filter_traces(IGNORE).compare_to(before.filter_traces(IGNORE), "lineno")
         return "\n".join(str(stat) for stat in stats[:12])
 
-    # A leak of one 48-byte object per message is +624 blocks and +29 KB here. With 4 warm-up and 4 measured batches
-    # (416 messages; one bytes(15) per message kept in a list in bot/webhook.py's inbound_message: +553 to +616
-    # blocks against a bound of 277) the noise without a leak was +113 to +166 blocks on a shared machine, but +280 in
-    # a `make test` with 3 workers: over that bound. So 5 and 6 again (624 messages): a 55-byte string per webhook
-    # measured +39 KB and +624 blocks, no leak +112 to +208 blocks against the bound of 416. What grows without a leak
-    # is interpreter and library caches still filling after the warm-up (blocks at re, reprlib, structlog and
-    # ElementTree lines, none at a line of the bot's; per batch after 3 warm-up batches: +134, +68, +52, +18, +15).
-    # With the doubles in a process of their own: no leak +96 and +217 blocks; the bytes(15) per message +869 blocks,
-    # the first line of changes() at the line that kept them (+624).
-    assert blocks < MEASURED * 2 // 3, changes()
+    # A leak of one 48-byte object per message is +312 blocks and +15 KB here. What grew without a leak was mostly
+    # names held by the interpreter's attribute cache (cleared by settled_snapshot); the rest, library and
+    # interpreter caches still filling after the warm-up, none at a line of the bot's. Before that was cleared: no
+    # leak +96 to +217 blocks over 624 messages (5 warm-up batches, 6 measured), so the test needed twice as many
+    # of each. Cleared, 2 and 3 batches (312 messages): no leak +24 to +64 blocks; one bytes(15) kept per message in
+    # bot/webhook.py's inbound_message +355 blocks, the first line of changes() at the line that kept them (+312).
+    assert blocks < MEASURED // 2, changes()
     assert growth < 20 * 1024, changes()
-    # With blocks of 1 KiB and more: a leak of big objects (one 1 KiB string per message: +624 KB) shows here.
+    # With blocks of 1 KiB and more: a leak of big objects (one 1 KiB string per message: +312 KB) shows here.
     assert total < 128 * 1024, changes()
