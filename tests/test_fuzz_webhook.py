@@ -355,7 +355,7 @@ def test_validly_signed_odd_forms_never_5xx(target: Target, sim, sink, log_lines
 
 
 @pytest.mark.slow
-def test_memory_stays_flat_over_thousands_of_hostile_requests(target: Target, sim, log_lines: LogLines) -> None:
+def test_memory_stays_flat_over_hundreds_of_hostile_requests(target: Target, sim, log_lines: LogLines) -> None:
     """After a warm-up, 450 more requests of every refused kind (and signed status callbacks and replays) leave
     the bot's Python heap where it was."""
     bot = target.bot
@@ -388,13 +388,13 @@ def test_memory_stays_flat_over_thousands_of_hostile_requests(target: Target, si
     def heap() -> tracemalloc.Snapshot:
         return settled_snapshot(bot.url, target.client).filter_traces(NOT_THE_BOTS)
 
-    rss_before = rss_kib()
     hammer(300)  # warm-up: connection handling, caches, lazily built objects
     tracemalloc.start()
     try:
         # More warm-up under tracing, for what the first traced requests allocate and free only later.
         hammer(150)
         before = heap()
+        rss_before = rss_kib()
         hammer(MEASURED)
         after = heap()
     finally:
@@ -418,6 +418,9 @@ def test_memory_stays_flat_over_thousands_of_hostile_requests(target: Target, si
     assert blocks < MEASURED // 2, changes
     # A leak of big objects shows in bytes (one 1 KiB string per request: +450 KB).
     assert growth < 128 * 1024, changes
-    # What a snapshot does not see (native buffers, blocks over 64 KiB): RSS may grow by allocator slack only.
-    assert rss[1] - rss[0] < 32 * 1024
+    # What a snapshot does not see (native buffers, blocks over 64 KiB): RSS may grow by allocator slack only. From
+    # the first snapshot on (the warm-up's growth, 8-10 MiB with tracemalloc's own tables, is not counted): +0.4 MiB
+    # measured; a native leak of 9 KB per request would pass 4 MiB (the bound before, 32 MiB from before the
+    # warm-up over 2,700 requests, let 12 KB per request pass).
+    assert rss[1] - rss[0] < 4 * 1024
     assert sim.calls()[-1]["text"] == "answer me once"  # nothing but the first message reached the model
