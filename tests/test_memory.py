@@ -1,5 +1,5 @@
-"""The full reply path leaves the Python heap where it was: holding replies, follow-ups through Twilio's REST API and
-inline answers, hundreds of each, on a real bot in this process.
+"""The full reply path leaves the Python heap where it was: holding replies and follow-ups through Twilio's REST API
+by the hundred, and inline answers, on a real bot in this process.
 
 Batches of new users message the bot at once. The OpenAI simulator (in a process of its own with the Twilio sink:
 tests/memory_doubles.py) sits behind a gate that holds every model call until each webhook of the batch has returned
