@@ -41,6 +41,7 @@ from tests.clock import DrivenClock
 from tests.conftest import Bot, LogLines, free_port, metric, new_sid
 from tests.forkserver import run_wabot, spawn_bot
 from tests.served import listening_on
+from tests.waiting import wait_until
 
 REJECTIONS = "wabot_webhook_rejections_total"
 PUBLISHED_DEMO_TOKEN = "demo-auth-token-not-secret"  # the token every demo used before: public in the repository
@@ -70,16 +71,15 @@ class _Demo:
         self.process = spawn_bot(command[3:], cwd=tmp, env=env, output=self.output)  # tests/forkserver.py
 
     def wait_ready(self, timeout: float = 30.0) -> _Demo:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.output.read_text()
-            try:
-                if httpx2.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.05)  # poll interval of a bounded loop
-        raise TimeoutError(f"demo not ready within {timeout} s:\n{self.output.read_text()}")
+        wait_until(self._ready, timeout, f"the demo to answer {self.url}/readyz", details=self.output.read_text)
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process.poll() is None, self.output.read_text()
+        try:
+            return httpx2.get(f"{self.url}/readyz", timeout=1.0).status_code == 200
+        except httpx2.HTTPError:
+            return False
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -208,10 +208,7 @@ def test_client_disconnecting_mid_body_is_a_clean_counted_rejection(bot: Bot, si
         port = int(bot.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(head + body[: len(body) // 2])
-        deadline = time.monotonic() + 10
-        while metric(REJECTIONS, {"reason": "disconnected"}) < before + 1:
-            assert time.monotonic() < deadline, "the disconnect was not counted"
-            time.sleep(0.02)  # poll interval of a bounded loop
+        wait_until(lambda: metric(REJECTIONS, {"reason": "disconnected"}) >= before + 1, 10, "the disconnect counted")
     finally:
         logging.getLogger("uvicorn.error").removeHandler(records)
     assert metric(REJECTIONS, {"reason": "disconnected"}) == before + 1
@@ -247,9 +244,7 @@ def test_unsigned_flood_counts_exactly_with_bounded_log_lines_and_traces(
     assert len(logged) == REJECTION_LOGS_PER_SECOND + 1
     assert logged[-1]["suppressed"] == sent - REJECTION_LOGS_PER_SECOND
     # Traces: the rejections that were logged are kept (each log line links to one), the others are not exported.
-    deadline = time.monotonic() + 10
-    while len(bot.spans.get_finished_spans()) < len(logged) and time.monotonic() < deadline:
-        time.sleep(0.02)  # poll interval of a bounded loop
+    wait_until(lambda: len(bot.spans.get_finished_spans()) >= len(logged), 10, "a finished span per logged rejection")
     servers = [s for s in bot.spans.get_finished_spans() if s.name == "POST /whatsapp"]
     assert len(servers) == len(logged)
     assert {format(s.context.trace_id, "032x") for s in servers} == {e["trace_id"] for e in logged}
@@ -278,11 +273,11 @@ def test_a_callers_traceparent_neither_picks_the_trace_nor_turns_tracing_off(mak
         traceparent = f"00-{chosen:032x}-00f067aa0ba902b7-{flags}"
         posted = bot.post_form(bot.form(f"hi {flags}"), headers={"traceparent": traceparent, "tracestate": "a=b"})
         assert posted.status == 200
-        deadline = time.monotonic() + 10
-        while not [s for s in bot.spans.get_finished_spans() if s.name == "POST /whatsapp"]:
-            assert time.monotonic() < deadline, f"no server span exported with flags {flags}"
-            time.sleep(0.02)  # poll interval of a bounded loop
-        [server] = [s for s in bot.spans.get_finished_spans() if s.name == "POST /whatsapp"]
+        [server] = wait_until(
+            lambda: [s for s in bot.spans.get_finished_spans() if s.name == "POST /whatsapp"],
+            10,
+            f"a server span exported with flags {flags}",
+        )
         assert server.context.trace_id != chosen
         assert server.parent is None
         assert server.context.trace_flags.sampled
@@ -313,10 +308,11 @@ def test_span_statuses_carry_error_types_not_user_or_vendor_text(
     sink.inject(status=400, code=29999)
     assert bot.send("slow one [sim:delay=1]").messages == [DEFAULT_HOLDING_MESSAGE]
     bot.wait_idle()
-    deadline = time.monotonic() + 10
-    while not any(s.name == "twilio.messages.create" for s in bot.spans.get_finished_spans()):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)  # poll interval of a bounded loop
+    wait_until(
+        lambda: any(s.name == "twilio.messages.create" for s in bot.spans.get_finished_spans()),
+        10,
+        "the follow-up's Twilio span",
+    )
     spans = list(bot.spans.get_finished_spans())
     texts = _span_texts(spans)
     assert any("SecretMarker" in line for line in [c["text"] for c in sim.calls()])  # the marker was sent
