@@ -64,12 +64,12 @@ format: install
 
 # The whole suite (CI's), on every core: pytest-xdist. The tests marked `exclusive` load every core and measure a
 # deadline while they do: they run afterwards, one at a time, with nothing else alive (not even another worker's
-# module-scoped Prometheus or demo process). TEST_WORKERS=0: one process. One worker more than there are cores: most
-# tests wait (a deadline, a retry, a Prometheus evaluation) far more than they compute, and the few that keep a core
-# busy throughout are one xdist group, run one after another (tests/conftest.py, CPU_BOUND), so at most one of them
-# loads a core at a time. Measured on 2 cores: 3 workers 320 s, 2 workers 362-380 s, no flaky test; 4 workers (two
-# per core, without that group) starved the 1 s deadline tests of their inline answers, a different one each run.
-TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+# module-scoped Prometheus or demo process). TEST_WORKERS=0: one process. Two workers per core: most tests wait (a
+# deadline, a retry, a Prometheus evaluation) far more than they compute, and the few that keep a core busy throughout
+# are one xdist group, run one after another (tests/conftest.py, CPU_BOUND), so at most one of them loads a core at a
+# time. Measured on 2 cores (2026-12-05, parallel phase): 3 workers 253-262 s, 4 workers 206 s, 5 workers 193-201 s
+# but with a 1 s deadline test starved of its inline answer in three runs of five; 6 workers no faster (200 s).
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) * 2 )))
 # With bytecode written (__pycache__/, ignored by git): every worker and every process a test starts would otherwise
 # compile the project's modules, and pytest rewrite and compile every test module, anew (collection alone: about
 # 6 s of CPU per worker).

@@ -121,7 +121,7 @@ LONG_FIRST = (
 # The tests that keep a core busy from start to end (measured: CPU time ≈ wall time), in this process: under
 # pytest-xdist they form one group, run one after another on one worker, so that at most one of them loads a core
 # at any moment. Most other tests wait (for a deadline, a retry, Prometheus) far more than they compute: `make test`
-# runs one worker more than there are cores, and the extra worker's share is what the others would spend waiting.
+# runs two workers per core, and the extra workers' share is what the others would spend waiting.
 CPU_BOUND = {
     ("test_memory", "test_reply_path_leaves_the_heap_flat"),
     ("test_fuzz_webhook", "test_memory_stays_flat_over_hundreds_of_hostile_requests"),

@@ -1,8 +1,9 @@
 """The chat page and the status view in a real browser: Playwright for Python driving Debian's Chromium.
 
 One demo bot (simulator and sink in-process, as `wabot serve --demo` runs them) with a 1 s reply deadline and a 3 s
-follow-up budget serves every test here, so the timeout path takes seconds. The tests assert what a user sees: text
-on the page. Every wait is bounded (Playwright's expect with a timeout).
+follow-up budget serves the tests of the timeout path, so it takes seconds; the tests that want an answer inline get
+a bot with a deadline a loaded machine keeps (the page, Chromium and the bot share this process's share of the CPU).
+The tests assert what a user sees: text on the page. Every wait is bounded (Playwright's expect with a timeout).
 
 No browser is downloaded: the tests launch /usr/bin/chromium (Debian's `chromium`, which `make test` installs) and
 fail, not skip, without it. Screenshots of both pages go to a temporary directory; with WABOT_UPDATE_SCREENSHOTS=1
@@ -60,6 +61,17 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoBot]:
 
 
 @pytest.fixture(scope="module")
+def patient_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoBot]:
+    """The echoing bot with a 4 s deadline: an instant answer comes inline even on a loaded machine (1 s did not
+    always, with four test workers on two cores)."""
+    bot = start_demo_bot(
+        tmp_path_factory.mktemp("browser-patient"), echo=True, reply_timeout=4.0, followup_timeout=12.0
+    )
+    yield bot
+    bot.stop()
+
+
+@pytest.fixture(scope="module")
 def assistant_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoBot]:
     """A bot as `wabot serve --demo` runs it: the simulator answers by intent and calls the bot's tools."""
     # Not a timing bot: a deadline with room for the tool's two model calls on a loaded machine.
@@ -92,13 +104,13 @@ def bubbles(page: Page, role: str) -> list[str]:
     return page.locator(f".msg.{role} .text").all_inner_texts()
 
 
-def test_send_a_message_and_see_the_reply(context: BrowserContext, demo: DemoBot) -> None:
-    page = chat(context, demo, "+15550002001")
+def test_send_a_message_and_see_the_reply(context: BrowserContext, patient_demo: DemoBot) -> None:
+    page = chat(context, patient_demo, "+15550002001")
     send(page, "Hello there")
     expect(page.locator(".msg.user .text")).to_have_text(["Hello there"], timeout=WAIT_MS)
     expect(page.locator(".msg.bot .text")).to_have_text(["[turn 1] Hello there"], timeout=WAIT_MS)
     # Timed by the page, from the click: a busy machine adds its own share to the bot's inline answer.
-    expect(page.locator(".msg.bot .meta")).to_have_text([re.compile(r"^answered inline in [01]\.\d s$")])
+    expect(page.locator(".msg.bot .meta")).to_have_text([re.compile(r"^answered inline in [0-3]\.\d s$")])
 
 
 def test_slow_model_shows_the_holding_reply_then_the_follow_up_without_reloading(
@@ -153,18 +165,19 @@ def test_typing_shows_while_the_bot_works_then_the_answer_comes_and_the_message_
     expect(typing).to_be_hidden(timeout=WAIT_MS)
 
 
-def test_two_users_in_two_tabs_stay_separate(context: BrowserContext, demo: DemoBot) -> None:
+def test_two_users_in_two_tabs_stay_separate(context: BrowserContext, patient_demo: DemoBot) -> None:
+    demo = patient_demo
     alice = chat(context, demo, "+15550002004")
     bob = chat(context, demo, "+15550002005")
     send(alice, "I am Alice")
-    send(bob, "I am Bob [sim:delay=1.2]")
+    send(bob, "I am Bob [sim:delay=4.5]")  # past the 4 s deadline: the holding reply, then the answer
     send(alice, "Alice again")
     expect(alice.locator(".msg.bot .text")).to_have_text(
         ["[turn 1] I am Alice", "[turn 2] Alice again"], timeout=WAIT_MS
     )
     expect(bob.locator(".msg.bot .text")).to_have_text([DEFAULT_HOLDING_MESSAGE, "[turn 1] I am Bob"], timeout=WAIT_MS)
     assert bubbles(alice, "user") == ["I am Alice", "Alice again"]
-    assert bubbles(bob, "user") == ["I am Bob [sim:delay=1.2]"]
+    assert bubbles(bob, "user") == ["I am Bob [sim:delay=4.5]"]
     # A second tab of the same user shows that user's conversation, not the other one's.
     alice_again = chat(context, demo, "+15550002004")
     expect(alice_again.locator(".msg.user .text")).to_have_text(["I am Alice", "Alice again"], timeout=WAIT_MS)

@@ -14,6 +14,7 @@ from collections import defaultdict
 from functools import cache
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from packaging.markers import Marker
 from packaging.requirements import Requirement
@@ -22,8 +23,15 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-LOCK = tomllib.loads((ROOT / "uv.lock").read_text())
 PROJECT_NAME = PYPROJECT["project"]["name"]
+
+
+@cache
+def _lock() -> dict[str, Any]:
+    """uv.lock, parsed when a test first needs it: not at import, which every pytest-xdist worker does (a quarter of
+    a second of tomllib each)."""
+    return tomllib.loads((ROOT / "uv.lock").read_text())
+
 
 # What ships (its imports must be runtime dependencies) and what only develops it (dev extra allowed too).
 RUNTIME_CODE = ("bot", "telemetry")
@@ -49,7 +57,7 @@ def _pyproject_requirements() -> set[Requirement_]:
 
 
 def _locked_root() -> dict:
-    (root,) = [package for package in LOCK["package"] if package["name"] == PROJECT_NAME]
+    (root,) = [package for package in _lock()["package"] if package["name"] == PROJECT_NAME]
     return root
 
 
@@ -77,12 +85,12 @@ def test_the_lock_was_made_from_this_pyproject() -> None:
     assert sorted(map(repr, wanted - locked)) == [], "in pyproject.toml, not in uv.lock: run `make lock`"
     assert sorted(map(repr, locked - wanted)) == [], "in uv.lock, not in pyproject.toml: run `make lock`"
     assert sorted(root["metadata"].get("provides-extras", [])) == sorted(PYPROJECT["project"]["optional-dependencies"])
-    assert LOCK["requires-python"] == PYPROJECT["project"]["requires-python"]
+    assert _lock()["requires-python"] == PYPROJECT["project"]["requires-python"]
     assert root["source"] == {"editable": "."}
 
 
 def test_every_locked_package_is_pinned_from_pypi_with_hashes() -> None:
-    packages = [package for package in LOCK["package"] if package["name"] != PROJECT_NAME]
+    packages = [package for package in _lock()["package"] if package["name"] != PROJECT_NAME]
     assert len(packages) > 50  # the whole tree, not only the direct dependencies
     unhashed = []
     for package in packages:
