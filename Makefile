@@ -67,8 +67,9 @@ format: install
 # module-scoped Prometheus or demo process). TEST_WORKERS=0: one process. Two workers per core: most tests wait (a
 # deadline, a retry, a Prometheus evaluation) far more than they compute, and the few that keep a core busy throughout
 # are one xdist group, run one after another (tests/conftest.py, CPU_BOUND), so at most one of them loads a core at a
-# time. Measured on 2 cores (2026-12-05, parallel phase): 3 workers 253-262 s, 4 workers 206 s, 5 workers 193-201 s
-# but with a 1 s deadline test starved of its inline answer in three runs of five; 6 workers no faster (200 s).
+# time. Measured on 2 cores (2026-12-05, parallel phase): 3 workers 253-262 s; 4 workers 206-217 s, no failure in
+# three runs; 5 workers 193-201 s, but a test failed in four runs of five (an inline answer past a 1 s deadline, the
+# heap test's bound); 6 workers no faster (200 s), and a 1 s deadline test failed.
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) * 2 )))
 # With bytecode written (__pycache__/, ignored by git): every worker and every process a test starts would otherwise
 # compile the project's modules, and pytest rewrite and compile every test module, anew (collection alone: about
