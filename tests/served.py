@@ -24,7 +24,7 @@ from twilio.request_validator import RequestValidator
 
 from bot.demo.inbound_form import inbound_form
 from bot.demo.runner import DEMO_ACCOUNT_SID, DEMO_FROM
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER, free_port
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER, CLIENT_TLS, free_port
 from tests.forkserver import spawn_bot
 from tests.waiting import wait_until
 
@@ -77,7 +77,7 @@ class ServedBot:
         # The working directory is the test's own: a developer's .env in the repository must not configure it.
         # Forked from tests/forkserver.py, where openai, FastAPI and the other libraries are already imported.
         self.process = spawn_bot(command[3:], cwd=tmp, env=full_env, output=self.output)
-        self.client = httpx2.Client(timeout=30.0)
+        self.client = httpx2.Client(timeout=30.0, verify=CLIENT_TLS)
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 

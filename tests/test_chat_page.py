@@ -23,7 +23,7 @@ from bot.demo.chat import STATIC, Conversation
 from bot.demo.loopback import LoopbackServer
 from bot.demo.runner import Demo, start_demo
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE, Settings
-from tests.conftest import Bot, LogLines, free_port
+from tests.conftest import CLIENT_TLS, Bot, LogLines, free_port
 from tests.waiting import wait_until
 
 REPLY_TIMEOUT_S = 1.0
@@ -41,7 +41,7 @@ class DemoBot:
     settings: Settings
     demo: Demo
     server: LoopbackServer
-    client: httpx2.Client = field(default_factory=lambda: httpx2.Client(timeout=30.0))
+    client: httpx2.Client = field(default_factory=lambda: httpx2.Client(timeout=30.0, verify=CLIENT_TLS))
 
     def send(self, user: str, text: str) -> None:
         response = self.client.post(f"{self.url}/demo/send", json={"user": user, "text": text})
