@@ -20,6 +20,7 @@ from openai.types.responses.response_input_param import FunctionCallOutput
 from opentelemetry import trace
 
 from bot.settings import Settings
+from bot.tls import tls_context
 from bot.tools import ToolError, ToolRegistry
 from telemetry import metrics, spend
 from telemetry.logging import get_logger
@@ -61,7 +62,7 @@ def make_client(settings: Settings) -> AsyncOpenAI:
         base_url=settings.openai_base_url,
         timeout=timeout,
         max_retries=2,
-        http_client=DefaultAioHttpClient(timeout=timeout),
+        http_client=DefaultAioHttpClient(timeout=timeout, verify=tls_context()),
     )
 
 

@@ -16,6 +16,7 @@ from pydantic import AliasChoices, SecretStr
 from twilio.request_validator import RequestValidator
 
 from bot.settings import Settings
+from bot.tls import tls_context
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="wabot: a WhatsApp AI bot that always answers.")
 
@@ -179,6 +180,7 @@ def send(
             content=urlencode(form),
             headers={"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature},
             timeout=timeout,
+            verify=tls_context(),
         )
     except httpx2.HTTPError as exc:
         typer.echo(f"wabot send: could not reach {target}: {exc}", err=True)
@@ -202,7 +204,7 @@ def _upload_media(
 
     try:
         if sink is None:
-            found = httpx2.get(f"{bot_url.rstrip('/')}/demo/sink", timeout=timeout)
+            found = httpx2.get(f"{bot_url.rstrip('/')}/demo/sink", timeout=timeout, verify=tls_context())
             if found.status_code != 200:
                 typer.echo(
                     f"wabot send: {bot_url} has no demo sink to serve --media (HTTP {found.status_code}); run "
@@ -221,6 +223,7 @@ def _upload_media(
                 content=data,
                 headers={"Content-Type": kind},
                 timeout=timeout,
+                verify=tls_context(),
             )
             if stored.status_code != 201:
                 typer.echo(f"wabot send: the sink refused {path}: HTTP {stored.status_code} {stored.text}", err=True)
@@ -254,7 +257,7 @@ def status(
 
     target = f"{url.rstrip('/')}/status?format=json"
     try:
-        response = httpx2.get(target, timeout=timeout)
+        response = httpx2.get(target, timeout=timeout, verify=tls_context())
         response.raise_for_status()
         data = response.json()
     except (httpx2.HTTPError, ValueError) as exc:

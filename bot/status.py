@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 
 from bot import __version__
 from bot.settings import Settings
+from bot.tls import tls_context
 from telemetry import spend
 from telemetry.metrics import MEDIA_OUTCOMES, TYPING_OUTCOMES
 from telemetry.recent import RecentActivity, over_key
@@ -184,7 +185,7 @@ def fetch_alerts(base_url: str, timeout_s: float = ALERTS_TIMEOUT_S) -> dict[str
     """The wabot alerts (names starting with "Wabot") pending or firing in Prometheus; never raises."""
     result: dict[str, Any] = {"url": base_url, "reachable": False, "error": None, "alerts": []}
     try:
-        response = httpx2.get(f"{base_url}/api/v1/alerts", timeout=httpx2.Timeout(timeout_s))
+        response = httpx2.get(f"{base_url}/api/v1/alerts", timeout=httpx2.Timeout(timeout_s), verify=tls_context())
         body = response.json()
         if response.status_code != 200 or body.get("status") != "success":
             raise ValueError(f"HTTP {response.status_code}")

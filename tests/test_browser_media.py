@@ -17,6 +17,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 
 from bot.demo.audio import inspect
 from tests.binaries import find_binary
+from tests.conftest import CLIENT_TLS
 from tests.test_browser import CHROMIUM_ARGS, WAIT_MS, chat
 from tests.test_chat_page import DemoBot, start_demo_bot
 
@@ -69,7 +70,7 @@ def served(demo: DemoBot, page: Page, selector: str) -> bytes:
     """The bytes behind a bubble's image or player, as the page loads them."""
     src = page.locator(selector).get_attribute("src")
     assert src and src.startswith("/demo/media/ME"), src
-    response = httpx2.get(f"{demo.url}{src}")
+    response = httpx2.get(f"{demo.url}{src}", verify=CLIENT_TLS)
     assert response.status_code == 200
     return response.content
 

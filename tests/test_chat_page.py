@@ -56,7 +56,9 @@ class DemoBot:
         got: list[dict[str, Any]] = []
         headers = {"Last-Event-ID": str(after)} if after else {}
         url = f"{self.url}/demo/events"
-        with httpx2.stream("GET", url, params={"user": user}, headers=headers, timeout=timeout) as response:
+        with httpx2.stream(
+            "GET", url, params={"user": user}, headers=headers, timeout=timeout, verify=CLIENT_TLS
+        ) as response:
             assert response.status_code == 200, response.read()
             try:
                 for line in response.iter_lines():
@@ -250,7 +252,9 @@ def test_a_stop_signal_ends_open_event_streams(demo_bot: DemoBot) -> None:
     opened, ended = threading.Event(), threading.Event()
 
     def read() -> None:
-        with httpx2.stream("GET", f"{demo_bot.url}/demo/events", params={"user": "+15550001007"}) as response:
+        with httpx2.stream(
+            "GET", f"{demo_bot.url}/demo/events", params={"user": "+15550001007"}, verify=CLIENT_TLS
+        ) as response:
             for _ in response.iter_lines():
                 opened.set()  # the stream's first line: the server is inside its event loop
         ended.set()

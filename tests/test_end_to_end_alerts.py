@@ -57,7 +57,7 @@ from bot.splitting import SHORTENED_MARKER
 from dashboards import generate as dashboards
 from telemetry.thresholds import THRESHOLDS, duration_seconds, seconds_name
 from tests.binaries import find_binary
-from tests.conftest import free_port
+from tests.conftest import CLIENT_TLS, free_port
 from tests.forkserver import Forked, spawn_bot
 from tests.served import DEMO_AUTH_TOKEN
 from tests.waiting import wait_until
@@ -161,7 +161,7 @@ class Process:
             if self.popen.poll() is not None:
                 pytest.fail(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
             try:
-                return httpx2.get(url, timeout=1.0).status_code == 200
+                return httpx2.get(url, timeout=1.0, verify=CLIENT_TLS).status_code == 200
             except httpx2.HTTPError:
                 return False
 
@@ -173,7 +173,7 @@ class Prometheus:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.client = httpx2.Client(base_url=url, timeout=10.0)
+        self.client = httpx2.Client(base_url=url, timeout=10.0, verify=CLIENT_TLS)
 
     def _get(self, path: str, **params: str) -> Any:
         response = self.client.get(path, params=params)
@@ -225,7 +225,9 @@ class Stack:
     # Idle connections dropped after 2 s, well before uvicorn closes them (5 s): a webhook sent on a kept-alive
     # connection the bot is closing at that moment comes back as "Server disconnected without sending a response".
     http: httpx2.Client = field(
-        default_factory=lambda: httpx2.Client(timeout=30.0, limits=httpx2.Limits(keepalive_expiry=2.0))
+        default_factory=lambda: httpx2.Client(
+            timeout=30.0, limits=httpx2.Limits(keepalive_expiry=2.0), verify=CLIENT_TLS
+        )
     )
 
     def diagnostics(self) -> str:

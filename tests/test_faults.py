@@ -36,7 +36,7 @@ from bot.demo.inbound_form import inbound_form, new_message_sid
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from bot.store import OwedReply
 from bot.store.redis import RedisStore
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER, Bot, LogLines, Posted, free_port, metric
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER, CLIENT_TLS, Bot, LogLines, Posted, free_port, metric
 from tests.redis_server import RedisServer
 from tests.waiting import until, wait_until
 
@@ -594,7 +594,7 @@ class NamespacedBot:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        self.client = httpx2.Client(timeout=30.0)
+        self.client = httpx2.Client(timeout=30.0, verify=CLIENT_TLS)
         wait_until(self._ready, 30, "the namespaced bot did not become ready")
 
     def form(self, body: str, *, sender: str) -> dict[str, str]:

@@ -30,7 +30,7 @@ from twilio.request_validator import RequestValidator
 
 from bot.demo.inbound_form import inbound_form, new_message_sid
 from bot.signature import MultiParams
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER, Bot, LogLines
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BOT_NUMBER, CLIENT_TLS, Bot, LogLines
 from tests.heap import NOT_THE_BOTS, settled_snapshot
 
 # WABOT_MAX_BODY_BYTES of the fuzzed bot: small, so the size boundary is cheap to reach, and just above what a
@@ -247,7 +247,7 @@ def target(make_bot: Callable[..., Bot]) -> Iterator[Target]:
     # No span kept in memory (the memory test measures the bot, not a test exporter); no per-user limit, so
     # signed forms from one sender keep reaching the model.
     bot = make_bot(max_body_bytes=LIMIT, memory_spans=False, user_rate_limit=0)
-    with httpx2.Client(timeout=30.0) as client:
+    with httpx2.Client(timeout=30.0, verify=CLIENT_TLS) as client:
         yield Target(bot, client)
 
 

@@ -14,7 +14,7 @@ import httpx2
 import pytest
 
 from bot.settings import DEFAULT_HOLDING_MESSAGE
-from tests.conftest import AUTH_TOKEN, Bot, free_port
+from tests.conftest import AUTH_TOKEN, CLIENT_TLS, Bot, free_port
 from tests.forkserver import run_wabot
 from tests.served import DemoProcess
 from tests.waiting import wait_until
@@ -82,7 +82,7 @@ def test_sigterm_finishes_in_flight_webhooks_and_keeps_owed_replies(served, tmp_
     # SIGTERM must land while the webhook is in flight: wait until the simulator has the model call.
     [started] = [e for e in server.events() if e.get("event") == "demo_started"]
     calls_url = str(started["openai"]).removesuffix("/v1") + "/_sim/calls"
-    reached = lambda: any("quick one" in call["text"] for call in httpx2.get(calls_url).json())  # noqa: E731
+    reached = lambda: any("quick one" in call["text"] for call in httpx2.get(calls_url, verify=CLIENT_TLS).json())  # noqa: E731
     wait_until(reached, 30, "the in-flight message to reach the model", 0.02)
     server.process.send_signal(signal.SIGTERM)
     sender.join(30)

@@ -21,7 +21,7 @@ from bot.demo.audio import inspect, voice_note
 from bot.demo.loopback import LoopbackServer
 from bot.demo.media_types import content_type, message_type
 from bot.demo.twilio_sink import TwilioSink
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, CLIENT_TLS
 from tests.forkserver import run_wabot
 from tests.media_samples import jpeg_header, pdf, png, webp_header
 from tests.served import DEMO_AUTH_TOKEN, DemoProcess
@@ -118,12 +118,14 @@ def test_wabot_send_media_serves_the_files_through_the_sink_and_posts_twilios_me
     prefix = f"{sink_url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{sid}/Media/ME"
     assert form["MediaUrl0"].startswith(prefix) and form["MediaUrl1"].startswith(prefix)
     # The sink serves them as Twilio does: Basic auth, then a redirect to storage on another origin.
-    assert httpx2.get(form["MediaUrl0"]).status_code == 401
-    fetched = httpx2.get(form["MediaUrl0"], auth=(ACCOUNT_SID, AUTH_TOKEN), follow_redirects=True)
+    assert httpx2.get(form["MediaUrl0"], verify=CLIENT_TLS).status_code == 401
+    fetched = httpx2.get(form["MediaUrl0"], auth=(ACCOUNT_SID, AUTH_TOKEN), follow_redirects=True, verify=CLIENT_TLS)
     assert fetched.status_code == 200 and fetched.content == voice.read_bytes()
     assert fetched.headers["content-type"].startswith("audio/ogg")
     assert [r.status_code for r in fetched.history] == [307]
-    photo_fetch = httpx2.get(form["MediaUrl1"], auth=(ACCOUNT_SID, AUTH_TOKEN), follow_redirects=True)
+    photo_fetch = httpx2.get(
+        form["MediaUrl1"], auth=(ACCOUNT_SID, AUTH_TOKEN), follow_redirects=True, verify=CLIENT_TLS
+    )
     assert photo_fetch.content == photo.read_bytes()
 
 
@@ -177,7 +179,7 @@ def test_a_voice_note_sent_with_wabot_send_is_answered_by_the_demo(tmp_path: Pat
     answered (the sample voice note asks for a sum: the bot's calculate tool answers it)."""
     served = DemoProcess(tmp_path).wait_ready(timeout=30)
     try:
-        mode = httpx2.post(f"{served.url}/demo/mode", json={"mode": "instant"}, timeout=10)
+        mode = httpx2.post(f"{served.url}/demo/mode", json={"mode": "instant"}, timeout=10, verify=CLIENT_TLS)
         assert mode.json() == {"mode": "instant"}, mode.text
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "WABOT_", "OPENAI_"))}
         env["TWILIO_AUTH_TOKEN"] = DEMO_AUTH_TOKEN

@@ -24,6 +24,7 @@ from twilio.request_validator import RequestValidator
 
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
 from telemetry.metrics import SECONDS_BUCKETS, exposition
+from tests.conftest import CLIENT_TLS
 from tests.served import DEMO_AUTH_TOKEN, DemoProcess, listening_on
 from tests.waiting import wait_until
 
@@ -221,7 +222,7 @@ def test_two_workers_aggregate_through_the_multiprocess_dir(tmp_path: Path) -> N
         per_wave, n = 12, 0
         for paused in workers:
             demo.client.close()
-            demo.client = httpx2.Client(timeout=30.0)
+            demo.client = httpx2.Client(timeout=30.0, verify=CLIENT_TLS)
             os.kill(paused, signal.SIGSTOP)
             try:
                 wave = [
@@ -232,7 +233,7 @@ def test_two_workers_aggregate_through_the_multiprocess_dir(tmp_path: Path) -> N
                 os.kill(paused, signal.SIGCONT)
             n += per_wave
             demo.client.close()
-            demo.client = httpx2.Client(timeout=30.0)
+            demo.client = httpx2.Client(timeout=30.0, verify=CLIENT_TLS)
 
         # Each worker's own count, from its file in the multiprocess directory...
         per_worker = {}

@@ -22,6 +22,7 @@ from bot.demo.audio import inspect, voice_note
 from bot.demo.loopback import LoopbackServer
 from bot.demo.openai_simulator import OpenAISimulator, parse_directives
 from bot.tools import registry
+from tests.conftest import CLIENT_TLS
 from tests.media_samples import jpeg_header, pdf, png, webp_header
 
 MODEL = "gpt-sim"
@@ -61,7 +62,13 @@ def url(sim_server: tuple[OpenAISimulator, str]) -> str:
 
 @pytest.fixture
 async def client(url: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=5.0) as c:
+    async with openai.AsyncOpenAI(
+        base_url=url + "/v1",
+        api_key="x",
+        max_retries=0,
+        timeout=5.0,
+        http_client=openai.DefaultAsyncHttpxClient(verify=CLIENT_TLS),
+    ) as c:
         yield c
 
 
@@ -96,7 +103,7 @@ async def test_echo_counts_turns_along_previous_response_id(sim: OpenAISimulator
 async def test_body_passes_validation_and_has_every_required_field(url: str) -> None:
     required = {"id", "object", "created_at", "model", "output", "parallel_tool_calls", "tool_choice"}
     required |= {"tools", "usage", "status"}
-    async with httpx2.AsyncClient(base_url=url, headers={"Authorization": "Bearer x"}) as http:
+    async with httpx2.AsyncClient(base_url=url, headers={"Authorization": "Bearer x"}, verify=CLIENT_TLS) as http:
         for text in ("plain text", '[sim:tool=lookup:{"q": "[x]"}] go'):
             reply = await http.post("/v1/responses", json={"model": MODEL, "input": text, "tools": TOOLS})
             assert reply.status_code == 200
@@ -220,7 +227,9 @@ async def test_delay_within_timeout_answers(client: openai.AsyncOpenAI) -> None:
 
 async def test_flaky_fails_n_times_per_text_then_answers(url: str, sim: OpenAISimulator) -> None:
     text = unique("flaky [sim:flaky=500:1]")
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=1) as retrying:
+    async with openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key="x", max_retries=1, http_client=openai.DefaultAsyncHttpxClient(verify=CLIENT_TLS)
+    ) as retrying:
         r = await retrying.responses.create(model=MODEL, input=text)
     assert r.output_text.startswith("[turn 1] flaky #")
     assert [c["status"] for c in sim.calls()] == [500, 200]
@@ -306,7 +315,7 @@ async def test_malformed_requests_are_400(client: openai.AsyncOpenAI, url: str) 
         await client.responses.create(model=MODEL, input=42)  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError, match="unknown simulator directive"):
         await client.responses.create(model=MODEL, input="[sim:explode]")
-    async with httpx2.AsyncClient(base_url=url, headers={"Authorization": "Bearer x"}) as http:
+    async with httpx2.AsyncClient(base_url=url, headers={"Authorization": "Bearer x"}, verify=CLIENT_TLS) as http:
         json_header = {"content-type": "application/json"}
         not_json = await http.post("/v1/responses", content=b"{", headers=json_header)
         assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
@@ -315,7 +324,7 @@ async def test_malformed_requests_are_400(client: openai.AsyncOpenAI, url: str) 
 
 
 async def test_missing_or_empty_auth_is_401(url: str, sim: OpenAISimulator) -> None:
-    async with httpx2.AsyncClient(base_url=url) as http:
+    async with httpx2.AsyncClient(base_url=url, verify=CLIENT_TLS) as http:
         for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": "Basic eDp5"}):
             reply = await http.post("/v1/responses", json={"model": MODEL, "input": "hi"}, headers=headers)
             assert reply.status_code == 401
@@ -340,7 +349,7 @@ async def test_call_log_and_wait_for_calls(sim: OpenAISimulator, client: openai.
     with pytest.raises(TimeoutError, match="expected 3 OpenAI calls"):
         sim.wait_for_calls(3, timeout=0.05)
 
-    async with httpx2.AsyncClient(base_url=url) as http:
+    async with httpx2.AsyncClient(base_url=url, verify=CLIENT_TLS) as http:
         assert [c["text"] for c in (await http.get("/_sim/calls")).json()] == ["log me", "and me"]
         assert (await http.delete("/_sim/calls")).status_code == 204
     assert sim.calls() == []
@@ -354,7 +363,7 @@ async def test_modes(sim: OpenAISimulator, client: openai.AsyncOpenAI, url: str)
     r = await client.responses.create(model=MODEL, input="hi [sim:delay=0]")
     assert r.output_text == "[turn 1] hi"
 
-    async with httpx2.AsyncClient(base_url=url) as http:
+    async with httpx2.AsyncClient(base_url=url, verify=CLIENT_TLS) as http:
         assert (await http.post("/_sim/mode", json={"mode": "instant"})).json() == {"mode": "instant"}
         assert (await http.get("/_sim/mode")).json() == {"mode": "instant"}
         assert (await http.post("/_sim/mode", json={"mode": "chaos"})).status_code == 400
@@ -394,7 +403,12 @@ async def test_elon_musk_takes_the_configured_delay(client: openai.AsyncOpenAI) 
 async def test_hang_is_released_by_shutdown() -> None:
     sim = OpenAISimulator()
     with LoopbackServer(sim.app, name="hang-sim") as server:
-        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as c:
+        async with openai.AsyncOpenAI(
+            base_url=server.url + "/v1",
+            api_key="x",
+            max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(verify=CLIENT_TLS),
+        ) as c:
             with pytest.raises(openai.APITimeoutError):
                 await c.responses.create(model=MODEL, input="[sim:hang]", timeout=0.2)
             pending = asyncio.create_task(c.responses.create(model=MODEL, input="[sim:hang] again"))
@@ -435,7 +449,13 @@ assistant_sims: dict[str, OpenAISimulator] = {}
 
 @pytest.fixture
 async def demo_model(assistant_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=assistant_url + "/v1", api_key="x", max_retries=0, timeout=5.0) as c:
+    async with openai.AsyncOpenAI(
+        base_url=assistant_url + "/v1",
+        api_key="x",
+        max_retries=0,
+        timeout=5.0,
+        http_client=openai.DefaultAsyncHttpxClient(verify=CLIENT_TLS),
+    ) as c:
         yield c
 
 
@@ -617,7 +637,12 @@ async def test_without_a_transcript_the_words_grow_with_the_audios_length(client
 async def test_transcription_latency_grows_with_the_audio(url: str) -> None:
     sim = OpenAISimulator(transcription_rate=0.05)
     with LoopbackServer(sim.app, name="openai-sim-rate") as server:
-        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        async with openai.AsyncOpenAI(
+            base_url=server.url + "/v1",
+            api_key="x",
+            max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(verify=CLIENT_TLS),
+        ) as client:
             took = {}
             for seconds in (1.0, 30.0):
                 started = time.monotonic()
@@ -828,7 +853,12 @@ async def test_bad_media_parts_are_refused_as_the_api_does(
 async def test_transcription_modes_and_a_hang_released_by_shutdown() -> None:
     sim = OpenAISimulator(mode="failing", transcription_rate=0.2)
     with LoopbackServer(sim.app, name="openai-sim-modes") as server:
-        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        async with openai.AsyncOpenAI(
+            base_url=server.url + "/v1",
+            api_key="x",
+            max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(verify=CLIENT_TLS),
+        ) as client:
             with pytest.raises(openai.InternalServerError):
                 await client.audio.transcriptions.create(model="whisper-1", file=("v.ogg", voice_note("hi", 1.0)))
             sim.set_mode("slow")  # five times the rate: 1 s for 1 s of audio
@@ -872,10 +902,10 @@ def test_gif_and_unsupported_file_parts(sim_server: tuple[OpenAISimulator, str])
             {"type": "input_file", "filename": "notes.txt", "file_data": data_url("text/plain", b"buy bread")},
         ),
     }
-    answer = httpx2.post(f"{url}/v1/responses", json=body, headers={"Authorization": "Bearer x"})
+    answer = httpx2.post(f"{url}/v1/responses", json=body, headers={"Authorization": "Bearer x"}, verify=CLIENT_TLS)
     assert answer.status_code == 200, answer.text
     text = answer.json()["output"][0]["content"][0]["text"]
     assert text == "[turn 1] I see a GIF image, 320×200. I got a file 'notes.txt' (text/plain, 1 KB)."
     body["input"] = user({"type": "input_file", "filename": "a.zip", "file_data": data_url("application/zip", b"PK")})
-    refused = httpx2.post(f"{url}/v1/responses", json=body, headers={"Authorization": "Bearer x"})
+    refused = httpx2.post(f"{url}/v1/responses", json=body, headers={"Authorization": "Bearer x"}, verify=CLIENT_TLS)
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_file"

@@ -38,7 +38,7 @@ from bot.store.sqlite import SQLiteStore
 from telemetry.flood import REJECTION_LOGS_PER_SECOND
 from telemetry.privacy import UserHasher
 from tests.clock import DrivenClock
-from tests.conftest import Bot, LogLines, free_port, metric, new_sid
+from tests.conftest import CLIENT_TLS, Bot, LogLines, free_port, metric, new_sid
 from tests.forkserver import run_wabot, spawn_bot
 from tests.served import listening_on
 from tests.waiting import wait_until
@@ -77,7 +77,7 @@ class _Demo:
     def _ready(self) -> bool:
         assert self.process.poll() is None, self.output.read_text()
         try:
-            return httpx2.get(f"{self.url}/readyz", timeout=1.0).status_code == 200
+            return httpx2.get(f"{self.url}/readyz", timeout=1.0, verify=CLIENT_TLS).status_code == 200
         except httpx2.HTTPError:
             return False
 
@@ -111,7 +111,7 @@ def _post_signed(url: str, token: str, body: str) -> httpx2.Response:
     form = inbound_form(body, sender="+15550009999", to=DEMO_FROM, account_sid=DEMO_ACCOUNT_SID)
     signature = RequestValidator(token).compute_signature(f"{url}/whatsapp", form)
     headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature}
-    return httpx2.post(f"{url}/whatsapp", content=urlencode(form), headers=headers, timeout=30)
+    return httpx2.post(f"{url}/whatsapp", content=urlencode(form), headers=headers, timeout=30, verify=CLIENT_TLS)
 
 
 def test_demo_listens_on_loopback_with_a_token_of_its_own_that_wabot_send_finds(demo_runs, tmp_path: Path) -> None:
@@ -169,7 +169,7 @@ def test_metrics_server_threads_stay_bounded_under_idle_connections_and_it_still
         # One half-sent request too: a slow client must not hold a worker either.
         idle[0].sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
         started = time.monotonic()
-        response = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        response = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=10, verify=CLIENT_TLS)
         assert response.status_code == 200 and "python_info" in response.text
         assert time.monotonic() - started < 3.0
         assert threading.active_count() - before <= 6
@@ -391,7 +391,11 @@ def test_rate_limit_holds_across_two_real_workers(tmp_path: Path, simulator, sin
             form = served.form(f"m{i} [sim:delay=0]", "+15550707070")
             signature = RequestValidator(served.auth_token).compute_signature(f"{served.url}/whatsapp", form)
             headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature}
-            replies.append(httpx2.post(f"{served.url}/whatsapp", content=urlencode(form), headers=headers, timeout=30))
+            replies.append(
+                httpx2.post(
+                    f"{served.url}/whatsapp", content=urlencode(form), headers=headers, timeout=30, verify=CLIENT_TLS
+                )
+            )
         assert all(r.status_code == 200 for r in replies)
         assert sum("[turn" in r.text for r in replies) == limit
     finally:

@@ -16,7 +16,7 @@ from bot.demo.audio import voice_note
 from bot.demo.loopback import LoopbackServer
 from bot.demo.openai_simulator import OpenAISimulator
 from bot.tools import registry
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, LogLines
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, CLIENT_TLS, LogLines
 from tests.media_samples import pdf, png
 from tests.specs import known, problems, validator
 from tests.test_chat_page import DemoBot, start_demo_bot
@@ -60,7 +60,9 @@ def test_the_helper_finds_what_the_readme_says_plain_validation_misses() -> None
 def http() -> Iterator[httpx2.Client]:
     sim = OpenAISimulator(seed=7)
     with LoopbackServer(sim.app, name="openai-sim-specs") as server:
-        with httpx2.Client(base_url=server.url, headers={"Authorization": "Bearer x"}, timeout=10.0) as client:
+        with httpx2.Client(
+            base_url=server.url, headers={"Authorization": "Bearer x"}, timeout=10.0, verify=CLIENT_TLS
+        ) as client:
             yield client
         sim.shutdown()
 
@@ -166,6 +168,7 @@ def test_what_the_bot_sends_twilio_and_what_the_sink_answers_are_twilios_shapes(
     listed = httpx2.get(
         f"{bot.settings.twilio_api_url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json",
         auth=(ACCOUNT_SID, AUTH_TOKEN),
+        verify=CLIENT_TLS,
     )
     assert listed.status_code == 200, listed.text
     assert problems(validator("twilio.json", "ListMessageResponse"), listed.json()) == []
@@ -199,7 +202,9 @@ def test_every_transcription_answer_and_request_is_openais_shape(http: httpx2.Cl
     the SDK sent against CreateTranscriptionRequest (closed: no field the endpoint does not know)."""
     sim_url = str(http.base_url).rstrip("/")
     note = ("voice.ogg", voice_note("Book a table for two", seconds=2.0), "audio/ogg")
-    client = openai.OpenAI(base_url=sim_url + "/v1", api_key="x", max_retries=0)
+    client = openai.OpenAI(
+        base_url=sim_url + "/v1", api_key="x", max_retries=0, http_client=openai.DefaultHttpxClient(verify=CLIENT_TLS)
+    )
     answers: dict[str, Any] = {}
     for model, fmt, extra in (
         ("gpt-4o-mini-transcribe", "json", {"language": "en", "prompt": "a booking", "temperature": 0.2}),
@@ -302,6 +307,7 @@ def test_the_typing_indicator_the_bot_sends_and_the_sinks_answer_are_twilios_sha
         f"{bot.settings.twilio_api_url}/v2/Indicators/Typing.json",
         data=indicator["form"],
         auth=(ACCOUNT_SID, AUTH_TOKEN),
+        verify=CLIENT_TLS,
     )
     assert answered.status_code == 200, answered.text
     assert problems(validator("twilio.json", "CreateTypingIndicatorResponse"), answered.json(), closed=True) == []

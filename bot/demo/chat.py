@@ -49,6 +49,7 @@ from bot.demo.inbound_form import MAX_MEDIA, inbound_form, new_message_sid
 from bot.demo.media_types import content_type, message_type
 from bot.settings import Settings
 from bot.splitting import TWILIO_MAX_CHARS, split_message
+from bot.tls import tls_context
 
 if TYPE_CHECKING:
     from bot.demo.runner import Demo
@@ -216,7 +217,7 @@ class ChatHub:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._client = httpx2.AsyncClient(timeout=self._settings.reply_timeout + 10.0)
+        self._client = httpx2.AsyncClient(timeout=self._settings.reply_timeout + 10.0, verify=tls_context())
         self._watcher = threading.Thread(target=self._watch_sink, name="chat-sink-watcher", daemon=True)
         self._watcher.start()
 
