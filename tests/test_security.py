@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -24,11 +25,13 @@ from urllib.parse import urlencode
 from xml.etree import ElementTree
 
 import httpx2
+import openai
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from pydantic import SecretStr
 from twilio.request_validator import RequestValidator
 
+from bot.agent import make_client
 from bot.demo.inbound_form import inbound_form
 from bot.demo.openai_simulator import DirectiveError, parse_directives
 from bot.server import start_metrics_server
@@ -453,3 +456,61 @@ def test_database_files_are_private(tmp_path: Path) -> None:
         asyncio.run(scenario())
     finally:
         os.umask(old)
+
+
+@pytest.fixture
+def untrusted_tls_server() -> Iterator[str]:
+    """A TLS server on 127.0.0.1 whose certificate (tests/fixtures/tls, self-signed, valid for 127.0.0.1) no CA
+    signed: the URL of its /v1."""
+    fixtures = Path(__file__).parent / "fixtures" / "tls"
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(fixtures / "self-signed.pem", fixtures / "self-signed.key")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10.0)
+    handshakes: list[str] = []
+
+    def serve() -> None:
+        for _ in range(8):  # the client's attempts: bounded, and the test closes the listener when done
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                try:
+                    server_tls.wrap_socket(connection, server_side=True).close()
+                    handshakes.append("completed")
+                except (ssl.SSLError, OSError) as exc:
+                    handshakes.append(type(exc).__name__)
+
+    thread = threading.Thread(target=serve, name="untrusted-tls", daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}/v1"
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept above (Linux), where close alone would not
+        listener.close()
+        thread.join(timeout=10.0)
+    assert "completed" not in handshakes, handshakes
+
+
+def test_the_model_client_refuses_a_server_whose_certificate_no_ca_signed(untrusted_tls_server: str) -> None:
+    # Every client of the process shares one TLS context (bot/tls.py): sharing must not have turned checks off.
+    settings = Settings(_env_file=None, openai_api_key=SecretStr("sk-test"), openai_base_url=untrusted_tls_server)
+
+    async def ask() -> BaseException:
+        client = make_client(settings)
+        try:
+            await client.with_options(max_retries=0).responses.create(model="m", input="hi")
+        except openai.APIConnectionError as exc:
+            return exc
+        finally:
+            await client.close()
+        raise AssertionError("the call went through")
+
+    error = asyncio.run(ask())
+    causes = []
+    cause: BaseException | None = error
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    assert any(isinstance(c, ssl.SSLCertVerificationError) for c in causes), [repr(c) for c in causes]
