@@ -46,6 +46,7 @@ PRELOAD = (
     "structlog",
     "httpx2",
     "httpcore2",
+    "anyio._backends._asyncio",  # httpcore2's async pool imports it on first use, at the latest when it closes
     "pydantic_settings",
     "aiosqlite",
     "redis.asyncio",
