@@ -16,5 +16,6 @@ import httpx2
 
 @functools.cache
 def tls_context() -> ssl.SSLContext:
-    """What httpx builds for `verify=True` (certifi's CAs; SSL_CERT_FILE and SSL_CERT_DIR honoured), built once."""
+    """What httpx builds for `verify=True` (the system's trusted CAs, or SSL_CERT_FILE / SSL_CERT_DIR when set),
+    built once."""
     return httpx2.create_ssl_context()
