@@ -55,6 +55,12 @@ def sim(sim_server: tuple[OpenAISimulator, str]) -> OpenAISimulator:
     return simulator
 
 
+def sdk_client(url: str, *, max_retries: int = 0, **options: Any) -> openai.AsyncOpenAI:
+    """The real SDK against the simulator at `url`, on the suite's shared TLS context; no retries unless asked."""
+    http = openai.DefaultAsyncHttpxClient(verify=CLIENT_TLS)
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=max_retries, http_client=http, **options)
+
+
 @pytest.fixture
 def url(sim_server: tuple[OpenAISimulator, str]) -> str:
     return sim_server[1]
@@ -62,13 +68,7 @@ def url(sim_server: tuple[OpenAISimulator, str]) -> str:
 
 @pytest.fixture
 async def client(url: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(
-        base_url=url + "/v1",
-        api_key="x",
-        max_retries=0,
-        timeout=5.0,
-        http_client=openai.DefaultAsyncHttpxClient(verify=CLIENT_TLS),
-    ) as c:
+    async with sdk_client(url, timeout=5.0) as c:
         yield c
 
 
@@ -227,9 +227,7 @@ async def test_delay_within_timeout_answers(client: openai.AsyncOpenAI) -> None:
 
 async def test_flaky_fails_n_times_per_text_then_answers(url: str, sim: OpenAISimulator) -> None:
     text = unique("flaky [sim:flaky=500:1]")
-    async with openai.AsyncOpenAI(
-        base_url=url + "/v1", api_key="x", max_retries=1, http_client=openai.DefaultAsyncHttpxClient(verify=CLIENT_TLS)
-    ) as retrying:
+    async with sdk_client(url, max_retries=1) as retrying:
         r = await retrying.responses.create(model=MODEL, input=text)
     assert r.output_text.startswith("[turn 1] flaky #")
     assert [c["status"] for c in sim.calls()] == [500, 200]
@@ -403,12 +401,7 @@ async def test_elon_musk_takes_the_configured_delay(client: openai.AsyncOpenAI) 
 async def test_hang_is_released_by_shutdown() -> None:
     sim = OpenAISimulator()
     with LoopbackServer(sim.app, name="hang-sim") as server:
-        async with openai.AsyncOpenAI(
-            base_url=server.url + "/v1",
-            api_key="x",
-            max_retries=0,
-            http_client=openai.DefaultAsyncHttpxClient(verify=CLIENT_TLS),
-        ) as c:
+        async with sdk_client(server.url) as c:
             with pytest.raises(openai.APITimeoutError):
                 await c.responses.create(model=MODEL, input="[sim:hang]", timeout=0.2)
             pending = asyncio.create_task(c.responses.create(model=MODEL, input="[sim:hang] again"))
@@ -449,13 +442,7 @@ assistant_sims: dict[str, OpenAISimulator] = {}
 
 @pytest.fixture
 async def demo_model(assistant_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(
-        base_url=assistant_url + "/v1",
-        api_key="x",
-        max_retries=0,
-        timeout=5.0,
-        http_client=openai.DefaultAsyncHttpxClient(verify=CLIENT_TLS),
-    ) as c:
+    async with sdk_client(assistant_url, timeout=5.0) as c:
         yield c
 
 
@@ -637,12 +624,7 @@ async def test_without_a_transcript_the_words_grow_with_the_audios_length(client
 async def test_transcription_latency_grows_with_the_audio(url: str) -> None:
     sim = OpenAISimulator(transcription_rate=0.05)
     with LoopbackServer(sim.app, name="openai-sim-rate") as server:
-        async with openai.AsyncOpenAI(
-            base_url=server.url + "/v1",
-            api_key="x",
-            max_retries=0,
-            http_client=openai.DefaultAsyncHttpxClient(verify=CLIENT_TLS),
-        ) as client:
+        async with sdk_client(server.url) as client:
             took = {}
             for seconds in (1.0, 30.0):
                 started = time.monotonic()
@@ -853,12 +835,7 @@ async def test_bad_media_parts_are_refused_as_the_api_does(
 async def test_transcription_modes_and_a_hang_released_by_shutdown() -> None:
     sim = OpenAISimulator(mode="failing", transcription_rate=0.2)
     with LoopbackServer(sim.app, name="openai-sim-modes") as server:
-        async with openai.AsyncOpenAI(
-            base_url=server.url + "/v1",
-            api_key="x",
-            max_retries=0,
-            http_client=openai.DefaultAsyncHttpxClient(verify=CLIENT_TLS),
-        ) as client:
+        async with sdk_client(server.url) as client:
             with pytest.raises(openai.InternalServerError):
                 await client.audio.transcriptions.create(model="whisper-1", file=("v.ogg", voice_note("hi", 1.0)))
             sim.set_mode("slow")  # five times the rate: 1 s for 1 s of audio
