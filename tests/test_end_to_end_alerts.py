@@ -90,6 +90,7 @@ SLOW = f"[sim:delay={REPLY_TIMEOUT_S + 0.5:g}]"  # past the deadline, well withi
 FAIL = "[sim:error=500]"
 TOOL = FAST + ' [sim:tool=calculate:{"expression":"6*7"}]'
 TOOL_ANSWER = 'Tool calculate said: {"expression": "6*7", "result": 42}'
+QUICK_AT_ONCE = 6  # messages answered within the deadline, sent this many at a time (Stack.drive)
 HOLDING = [DEFAULT_HOLDING_MESSAGE]
 APOLOGY = [DEFAULT_APOLOGY_MESSAGE]
 
@@ -260,23 +261,27 @@ class Stack:
         return [m.text or "" for m in ElementTree.fromstring(response.text).iter("Message")]
 
     def drive(self, phase: int, traffic: Traffic) -> None:
-        """Send `traffic` concurrently, one sender per message; every reply is the one its directive fixes.
+        """Send `traffic`, one sender per message; every reply is the one its directive fixes.
 
-        Slow messages come last, so they time out after every fast one was counted: the timeout ratio never
-        passes through a higher value on its way to the injected one."""
-        messages: list[tuple[str, list[str]]] = []
+        The quick messages go first, QUICK_AT_ONCE at a time, then the slow ones all at once: they time out after
+        every quick one was counted, so the timeout ratio never passes through a higher value on its way to the
+        injected one. Forty at once made every quick answer wait for the other thirty-nine on a bot starved by a
+        loaded `make test` (2 s each, some past the 2.5 s deadline); a few at a time each waits for a few."""
+        quick: list[tuple[str, list[str]]] = []
         for i in range(traffic.ok):
-            messages.append((f"p{phase} ok {i} {FAST}", [f"[turn 1] p{phase} ok {i}"]))
+            quick.append((f"p{phase} ok {i} {FAST}", [f"[turn 1] p{phase} ok {i}"]))
         for i in range(traffic.tool):
-            messages.append((f"p{phase} six times seven {i} {TOOL}", [TOOL_ANSWER]))
+            quick.append((f"p{phase} six times seven {i} {TOOL}", [TOOL_ANSWER]))
         for i in range(traffic.error):
-            messages.append((f"p{phase} broken {i} {FAIL}", APOLOGY))
-        for i in range(traffic.slow):
-            messages.append((f"p{phase} slow {i} {SLOW}", HOLDING))
-        senders = [f"+1555{phase:02d}{i:05d}" for i in range(len(messages))]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(messages)) as pool:
-            replies = list(pool.map(self.send, [body for body, _ in messages], senders))
-        assert replies == [expected for _, expected in messages]
+            quick.append((f"p{phase} broken {i} {FAIL}", APOLOGY))
+        slow = [(f"p{phase} slow {i} {SLOW}", HOLDING) for i in range(traffic.slow)]
+        senders = [f"+1555{phase:02d}{i:05d}" for i in range(traffic.total)]
+        for messages, at_once, first in ((quick, QUICK_AT_ONCE, 0), (slow, len(slow), len(quick))):
+            if not messages:
+                continue
+            with concurrent.futures.ThreadPoolExecutor(max_workers=at_once) as pool:
+                replies = list(pool.map(self.send, [body for body, _ in messages], senders[first:]))
+            assert replies == [expected for _, expected in messages]
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
