@@ -148,20 +148,21 @@ def test_a_late_answer_follows_the_holding_reply_in_its_split_parts(context: Bro
 
 
 def test_typing_shows_while_the_bot_works_then_the_answer_comes_and_the_message_is_read(
-    context: BrowserContext, demo: DemoBot
+    context: BrowserContext, patient_demo: DemoBot
 ) -> None:
-    page = chat(context, demo, "+15550002008")
+    # The 4 s bot and a 2.5 s model: "typing…" shows for over 2 s. With the 1 s bot it showed only until the holding
+    # reply, 0.7 s after the indicator, and a page starved by a loaded machine once missed all of it. That the
+    # holding reply ends it is tests/test_chat_page.py's /demo/typing test.
+    page = chat(context, patient_demo, "+15550002008")
     typing = page.locator("#typing")
     expect(typing).to_be_hidden()
-    send(page, "Take your time [sim:delay=1.5]")
+    send(page, "Take your time [sim:delay=2.5]")
     # The bot's typing indicator reached the sink: WhatsApp shows "typing…" and the message as read.
     expect(typing).to_be_visible(timeout=WAIT_MS)
     expect(typing).to_have_text("typing…")
     expect(page.locator(".msg.user .meta .read")).to_have_text("✓✓", timeout=WAIT_MS)
-    # The holding reply at the 1 s deadline ends it, as any message to the user does; the answer follows.
-    expect(page.locator(".msg.bot .text")).to_have_text(
-        [DEFAULT_HOLDING_MESSAGE, "[turn 1] Take your time"], timeout=WAIT_MS
-    )
+    # The answer ends it, as any message to the user does.
+    expect(page.locator(".msg.bot .text")).to_have_text(["[turn 1] Take your time"], timeout=WAIT_MS)
     expect(typing).to_be_hidden(timeout=WAIT_MS)
 
 
