@@ -19,5 +19,12 @@ def find_binary(package: str, *candidates: str) -> str:
     )
 
 
+def chromium() -> str:
+    """Debian's Chromium headless shell: the engine of Chromium without its browser UI, as Playwright itself runs
+    headless. The browser tests took half the CPU with it that they took with the full `chromium` (31 against 66 CPU
+    seconds for the 16 of them, on 2026-12-05), and a third less time."""
+    return find_binary("chromium-headless-shell", "chromium-headless-shell", "/usr/bin/chromium-headless-shell")
+
+
 def promtool() -> str:
     return find_binary("prometheus", "promtool", "/usr/bin/promtool")

@@ -5,9 +5,9 @@ follow-up budget serves the tests of the timeout path, so it takes seconds; the 
 a bot with a deadline a loaded machine keeps (the page, Chromium and the bot share this process's share of the CPU).
 The tests assert what a user sees: text on the page. Every wait is bounded (Playwright's expect with a timeout).
 
-No browser is downloaded: the tests launch /usr/bin/chromium (Debian's `chromium`, which `make test` installs) and
-fail, not skip, without it. Screenshots of both pages go to a temporary directory; with WABOT_UPDATE_SCREENSHOTS=1
-they replace docs/chat.png and docs/status.png (shown in the README).
+No browser is downloaded: the tests launch Debian's Chromium headless shell (`chromium-headless-shell`, which
+`make test` installs; tests/binaries.py) and fail, not skip, without it. Screenshots of both pages go to a temporary
+directory; with WABOT_UPDATE_SCREENSHOTS=1 they replace docs/chat.png and docs/status.png (shown in the README).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from bot.settings import DEFAULT_APOLOGY_MESSAGE, DEFAULT_HOLDING_MESSAGE
-from tests.binaries import find_binary
+from tests.binaries import chromium
 from tests.test_chat_page import DemoBot, start_demo_bot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,10 +44,9 @@ WAIT_MS = 10_000  # the longest path here (holding reply, then the apology at th
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    chromium = find_binary("chromium", "chromium", "/usr/bin/chromium")
     with sync_playwright() as playwright:
         # Playwright gives every launch a fresh temporary profile (user data dir) and removes it on close.
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS, headless=True)
         yield browser
         browser.close()
 

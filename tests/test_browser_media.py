@@ -16,7 +16,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from bot.demo.audio import inspect
-from tests.binaries import find_binary
+from tests.binaries import chromium
 from tests.conftest import CLIENT_TLS
 from tests.test_browser import CHROMIUM_ARGS, WAIT_MS, chat
 from tests.test_chat_page import DemoBot, start_demo_bot
@@ -28,10 +28,9 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    chromium = find_binary("chromium", "chromium", "/usr/bin/chromium")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path=chromium, args=[*CHROMIUM_ARGS, *FAKE_MICROPHONE], headless=True
+            executable_path=chromium(), args=[*CHROMIUM_ARGS, *FAKE_MICROPHONE], headless=True
         )
         yield browser
         browser.close()

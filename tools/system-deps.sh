@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the real binaries the tests drive are installed: Prometheus + promtool, Alertmanager + amtool,
-# Redis, and Chromium for the browser tests (Playwright drives Debian's build; it never downloads a browser).
+# Redis, and Chromium's headless shell for the browser tests (Playwright drives Debian's build; it never downloads
+# a browser).
 # Installs missing ones from Debian's packages when running as root (as CI does); otherwise says exactly what to
 # install and fails.
 set -euo pipefail
@@ -11,7 +12,7 @@ declare -A package_of=(
   [prometheus-alertmanager]=prometheus-alertmanager
   [amtool]=prometheus-alertmanager
   [redis-server]=redis-server
-  [chromium]=chromium
+  [chromium-headless-shell]=chromium-headless-shell
 )
 
 missing=()
