@@ -386,7 +386,7 @@ def test_memory_stays_flat_over_hundreds_of_hostile_requests(target: Target, sim
             assert response.status_code < 500, (i % len(cycle), response.status_code, response.text)
 
     def heap() -> tracemalloc.Snapshot:
-        return settled_snapshot(bot.url, target.client).filter_traces(NOT_THE_BOTS)
+        return settled_snapshot(bot.server, target.client).filter_traces(NOT_THE_BOTS)
 
     hammer(300)  # warm-up: connection handling, caches, lazily built objects
     tracemalloc.start()

@@ -193,7 +193,7 @@ def test_reply_path_leaves_the_heap_flat(
             return slowest
 
         def heap() -> tracemalloc.Snapshot:
-            return settled_snapshot(bot.url, bot.client)
+            return settled_snapshot(bot.server, bot.client)
 
         started = time.monotonic()
         slowest = [batch() for _ in range(WARMUP_BATCHES)]

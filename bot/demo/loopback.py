@@ -122,6 +122,11 @@ class LoopbackServer:
         """The application served (tests read its state, as /status does)."""
         return self._app
 
+    def open_connections(self) -> int:
+        """How many client connections the server holds right now (it lets go of one when its loop reads the close)."""
+        server = self._server
+        return len(server.server_state.connections) if server is not None else 0
+
     def start(self, timeout: float = 10.0) -> str:
         """Bind, start serving and return the base URL once uvicorn has finished its startup."""
         if self._thread is not None:
