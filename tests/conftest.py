@@ -7,6 +7,7 @@ requests signed by twilio's own validator, exactly as Twilio would.
 from __future__ import annotations
 
 import fcntl
+import gc
 import io
 import json
 import os
@@ -156,6 +157,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: each module's order stays
+
+
+def pytest_collection_finish() -> None:
+    """What collection built (every test module, the bot and the libraries they import) lives as long as the worker:
+    frozen, the collector's full passes never walk it again. Unfrozen, each walked 300-450 thousand objects, for
+    0.25-0.35 s, 16 s of CPU over a `make test`'s workers (measured 2026-12-05)."""
+    gc.collect()
+    gc.freeze()
 
 
 new_sid = new_message_sid
