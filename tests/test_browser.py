@@ -150,8 +150,8 @@ def test_typing_shows_while_the_bot_works_then_the_answer_comes_and_the_message_
     context: BrowserContext, patient_demo: DemoBot
 ) -> None:
     # The 4 s bot and a 2.5 s model: "typing…" shows for over 2 s. With the 1 s bot it showed only until the holding
-    # reply, 0.7 s after the indicator, and a page starved by a loaded machine once missed all of it. That the
-    # holding reply ends it is tests/test_chat_page.py's /demo/typing test.
+    # reply, 0.7 s after the indicator, and a page starved by a loaded machine (a `make test` under a profiler) once
+    # missed all of it. That the holding reply ends it is tests/test_chat_page.py's /demo/typing test.
     page = chat(context, patient_demo, "+15550002008")
     typing = page.locator("#typing")
     expect(typing).to_be_hidden()
