@@ -18,7 +18,6 @@ The child is forked twice so that it is reparented to the pytest worker, which i
 from __future__ import annotations
 
 import ctypes
-import gc
 import json
 import os
 import signal
@@ -209,8 +208,9 @@ def _serve(fd: int) -> None:
     # What a fork inherits is frozen (Python's advice for fork without exec, gc.freeze): no collection in a child
     # walks it again. Without this the child's imports and its own freeze (bot/gc_policy.py) walked the whole
     # preloaded heap, several times per child.
-    gc.collect()
-    gc.freeze()
+    from bot.gc_policy import GcPolicy
+
+    GcPolicy.freeze()
     connection = socket.socket(fileno=fd)
     requests = connection.makefile("r", encoding="utf-8")
     while line := requests.readline():
