@@ -163,7 +163,14 @@ def test_crash_after_twilio_took_a_followup_part_does_not_send_it_again(
     lookups_before = len(sink.lookups())
 
     second = replica(store)
-    wait_until(lambda: len(sink.messages(to=to)) >= 3 and second.runs_in_flight() == 0, 30, "answer not resumed")
+    wait_until(
+        lambda: len(sink.messages(to=to)) >= 3 and second.runs_in_flight() == 0,
+        30,
+        "answer not resumed",
+        details=lambda: (
+            f"sink: {sink.messages(to=to)}\nlookups: {sink.lookups()}\nsecond replica:\n{second.text()[-6000:]}"
+        ),
+    )
     bodies = [m["body"] for m in sink.messages(to=to)]
     assert len(bodies) == 3 and len(set(bodies)) == 3, bodies  # each part once (the first was sent twice before)
     assert bodies[0] == taken["body"] and " ".join(bodies).startswith("Sentence 1 of the long answer.")
