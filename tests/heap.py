@@ -24,6 +24,7 @@ import httpx2
 from bot.demo.loopback import LoopbackServer
 from tests.waiting import wait_until
 
+PROBE_RESPONSE_MAX = 16 * 1024  # bytes: /healthz answers in a few hundred
 PROBE_TIMEOUT_S = 30.0  # each probe's connect and each read: a loaded bot under tracemalloc answers 150 in seconds
 
 
@@ -85,17 +86,19 @@ def _read_healthy(sock: socket.socket) -> None:
     """Read one whole response from `sock` (its connection stays open) and check it is a 200."""
     received = b""
     while b"\r\n\r\n" not in received:
-        received += _recv(sock)
+        received += _recv(sock, len(received))
     head, _, body = received.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     assert status_line.split(" ")[1] == "200", status_line
-    lengths = [line.split(":", 1)[1] for line in header_lines if line.lower().startswith("content-length:")]
-    length = int(lengths[0])
+    [length] = [int(line.split(":", 1)[1]) for line in header_lines if line.lower().startswith("content-length:")]
     while len(body) < length:
-        body += _recv(sock)
+        body += _recv(sock, len(head) + len(body))
 
 
-def _recv(sock: socket.socket) -> bytes:
+def _recv(sock: socket.socket, so_far: int) -> bytes:
+    """The next bytes of a response of which `so_far` have come; bounded in time (the socket's timeout) and size."""
+    if so_far > PROBE_RESPONSE_MAX:
+        raise ValueError(f"a /healthz response over {PROBE_RESPONSE_MAX} bytes")
     chunk = sock.recv(4096)
     if not chunk:
         raise ConnectionError("the bot closed a probe's connection before answering it")
