@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import http.client
 import inspect
-import socket
 import sys
 import tracemalloc
 from collections.abc import Callable
@@ -24,7 +24,6 @@ import httpx2
 from bot.demo.loopback import LoopbackServer
 from tests.waiting import wait_until
 
-PROBE_RESPONSE_MAX = 16 * 1024  # bytes: /healthz answers in a few hundred
 PROBE_TIMEOUT_S = 30.0  # each probe's connect and each read: a loaded bot under tracemalloc answers 150 in seconds
 
 
@@ -63,46 +62,25 @@ def _drop_cancelled_timers(url: str, probes: int = 150) -> None:
     keep-alive timers of their own: enough for the loop to drop the batch's (checked: the loop then holds 76-106
     cancelled timers, the probes'), and their contexts hold next to nothing (/healthz is not traced).
 
-    The probes are plain blocking sockets, not an HTTP client: a client in this process left its own objects in the
-    traced heap (an aiohttp session's futures and parsed responses, 150-280 blocks at each snapshot, 38 more at one
-    than at the other in a `make test` that failed at +183 blocks).
+    The probes are the standard library's blocking connections, not an asyncio client: one in this process left its
+    own objects in the traced heap (an aiohttp session's futures and parsed responses, 150-280 blocks at each
+    snapshot, 38 more at one than at the other in a `make test` that failed at +183 blocks).
     """
     address = urlsplit(url)
-    host, port = address.hostname or "127.0.0.1", address.port or 80
-    request = f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
-    sockets: list[socket.socket] = []
+    connections = [
+        http.client.HTTPConnection(address.hostname or "127.0.0.1", address.port, timeout=PROBE_TIMEOUT_S)
+        for _ in range(probes)
+    ]
     try:
-        for _ in range(probes):
-            sockets.append(socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S))
-            sockets[-1].sendall(request)
-        for sock in sockets:
-            _read_healthy(sock)
+        for connection in connections:
+            connection.request("GET", "/healthz")
+        for connection in connections:
+            response = connection.getresponse()
+            response.read()  # the whole response read, the connection stays open
+            assert response.status == 200, (response.status, response.reason)
     finally:
-        for sock in sockets:
-            sock.close()
-
-
-def _read_healthy(sock: socket.socket) -> None:
-    """Read one whole response from `sock` (its connection stays open) and check it is a 200."""
-    received = b""
-    while b"\r\n\r\n" not in received:
-        received += _recv(sock, len(received))
-    head, _, body = received.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    assert status_line.split(" ")[1] == "200", status_line
-    [length] = [int(line.split(":", 1)[1]) for line in header_lines if line.lower().startswith("content-length:")]
-    while len(body) < length:
-        body += _recv(sock, len(head) + len(body))
-
-
-def _recv(sock: socket.socket, so_far: int) -> bytes:
-    """The next bytes of a response of which `so_far` have come; bounded in time (the socket's timeout) and size."""
-    if so_far > PROBE_RESPONSE_MAX:
-        raise ValueError(f"a /healthz response over {PROBE_RESPONSE_MAX} bytes")
-    chunk = sock.recv(4096)
-    if not chunk:
-        raise ConnectionError("the bot closed a probe's connection before answering it")
-    return chunk
+        for connection in connections:
+            connection.close()
 
 
 def settled_snapshot(server: LoopbackServer, client: httpx2.Client) -> tracemalloc.Snapshot:
