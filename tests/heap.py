@@ -24,6 +24,7 @@ import httpx2
 from bot.demo.loopback import LoopbackServer
 from tests.waiting import wait_until
 
+FUTURE_ITERATORS_KEPT = 255  # C asyncio's free list of future iterators, at most (see _fill_future_iterator_freelist)
 PROBE_TIMEOUT_S = 30.0  # each probe's connect and each read: a loaded bot under tracemalloc answers 150 in seconds
 
 
@@ -111,14 +112,14 @@ def _fill_future_iterator_freelist() -> None:
     them, and tracemalloc counts a kept one at the line whose `await` first made it. How many it keeps depends on how
     many futures were awaited at once before a snapshot: the two `await waiter` lines of asyncio's tasks.py and
     selector_events.py held 159 at one snapshot, 90 more than at the other, of a `make test` that failed at +165
-    blocks. Made here 1,020 at once, the first up to 255 taken from the list, then dropped newest first: the list is
-    full of 255 made at the same line at every snapshot, and everything it held before is freed. (Python 3.11 to 3.13:
-    the list is the process's, or the asyncio module's, not each thread's, so this thread's iterators fill the one the
-    bot's loop uses.)
+    blocks. Made here four times as many at once, the first up to 255 taken from the list, then dropped newest first:
+    the list is full of 255 made at the same line at every snapshot, and everything it held before is freed. Checked on
+    Python 3.11, 3.12 and 3.13, with the awaits on another thread's loop: the list is one for all threads, so this
+    thread's iterators fill the one the bot's loop uses.
     """
     loop = asyncio.new_event_loop()
     try:
-        iterators = [loop.create_future().__await__() for _ in range(4 * 255)]
+        iterators = [loop.create_future().__await__() for _ in range(4 * FUTURE_ITERATORS_KEPT)]
         while iterators:
             iterators.pop()
     finally:
