@@ -132,11 +132,19 @@ class ServedBot:
     def form(self, body: str, sender: str, sid: str | None = None) -> dict[str, str]:
         return inbound_form(body, sender=sender, to=self.to, account_sid=self.account_sid, sid=sid)
 
-    def post(self, form: dict[str, str], *, signature: str | None = None, **kwargs: Any) -> httpx2.Response:
+    def post(
+        self, form: dict[str, str], *, signature: str | None = None, new_connection: bool = False, **kwargs: Any
+    ) -> httpx2.Response:
+        """The webhook `form`, signed as Twilio signs it unless `signature` is given. On the kept-alive connection, or
+        with `new_connection` on one of its own, closed after it: a bot of several workers then takes each such
+        request in whichever worker accepts it."""
         if signature is None:
             signature = RequestValidator(self.auth_token).compute_signature(f"{self.url}/whatsapp", form)
         headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature}
-        return self.client.post(f"{self.url}/whatsapp", content=urlencode(form), headers=headers, **kwargs)
+        url, content = f"{self.url}/whatsapp", urlencode(form)
+        if new_connection:
+            return httpx2.post(url, content=content, headers=headers, timeout=30.0, verify=CLIENT_TLS, **kwargs)
+        return self.client.post(url, content=content, headers=headers, **kwargs)
 
     def send(self, body: str, sender: str) -> list[str]:
         response = self.post(self.form(body, sender))
