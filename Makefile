@@ -67,11 +67,8 @@ format: install
 # module-scoped Prometheus or demo process). TEST_WORKERS=0: one process. Two workers per core: most tests wait (a
 # deadline, a retry, a Prometheus evaluation) far more than they compute, and the few that keep a core busy throughout
 # are one xdist group, run one after another (tests/conftest.py, CPU_BOUND), so at most one of them loads a core at a
-# time. Measured on 2 cores (2026-12-05, parallel phase): 3 workers 253-262 s; 4 workers 206-217 s, no failure in
-# three runs; 5 workers 193-201 s, but a test failed in four runs of five (an inline answer past a 1 s deadline, the
-# heap test's bound); 6 workers no faster (200 s), and a 1 s deadline test failed. With the suite's CPU cut by a
-# fifth later that day: 4 workers 172-187 s; 5 workers 180-184 s, and a test failed in one run of two. Later still
-# (headless Chromium shell, frozen collection): 4 workers 168-171 s with 74 % of both cores busy; 5 workers 166 s.
+# time. More workers than that gained little and made the 1 s deadline tests fail now and then (measured: the suite's
+# own section of docs/benchmarks.md).
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) * 2 )))
 # With bytecode written (__pycache__/, ignored by git): every worker and every process a test starts would otherwise
 # compile the project's modules, and pytest rewrite and compile every test module, anew (collection alone: about
