@@ -21,8 +21,8 @@ def find_binary(package: str, *candidates: str) -> str:
 
 def chromium() -> str:
     """Debian's Chromium headless shell: the engine of Chromium without its browser UI, as Playwright itself runs
-    headless. The browser tests took half the CPU with it that they took with the full `chromium` (31 against 66 CPU
-    seconds for the 16 of them, on 2026-12-05), and a quarter less time (45 against 60 s)."""
+    headless. The browser tests take half the CPU with it that they took with the full `chromium` (docs/benchmarks.md,
+    section 7)."""
     return find_binary("chromium-headless-shell", "chromium-headless-shell", "/usr/bin/chromium-headless-shell")
 
 

@@ -161,8 +161,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_collection_finish() -> None:
     """What collection built (every test module, the bot and the libraries they import) lives as long as the worker:
-    frozen, the collector's full passes never walk it again. Unfrozen, each walked 300-450 thousand objects, for
-    0.25-0.35 s, 16 s of CPU over a `make test`'s workers (measured 2026-12-05)."""
+    frozen, the collector's full passes never walk it again (each walked hundreds of thousands of objects unfrozen:
+    docs/benchmarks.md, section 7)."""
     GcPolicy.freeze()
 
 
