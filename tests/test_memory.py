@@ -222,17 +222,12 @@ def test_reply_path_leaves_the_heap_flat(
         stats = after.filter_traces(IGNORE).compare_to(before.filter_traces(IGNORE), "lineno")
         return "\n".join(str(stat) for stat in stats[:12])
 
-    # A leak of one 48-byte object per message is +312 blocks and +15 KB here. What grew without a leak was mostly
-    # names held by the interpreter's attribute cache (cleared by settled_snapshot); the rest, library and
-    # interpreter caches still filling after the warm-up, none at a line of the bot's. Before that was cleared: no
-    # leak +96 to +217 blocks over 624 messages (5 warm-up batches, 6 measured), so the test needed twice as many
-    # of each. Cleared, 2 and 3 batches (312 messages): no leak +24 to +64 blocks; one bytes(15) kept per message in
-    # bot/webhook.py's inbound_message +355 blocks, the first line of changes() at the line that kept them (+312).
-    # With the 2 s deadline: +28 blocks alone, +22 beside three busy loops on two cores; once +157 in a `make test`
-    # of five workers (the reason it runs four), once +183 in CI's of four, 80 of them the settling probes' own
-    # objects and timers (tests/heap.py no longer counts those). Since: +9 to +55 beside three busy loops; the leak
-    # above +345, first at its line (+312). Then +165 in CI's, 90 of them asyncio's kept future iterators (settled by
-    # tests/heap.py since): +20 beside three busy loops, +52 in a parallel phase of four workers.
+    # A leak of one 48-byte object per message is +312 blocks and +15 KB here. What moves without a leak (the
+    # interpreter's attribute cache, cancelled timers and their contexts, the probes' connections, asyncio's free
+    # list of future iterators) tests/heap.py settles before each snapshot; what is left is library and interpreter
+    # caches still filling after the warm-up, none at a line of the bot's: +9 to +55 blocks alone or beside three busy
+    # loops on two cores, +52 in a parallel phase of four workers. One bytes(15) kept per message in bot/webhook.py's
+    # inbound_message: +345, the first line of changes() at the line that kept them (+312).
     assert blocks < MEASURED // 2, changes()
     assert growth < 20 * 1024, changes()
     # With blocks of 1 KiB and more: a leak of big objects (one 1 KiB string per message: +312 KB) shows here.
